@@ -1,0 +1,41 @@
+"""Top-1 accuracy on the test split, for any callable model (nn.Module, TorchScript, compiled)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .data import Batches, Dataset
+
+
+@torch.inference_mode()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: Dataset, batch_size: int = 500,
+             channels_last: bool = False, progress: bool = True, desc: str = "eval",
+             limit: int | None = None, set_eval: bool = True) -> float:
+    """Percent of test images whose arg-max logit is the label. Batch size does not change it."""
+    if set_eval and isinstance(model, torch.nn.Module):
+        model.eval()
+    correct = total = 0
+    batches = Batches(data.test, batch_size, data.mean, data.std, limit=limit)
+    for x, y in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        correct += (logits.argmax(1) == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def evaluate_file(path, data: Dataset, batch_size: int = 500, progress: bool = True) -> float:
+    """Accuracy of an fp32 checkpoint (.pth) or of a deployment file."""
+    from pathlib import Path
+
+    from .models import load_checkpoint
+    from .runtimes import load_deployed
+
+    path = Path(path)
+    if path.suffix == ".pth":
+        model, _ = load_checkpoint(path, num_classes=data.num_classes)
+        return accuracy(model, data, batch_size, progress=progress)
+    return accuracy(load_deployed(path), data, batch_size, progress=progress)

@@ -1,0 +1,75 @@
+"""Stage 5: deployment files and their sidecars.
+
+Every deployment file FILE gets a sidecar FILE.json that says what it is (label, method, flow,
+runtime, qconfig, calibration, source checkpoint, normalization, class names, weight bytes), so
+`bench` and `report` never have to guess from a file name.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fileio import atomic_path, read_json, write_json
+
+
+def example_input(batch: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch.Tensor | None = None) -> None:
+    """trace -> freeze -> save. Freezing inlines weights and folds constants, so the file runs in
+    any process with plain `torch.jit.load`, without quantbench or the model's Python class."""
+    model = model.eval()
+    example = example_input() if example is None else example
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+        frozen = torch.jit.freeze(traced)
+    with atomic_path(path) as tmp:
+        torch.jit.save(frozen, str(tmp))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a model holds: int8 tensors count 1 byte per element, fp32 four.
+    Quantized modules keep weights in packed params, which state_dict() unpacks for us."""
+    total = 0
+
+    def add(v):
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            if v.is_quantized:
+                total += v.numel() * v.element_size()
+                if v.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                    total += v.q_per_channel_scales().numel() * 8 + v.q_per_channel_zero_points().numel() * 8
+            else:
+                total += v.numel() * v.element_size()
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                add(x)
+
+    for v in model.state_dict().values():
+        add(v)
+    return total
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".json")
+
+
+def write_sidecar(path: str | os.PathLike, **info) -> dict:
+    from . import __version__
+    record = {"file": Path(path).name, **info,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "quantbench_version": __version__, "torch_version": torch.__version__,
+              "python": platform.python_version()}
+    write_json(sidecar_path(path), record)
+    return record
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    p = sidecar_path(path)
+    return read_json(p) if p.is_file() else {}

@@ -1,0 +1,48 @@
+"""Keep the deprecation noise of torch.ao.quantization and torch.jit out of users' faces.
+
+Both still work in torch 2.14 but warn on nearly every call (hundreds of lines per run).
+We collect those warnings and print one summary line at the end instead. Warnings raised in
+C++ (quantized tensor creation) bypass Python's warnings module: `quiet_cpp_warnings()` sets
+c10's log level before torch is imported (TORCH_CPP_LOG_LEVEL; a user's own setting wins).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections import Counter
+
+_PATTERNS = ("torch.ao.quantization", "torch.jit", "TorchScript", "deprecat", "quantize_dynamic",
+             "prepare_fx", "convert_fx", "prepare_qat", "_check_is_valid_config_dict", "Please use",
+             "torch.export", "TypedStorage")
+
+
+def quiet_cpp_warnings() -> None:
+    import os
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+@contextlib.contextmanager
+def summarized_deprecations(stream=sys.stderr):
+    counts: Counter[str] = Counter()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if category.__name__ == "TracerWarning" or (issubclass(
+                category, (DeprecationWarning, FutureWarning, UserWarning)) and any(p in text for p in _PATTERNS)):
+            counts[category.__name__] += 1
+            return
+        original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        try:
+            yield counts
+        finally:
+            warnings.showwarning = original
+            if counts:
+                print(f"note: hid {sum(counts.values())} deprecation warnings from torch.ao.quantization / "
+                      "torch.jit (deprecated in torch 2.14; the PT2E flow, --flow pt2e, is their successor)",
+                      file=stream)

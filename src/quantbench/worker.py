@@ -1,0 +1,90 @@
+"""The measuring subprocess: one per model, so that one model's caches, thread pools and
+allocator state cannot favour another. It loads one deployment file and answers commands from
+the parent (quantbench.bench), one JSON object per line on stdin/stdout:
+
+    {"op": "accuracy", ...}     -> {"accuracy": percent, "n": images}
+    {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K}
+    {"op": "ops"}               -> operator counts (quantized vs float)
+    {"op": "exit"}              -> {"peak_rss_mb": ..., "base_rss_mb": ...}
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> int:
+    # The protocol owns the real stdout; anything a library prints goes to stderr instead.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    path, threads = sys.argv[1], int(sys.argv[2])
+    from .warn import quiet_cpp_warnings
+    quiet_cpp_warnings()
+    import warnings
+    warnings.simplefilter("ignore")
+    import torch
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    from .runtimes import load_deployed
+
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    try:
+        model = load_deployed(path, threads)
+        example = torch.randn(1, 3, 32, 32)
+        with torch.inference_mode():
+            model(example)  # first call: lazy init, compilation
+    except Exception as e:
+        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        return 1
+    proto.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0}) + "\n")
+    gen = torch.Generator().manual_seed(0)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "exit":
+            proto.write(json.dumps({"peak_rss_mb": _rss_mb(), "base_rss_mb": base}) + "\n")
+            return 0
+        try:
+            out = _run(op, cmd, model, path, gen)
+        except Exception as e:  # report, keep serving
+            out = {"error": f"{type(e).__name__}: {e}"}
+        proto.write(json.dumps(out) + "\n")
+    return 0
+
+
+def _run(op: str, cmd: dict, model, path: str, gen) -> dict:
+    import torch
+    if op == "time":
+        x = torch.randn(cmd["batch"], 3, 32, 32, generator=gen)
+        times = []
+        with torch.inference_mode():
+            for _ in range(cmd.get("warmup", 0)):
+                model(x)
+            for _ in range(cmd["n"]):
+                t = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t)
+        return {"times": times}
+    if op == "accuracy":
+        from .data import load_dataset
+        from .evaluate import accuracy
+        data = load_dataset(cmd.get("data_dir"), cmd.get("data_root", "data"), train=False, progress=False)
+        with torch.inference_mode():
+            acc = accuracy(model, data, cmd.get("batch_size", 500), progress=False, set_eval=False)
+        return {"accuracy": acc, "n": len(data.test)}
+    if op == "ops":
+        from .runtimes import op_counts
+        return {"ops": op_counts(path, model)}
+    return {"error": f"unknown op {op}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
