@@ -91,38 +91,3 @@ def machine_record(threads: int | None = None) -> dict:
         "quantized_engine": torch.backends.quantized.engine,
         "inductor_freezing": freezing,
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# int8-relevant instruction sets, for the report's machine line
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-
-
-def machine_record(threads: int | None = None) -> dict:
-    """What a benchmark ran on: the fields report.machine_line prints."""
-    import os
-    import sys
-
-    import torch
-
-    versions = {"torch": torch.__version__}
-    for name in ("onnxruntime", "openvino"):
-        mod = sys.modules.get(name)  # only what this process loaded: importing costs seconds
-        if mod is not None:
-            versions[name] = getattr(mod, "__version__", "?")
-    flags = _read_flags()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": {f: f in flags for f in ISA_FLAGS},
-            "vnni": has_vnni(), "threads": threads, "os": platform.platform(),
-            "python": platform.python_version(), "versions": versions,
-            "quantized_engine": torch.backends.quantized.engine}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch
     any process with plain `torch.jit.load`, without quantbench or the model's Python class."""
     model = model.eval()
     example = example_input() if example is None else example
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Quantized modules read their scale as a Python float while tracing; it is a constant
+        # of the converted model, so the tracer's warning about it does not apply.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
         frozen = torch.jit.freeze(traced)
     with atomic_path(path) as tmp:

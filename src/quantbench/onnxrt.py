@@ -128,6 +128,7 @@ def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[t
     function sets itself (label, method, dtype, ...) win over it."""
     _require("ONNX export", quantization=True)
     from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,11 @@ def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[t
         tmp_fp32, tmp_int8 = Path(tmp) / FP32_FILE, Path(tmp) / INT8_FILE
         with torch.no_grad():
             export_fp32(model_fp32, tmp_fp32, example)
-        quantize_static(str(tmp_fp32), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
+        # ORT's recommended pre-pass (shape inference, graph clean-up) before choosing where the
+        # QuantizeLinear/DequantizeLinear pairs go; it only feeds the quantizer.
+        tmp_pre = Path(tmp) / "preprocessed.onnx"
+        quant_pre_process(str(tmp_fp32), str(tmp_pre))
+        quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
         os.replace(tmp_fp32, fp32_path)
         os.replace(tmp_int8, int8_path)
 
@@ -182,3 +187,21 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
         return torch.from_numpy(session.run([output_name], {input_name: a})[0])
 
     return run
+
+
+def op_counts(path: Path, model=None) -> dict:
+    """int8 vs float Conv/Gemm/MatMul, from the graph: in a QDQ model an op runs in int8 when both
+    its input and its weight arrive through DequantizeLinear (ORT fuses that into QLinearConv)."""
+    onnx, _ = _require("counting ONNX operators")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
+    for node in graph.node:
+        kind = {"Conv": "conv", "QLinearConv": "conv", "ConvInteger": "conv", "Gemm": "linear",
+                "MatMul": "linear", "QLinearMatMul": "linear", "MatMulInteger": "linear"}.get(node.op_type)
+        if kind is None:
+            continue
+        quantized = node.op_type.startswith("QLinear") or node.op_type.endswith("Integer") or all(
+            producer.get(i) == "DequantizeLinear" for i in node.input[:2])
+        counts[f"{'int8' if quantized else 'float'}_{kind}"] += 1
+    return counts

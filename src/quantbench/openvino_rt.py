@@ -168,4 +168,22 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
         # the output tensor is the request's own buffer, reused by the next call: copy it out
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
+    run.compiled = compiled  # for op_counts: what the plugin actually runs
     return run
+
+
+def op_counts(path: Path, model=None) -> dict:
+    """int8 vs float convolutions and fully connected layers as the CPU plugin compiled them
+    (its runtime graph gives each layer's execution precision), not as the IR asks for them."""
+    compiled = getattr(model, "compiled", None)
+    if compiled is None:
+        compiled = _require("counting OpenVINO operators").Core().compile_model(str(path), "CPU")
+    counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = {"Convolution": "conv", "FullyConnected": "linear", "MatMul": "linear"}.get(
+            info["layerType"].astype(str))
+        if kind is not None:
+            int8 = info["runtimePrecision"].astype(str) in ("u8", "i8")
+            counts[f"{'int8' if int8 else 'float'}_{kind}"] += 1
+    return counts

@@ -54,17 +54,29 @@ RUNTIMES: dict[str, str] = {
     ".pt": "quantbench.runtimes:load_torchscript",
     ".onnx": "quantbench.onnxrt:load",
     ".xml": "quantbench.openvino_rt:load",
+    ".pt2": "quantbench.inductor_rt:load",
 }
 
 # suffix -> runtime name shown in tables
-RUNTIME_NAMES: dict[str, str] = {".pt": "torchscript", ".onnx": "onnxruntime", ".xml": "openvino"}
+RUNTIME_NAMES: dict[str, str] = {".pt": "torchscript", ".onnx": "onnxruntime", ".xml": "openvino",
+                                 ".pt2": "inductor"}
 
 
 # suffix -> "module:function" counting int8 and float ops: (path, loaded model) -> dict with
 # keys int8_conv, float_conv, int8_linear, float_linear
 OP_COUNTERS: dict[str, str] = {
     ".pt": "quantbench.runtimes:_torchscript_ops",
+    ".pt2": "quantbench.inductor_rt:op_counts",
+    ".onnx": "quantbench.onnxrt:op_counts",
+    ".xml": "quantbench.openvino_rt:op_counts",
 }
+
+
+# Plug-ins without editing this file (measuring subprocesses read it too):
+# QUANTBENCH_RUNTIMES=".ext=package.module:load,.other=..."
+for _entry in filter(None, os.environ.get("QUANTBENCH_RUNTIMES", "").split(",")):
+    _suffix, _, _target = _entry.partition("=")
+    RUNTIMES[_suffix.strip()] = _target.strip()
 
 
 def _torchscript_ops(path: Path, model) -> dict:

@@ -1,0 +1,145 @@
+"""Benchmark: latency statistics, interleaving, the no-op guard, report files."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantbench import bench as B
+from quantbench.export import write_sidecar
+from quantbench.report import markdown_table, render, to_csv, write_report
+
+TESTS = Path(__file__).parent
+
+
+def test_latency_stats_known_values():
+    s = B.latency_stats([0.001 * i for i in range(1, 101)], batch=4)  # 1..100 ms
+    assert s["n"] == 100
+    assert s["median_ms"] == pytest.approx(50.5)
+    assert s["p90_ms"] == pytest.approx(90, abs=1)
+    assert s["p99_ms"] == pytest.approx(99, abs=1)
+    assert s["min_ms"] == pytest.approx(1)
+    assert s["throughput_ips"] == pytest.approx(4 * 1000 / 50.5)
+
+
+def test_parse_options():
+    assert B.parse_threads("all") == (os.cpu_count() or 1)
+    assert B.parse_batch_sizes("1,32,256") == (1, 32, 256)
+    with pytest.raises(B.QuantbenchError):
+        B.parse_threads("zero")
+    with pytest.raises(B.QuantbenchError):
+        B.parse_batch_sizes("1,x")
+
+
+class FakeWorker:
+    """Stands in for a measuring subprocess: fixed times, and records the order it was asked."""
+
+    def __init__(self, name, ms, log):
+        self.name, self.ms, self.log = name, ms, log
+
+    def ask(self, op, batch, n, warmup=0):
+        self.log.append(self.name)
+        return {"times": [self.ms / 1000] * n}
+
+
+def test_rounds_are_interleaved_in_rotating_order():
+    log: list[str] = []
+    workers = {n: FakeWorker(n, ms, log) for n, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0))}
+    cfg = B.BenchConfig(min_runs=10_000, budget_s=0.05, round_s=0.01, warmup=0)
+    stats = B.measure_latency(workers, cfg, batch=1)
+    assert stats["a"]["median_ms"] == pytest.approx(1.0)
+    assert stats["c"]["median_ms"] == pytest.approx(3.0)
+    rounds = log[3:]  # after one warm-up call each
+    firsts = {rounds[i] for i in range(0, 9, 3)}
+    assert len(firsts) > 1, "the same model led every round"
+    assert set(rounds[:3]) == {"a", "b", "c"}  # every model once per round
+
+
+def _sleep_model(tmp_path, name, ms, dtype="fp32"):
+    path = tmp_path / f"{name}.sleep"
+    path.write_text(json.dumps({"ms": ms}))
+    write_sidecar(path, label=name, method="origin" if dtype == "fp32" else "static", flow="test",
+                  runtime="sleepy", dtype=dtype)
+    return path
+
+
+def test_bench_measures_known_sleep_times_in_subprocesses(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", ".sleep=support.sleepy:load")
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # Sleeps of tens of ms: wake-up delays on a busy machine add well under that.
+    fast, slow = _sleep_model(tmp_path, "fast", 20, "int8"), _sleep_model(tmp_path, "slow", 60)
+    cfg = B.BenchConfig(min_runs=20, budget_s=3.0, round_s=0.1, warmup=2, accuracy=False, progress=False)
+    res = B.bench([slow, fast], cfg)
+    rows = {r["label"]: r for r in res["models"]}
+    assert 20 <= rows["fast"]["latency"]["1"]["median_ms"] < 30
+    assert 60 <= rows["slow"]["latency"]["1"]["median_ms"] < 72
+    assert rows["fast"]["speedup"] == pytest.approx(3, rel=0.2)  # against the fp32 row of its runtime
+    assert rows["fast"]["latency"]["1"]["n"] >= 20
+    assert rows["fast"]["peak_rss_mb"] > 0
+    assert res["machine"]["threads"] == 1 and "cpu" in res["machine"]
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(B.QuantbenchError, match="not found"):
+        B.bench([tmp_path / "nope.pt"], B.BenchConfig(progress=False))
+
+
+def test_noop_guard_flags_int8_model_without_int8_ops():
+    row = {"dtype": "int8", "ops": {"int8_conv": 0, "float_conv": 20, "int8_linear": 0, "float_linear": 1}}
+    assert B.quantized_check(row) == "NOT QUANTIZED"
+    row["ops"]["int8_linear"] = 1
+    assert B.quantized_check(row) == "int8 linear only"
+    row["ops"]["int8_conv"] = 20
+    assert B.quantized_check(row) == "ok"
+
+
+def test_noop_guard_on_a_real_model_with_nothing_to_quantize(tmp_path):
+    """Dynamic quantization of a conv-only model changes nothing: the guard must say so."""
+    from quantbench.export import export_torchscript
+    from quantbench.runtimes import op_counts
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    export_torchscript(q, tmp_path / "noop.pt")
+    row = {"dtype": "int8", "ops": op_counts(tmp_path / "noop.pt")}
+    assert row["ops"]["float_conv"] == 1
+    assert B.quantized_check(row) == "NOT QUANTIZED"
+
+
+def _fake_results():
+    lat = lambda ms: {"1": B.latency_stats([ms / 1000] * 5)}  # noqa: E731
+    rows = [
+        {"label": "origin", "runtime": "torchscript", "dtype": "fp32", "file_bytes": 4 * 2**20, "accuracy": 80.0,
+         "latency": lat(8.0), "ops": {"int8_conv": 0, "float_conv": 20, "int8_linear": 0, "float_linear": 1}},
+        {"label": "ptq-s", "runtime": "torchscript", "dtype": "int8", "file_bytes": 2**20, "accuracy": 79.5,
+         "latency": lat(2.0), "ops": {"int8_conv": 20, "float_conv": 0, "int8_linear": 1, "float_linear": 0}},
+    ]
+    for r in rows:
+        r["quantized_check"] = B.quantized_check(r)
+    return {"machine": {"cpu": "test cpu", "threads": 1}, "config": {"min_runs": 5, "threads": 1},
+            "models": B.derive(rows)}
+
+
+def test_markdown_table_parses_and_has_ratios():
+    md = markdown_table(_fake_results())
+    lines = md.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:5] == ["Model", "Dtype", "Model Accuracy", "Inference Time", "Parameter Size"]
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    assert len(rows) == 2 and all(len(r) == len(header) for r in rows)
+    assert rows[1][0] == "ptq-s" and rows[1][3] == "2.00 ms" and rows[1][5] == "4.00x" and rows[1][6] == "0.25x"
+
+
+def test_report_files_written_atomically_and_parse(tmp_path):
+    res = _fake_results()
+    write_report(res, run_dir=tmp_path, markdown_path=tmp_path / "results.md")
+    assert json.loads((tmp_path / "results.json").read_text())["models"][1]["label"] == "ptq-s"
+    assert "ptq-s" in (tmp_path / "report.md").read_text()
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("label,") and len(csv_lines) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+    assert "b1_median_ms" in to_csv(res) and "Details" in render(res)

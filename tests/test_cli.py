@@ -1,0 +1,164 @@
+"""The `quantbench` command line, in-process: eval's output and one-line errors on bad input."""
+from __future__ import annotations
+
+import re
+import shutil
+import urllib.error
+
+import pytest
+import torch
+
+from quantbench import models
+from quantbench.cli import main
+from quantbench.errors import QuantbenchError
+
+from conftest import make_checkpoint
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc != 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("quantbench: error: ")
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_eval_prints_top1(capsys, tiny_trained_checkpoint, tiny_data_dir, tiny_dataset):
+    from quantbench.evaluate import accuracy
+    rc, out, err = run_cli(capsys, "eval", tiny_trained_checkpoint, "--data-dir", tiny_data_dir,
+                           "--no-progress", "--batch-size", "7")
+    assert rc == 0, err
+    m = re.fullmatch(rf"{re.escape(str(tiny_trained_checkpoint))}: top-1 (\d+\.\d\d)%", out.strip())
+    assert m, out
+    model, _ = models.load_checkpoint(tiny_trained_checkpoint)
+    assert float(m.group(1)) == pytest.approx(accuracy(model, tiny_dataset, progress=False), abs=0.005)
+
+
+def test_eval_untrained_checkpoint(capsys, tiny_checkpoint, tiny_data_dir):
+    rc, out, _ = run_cli(capsys, "eval", tiny_checkpoint, "--data-dir", tiny_data_dir, "--no-progress")
+    assert rc == 0 and re.search(r"top-1 \d+\.\d\d%", out)
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_data_dir(capsys, tiny_checkpoint, tmp_path):
+    rc, _, err = run_cli(capsys, "eval", tiny_checkpoint, "--data-dir", tmp_path / "nowhere", "--no-progress")
+    assert_one_line_error(rc, err, "data directory not found", str(tmp_path / "nowhere"))
+
+
+def test_empty_class_folder(capsys, tiny_checkpoint, tiny_data_copy):
+    empty = tiny_data_copy / "test" / "green"
+    shutil.rmtree(empty)
+    empty.mkdir()
+    rc, _, err = run_cli(capsys, "eval", tiny_checkpoint, "--data-dir", tiny_data_copy, "--no-progress")
+    assert_one_line_error(rc, err, "holds no images", str(empty))
+
+
+def test_no_train_folder(capsys, tiny_data_copy, tmp_path):
+    shutil.rmtree(tiny_data_copy / "train")
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_copy, "--preset", "smoke", "--arch",
+                         "resnet10", "--output", tmp_path / "run", "--no-progress")
+    assert_one_line_error(rc, err, "no train/ folder")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_corrupt_image(capsys, tiny_checkpoint, tiny_data_copy, progress):
+    bad = tiny_data_copy / "test" / "red" / "003.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])  # a JPEG header, then nothing
+    rc, _, err = run_cli(capsys, "eval", tiny_checkpoint, "--data-dir", tiny_data_copy,
+                         *([] if progress else ["--no-progress"]))
+    if progress:  # progress bars share stderr: the error must still be a clean last line
+        assert rc != 0 and "Traceback" not in err
+        err = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert_one_line_error(rc, err, "cannot read image", str(bad))
+
+
+def test_checkpoint_missing(capsys, tiny_data_dir, tmp_path):
+    rc, _, err = run_cli(capsys, "eval", tmp_path / "none.pth", "--data-dir", tiny_data_dir, "--no-progress")
+    assert_one_line_error(rc, err, "checkpoint not found")
+
+
+def test_checkpoint_truncated(capsys, tiny_checkpoint, tiny_data_dir, tmp_path):
+    half = tmp_path / "half.pth"
+    raw = tiny_checkpoint.read_bytes()
+    half.write_bytes(raw[: len(raw) // 2])
+    rc, _, err = run_cli(capsys, "eval", half, "--data-dir", tiny_data_dir, "--no-progress")
+    assert_one_line_error(rc, err, "truncated", str(half))
+
+
+def test_checkpoint_of_another_architecture(capsys, tiny_checkpoint, tiny_data_dir, tmp_path):
+    # A bare resnet10 state dict: without meta, eval assumes resnet18.
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(tiny_checkpoint, weights_only=True)["state_dict"], bare)
+    rc, _, err = run_cli(capsys, "eval", bare, "--data-dir", tiny_data_dir, "--no-progress")
+    assert_one_line_error(rc, err, "does not fit resnet18")
+    # resnet18 weights labelled resnet10.
+    mislabelled = make_checkpoint(tmp_path / "r18.pth", arch="resnet18")
+    blob = torch.load(mislabelled, weights_only=True)
+    blob["meta"]["arch"] = "resnet10"
+    torch.save(blob, mislabelled)
+    rc, _, err = run_cli(capsys, "eval", mislabelled, "--data-dir", tiny_data_dir, "--no-progress")
+    assert_one_line_error(rc, err, "does not fit resnet10")
+
+
+def test_checkpoint_class_count_mismatch(capsys, tiny_data_dir, tmp_path):
+    five = make_checkpoint(tmp_path / "five.pth", num_classes=5)
+    rc, _, err = run_cli(capsys, "eval", five, "--data-dir", tiny_data_dir, "--no-progress")
+    assert_one_line_error(rc, err, "5 output classes but the data has 3")
+
+
+def test_unknown_preset_and_arch(capsys, tiny_data_dir, tmp_path):
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "turbo",
+                         "--output", tmp_path / "a", "--no-progress")
+    assert_one_line_error(rc, err, "unknown preset 'turbo'", "smoke")
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke", "--arch", "vgg",
+                         "--output", tmp_path / "b", "--no-progress")
+    assert_one_line_error(rc, err, "unknown architecture 'vgg'", "resnet10")
+
+
+def test_cifar10_offline(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    rc, _, err = run_cli(capsys, "eval", tiny_checkpoint, "--data-root", tmp_path, "--no-progress")
+    assert_one_line_error(rc, err, "--data-dir", "could not download CIFAR-10")
+
+
+def test_resume_from_unreadable_last(capsys, tiny_data_dir, tmp_path):
+    (tmp_path / "last.pth").write_bytes(b"\0" * 100)
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke", "--arch",
+                         "resnet10", "--output", tmp_path, "--resume", "--no-progress")
+    assert_one_line_error(rc, err, "cannot resume")
+
+
+def test_resume_with_another_arch(capsys, tiny_data_dir, tiny_train_run, tmp_path):
+    shutil.copy(tiny_train_run / "last.pth", tmp_path / "last.pth")
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke", "--epochs", "2",
+                         "--arch", "resnet18", "--output", tmp_path, "--resume", "--no-progress")
+    assert_one_line_error(rc, err, "cannot resume", "arch 'resnet10', not 'resnet18'")
+
+
+def test_debug_raises(capsys, tiny_data_dir, tmp_path):
+    with pytest.raises(QuantbenchError, match="checkpoint not found"):
+        main(["eval", str(tmp_path / "none.pth"), "--data-dir", str(tiny_data_dir), "--no-progress", "--debug"])
+
+
+def test_interrupt_is_reported(capsys, tiny_data_dir, tmp_path, monkeypatch):
+    import quantbench.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(quantbench.train, "train", interrupted)
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke",
+                         "--output", tmp_path, "--no-progress")
+    assert rc == 130 and "--resume" in err and "Traceback" not in err

@@ -1,0 +1,164 @@
+"""quantbench.models: builders, checkpoint formats and the quantizable twins."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantbench import models
+from quantbench.errors import QuantbenchError
+
+from conftest import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """The checkpoint's weights as saved, loaded by plain torch."""
+    return torch.load(tiny_checkpoint, weights_only=True)
+
+
+def _same_state(model: torch.nn.Module, state: dict) -> bool:
+    ours = model.state_dict()
+    return ours.keys() == state.keys() and all(torch.equal(ours[k], state[k]) for k in state)
+
+
+def test_build_known_and_unknown():
+    m = models.build("resnet10", 7)
+    assert m.fc.out_features == 7
+    blocks = lambda m: sum(isinstance(b, torch.nn.Module) and type(b).__name__.endswith("BasicBlock")
+                           for b in m.modules())
+    assert blocks(m) == 4 and blocks(models.build("resnet18", 10)) == 8
+    with pytest.raises(QuantbenchError, match="unknown architecture 'vgg'"):
+        models.build("vgg", 10)
+
+
+def test_checkpoint_round_trip(tiny_checkpoint, reference, x):
+    model, meta = models.load_checkpoint(tiny_checkpoint)
+    assert not model.training
+    assert meta["arch"] == "resnet10" and meta["num_classes"] == 3 and meta["classes"] == ["blue", "green", "red"]
+    assert _same_state(model, reference["state_dict"])  # buffers (BN statistics) included
+    again, _ = models.load_checkpoint(tiny_checkpoint, arch="resnet10", num_classes=3)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_save_checkpoint_unwraps_and_copies(tmp_path, x):
+    from torch.optim.swa_utils import AveragedModel
+    model = models.build("resnet10", 3).eval()
+    path = tmp_path / "ema.pth"
+    models.save_checkpoint(path, AveragedModel(model), meta={"arch": "resnet10"})
+    loaded, _ = models.load_checkpoint(path)
+    assert _same_state(loaded, model.state_dict())  # no "module." / "n_averaged" keys
+
+
+def test_bare_state_dict(tmp_path, reference):
+    state = reference["state_dict"]
+    path = tmp_path / "bare.pth"
+    torch.save(state, path)
+    model, meta = models.load_checkpoint(path, arch="resnet10")
+    assert _same_state(model, state) and meta["arch"] == "resnet10" and meta["num_classes"] == 3
+    # Without meta nor --arch, resnet18 is assumed: a resnet10's weights don't fit it.
+    with pytest.raises(QuantbenchError, match="does not fit resnet18"):
+        models.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_wrapper_prefixes_stripped(tmp_path, reference, prefix):
+    state = reference["state_dict"]
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}, "meta": {"arch": "resnet10"}}, path)
+    model, _ = models.load_checkpoint(path)
+    assert _same_state(model, state)
+
+
+def test_trainer_last_pth_format(tmp_path, reference):
+    path = tmp_path / "last.pth"
+    torch.save({"model": reference["state_dict"], "optimizer": {}, "epoch": 1,
+                "meta": {"arch": "resnet10"}}, path)
+    model, _ = models.load_checkpoint(path)
+    assert _same_state(model, reference["state_dict"])
+
+
+def test_quantizable_twin_same_weights_and_outputs(tiny_checkpoint, reference, x):
+    from torchvision.models.quantization.resnet import QuantizableResNet
+    float_model, _ = models.load_checkpoint(tiny_checkpoint)
+    qmodel, _ = models.load_checkpoint(tiny_checkpoint, quantizable=True)
+    assert isinstance(qmodel, QuantizableResNet) and not qmodel.training
+    assert _same_state(qmodel, reference["state_dict"])
+    # The twin also takes the float model's state dict strictly (same parameter names).
+    models.build("resnet10", 3, quantizable=True).load_state_dict(float_model.state_dict(), strict=True)
+    with torch.no_grad():
+        expected = float_model(x)
+        assert torch.allclose(qmodel(x), expected, atol=1e-5)
+        qmodel.fuse_model()  # conv+bn(+relu) folding, as eager static quantization does
+        assert torch.allclose(qmodel(x), expected, atol=1e-4)
+
+
+def test_arch_mismatch_by_name(tiny_checkpoint):
+    with pytest.raises(QuantbenchError, match="holds a resnet10, not a resnet18"):
+        models.load_checkpoint(tiny_checkpoint, arch="resnet18")
+
+
+def test_meta_arch_wrong_for_weights(tmp_path):
+    path = make_checkpoint(tmp_path / "r18.pth", arch="resnet18")
+    blob = torch.load(path, weights_only=True)
+    blob["meta"]["arch"] = "resnet10"
+    torch.save(blob, path)
+    with pytest.raises(QuantbenchError, match="does not fit resnet10"):
+        models.load_checkpoint(path)
+
+
+def test_class_count_mismatch(tmp_path):
+    path = make_checkpoint(tmp_path / "five.pth", num_classes=5)
+    with pytest.raises(QuantbenchError, match="has 5 output classes but the data has 3"):
+        models.load_checkpoint(path, num_classes=3)
+
+
+def test_unusable_files_rejected(tmp_path, tiny_checkpoint):
+    with pytest.raises(QuantbenchError, match="checkpoint not found"):
+        models.load_checkpoint(tmp_path / "nope.pth")
+
+    half = tmp_path / "half.pth"
+    raw = tiny_checkpoint.read_bytes()
+    half.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(QuantbenchError, match="truncated"):
+        models.load_checkpoint(half)
+
+    scripted = tmp_path / "scripted.pth"  # an export under a .pth name
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    with pytest.raises(QuantbenchError, match="exported model"):
+        models.load_checkpoint(scripted)
+
+    junk = tmp_path / "junk.pth"
+    torch.save({"state_dict": {"fc.weight": [1, 2]}}, junk)
+    with pytest.raises(QuantbenchError, match="state dict of tensors"):
+        models.load_checkpoint(junk)
+
+    quantized = tmp_path / "int8.pth"
+    torch.save({"fc.weight": torch.zeros(3, 4), "fc.scale": torch.tensor(0.1),
+                "fc.zero_point": torch.tensor(0)}, quantized)
+    with pytest.raises(QuantbenchError, match="already-quantized"):
+        models.load_checkpoint(quantized)
+
+    no_fc = tmp_path / "no_fc.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, no_fc)
+    with pytest.raises(QuantbenchError, match="no fc.weight"):
+        models.load_checkpoint(no_fc, arch="resnet10")
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    path = tmp_path / "model.pth"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+
+    def broken_save(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        models.save_checkpoint(path, models.build("resnet10", 3), meta={"arch": "resnet10"})
+    assert path.read_bytes() == tiny_checkpoint.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temporary file left behind

@@ -1,0 +1,109 @@
+"""ONNX Runtime and OpenVINO rows (quantbench.onnxrt, quantbench.openvino_rt) on a tiny model.
+
+Needs the optional packages (pip install '.[runtimes]'); without them the runtime tests skip and
+only the "missing package" errors are checked.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from quantbench import models, onnxrt, openvino_rt
+from quantbench.errors import QuantbenchError
+from quantbench.runtimes import RUNTIME_NAMES, load_deployed
+
+NUM_CLASSES = 10
+META = {"source_checkpoint": "random-resnet10", "arch": "resnet10", "num_classes": NUM_CLASSES}
+
+
+def _installed(*names: str) -> bool:
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+RUNTIMES = [
+    pytest.param(onnxrt, ("onnxrt-fp32", "onnxrt-int8"), ("onnx-fp32.onnx", "onnx-int8.onnx"),
+                 marks=pytest.mark.skipif(not _installed("onnx", "onnxruntime"),
+                                          reason="onnx/onnxruntime not installed: pip install '.[runtimes]'"),
+                 id="onnxruntime"),
+    pytest.param(openvino_rt, ("openvino-fp32", "openvino-int8"), ("openvino-fp32.xml", "openvino-int8.xml"),
+                 marks=pytest.mark.skipif(not _installed("openvino", "nncf"),
+                                          reason="openvino/nncf not installed: pip install '.[runtimes]'"),
+                 id="openvino"),
+]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.build("resnet10", NUM_CLASSES).eval()
+
+
+def _calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 3, 32, 32, generator=g) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """Export once per runtime module (export is the slow part), shared by the tests below."""
+    mod = request.param
+    return mod.export(_model(), tmp_path_factory.mktemp(mod.__name__.rsplit(".", 1)[-1]), _calib(), META)
+
+
+@pytest.mark.parametrize("exported,labels,names", RUNTIMES, indirect=["exported"], scope="module")
+def test_export_writes_files_and_sidecars(exported, labels, names):
+    assert [p.name for p in exported] == list(names)
+    for path, label, dtype in zip(exported, labels, ("fp32", "int8")):
+        assert path.is_file() and path.stat().st_size > 0
+        if path.suffix == ".xml":
+            assert path.with_suffix(".bin").is_file()
+        side = json.loads((path.parent / (path.name + ".json")).read_text())
+        assert side["label"] == label and side["dtype"] == dtype
+        assert side["method"] == ("origin" if dtype == "fp32" else "static")
+        assert side["runtime"] == RUNTIME_NAMES[path.suffix]
+        assert side["source_checkpoint"] == META["source_checkpoint"]  # meta is carried along
+        assert side["weight_bytes"] > 0
+        if dtype == "int8":
+            assert side["calibration"]["samples"] == 64
+            assert side["qconfig"]["why"]
+    fp32, int8 = (json.loads((p.parent / (p.name + ".json")).read_text())["weight_bytes"] for p in exported)
+    assert int8 < fp32 / 3  # the weights really are 8-bit
+
+
+@pytest.mark.parametrize("exported,labels,names", RUNTIMES, indirect=["exported"], scope="module")
+def test_load_runs_and_int8_tracks_fp32(exported, labels, names):
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _model()(x)
+    fp32 = load_deployed(exported[0], threads=1)(x)
+    int8 = load_deployed(exported[1], threads=1)(x)
+    assert fp32.shape == int8.shape == (64, NUM_CLASSES)
+    assert fp32.dtype == torch.float32
+    torch.testing.assert_close(fp32, ref, rtol=1e-3, atol=1e-3)
+    agree = (int8.argmax(1) == fp32.argmax(1)).float().mean().item()
+    assert agree >= 0.75, f"int8 top-1 agrees with fp32 on only {agree:.0%} of inputs"
+    mod = onnxrt if exported[0].suffix == ".onnx" else openvino_rt
+    fp32_ops, int8_ops = (mod.op_counts(p) for p in exported)
+    assert fp32_ops["int8_conv"] == 0 and fp32_ops["float_conv"] > 0
+    assert int8_ops["float_conv"] == 0 and int8_ops["int8_conv"] == fp32_ops["float_conv"]
+    # batch size is dynamic, threads=None is the runtime default
+    assert load_deployed(exported[1])(x[:3]).shape == (3, NUM_CLASSES)
+
+
+# ---------------------------------------------------------------- without the optional packages
+@pytest.mark.parametrize("mod,package,suffix", [(onnxrt, "onnxruntime", ".onnx"), (openvino_rt, "openvino", ".xml"),
+                                                (openvino_rt, "nncf", None)])
+def test_missing_package_is_a_one_line_error(mod, package, suffix, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
+    with pytest.raises(QuantbenchError, match=r"pip install '\.\[runtimes\]'") as e:
+        mod.export(torch.nn.Identity(), tmp_path, [torch.zeros(1, 3, 32, 32)], {})
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # failed before writing anything
+    if suffix:  # loading needs only the runtime, not nncf
+        f = tmp_path / f"model{suffix}"
+        f.write_bytes(b"")
+        with pytest.raises(QuantbenchError, match=r"pip install '\.\[runtimes\]'"):
+            load_deployed(f)
