@@ -111,7 +111,7 @@ def test_noop_guard_on_a_real_model_with_nothing_to_quantize(tmp_path):
 
 
 def _fake_results():
-    lat = lambda ms: {"1": B.latency_stats([ms / 1000] * 5)}  # noqa: E731
+    lat = lambda ms: {"1": {**B.latency_stats([ms / 1000] * 5), "samples_ms": [ms] * 5}}  # noqa: E731
     rows = [
         {"label": "origin", "runtime": "torchscript", "dtype": "fp32", "file_bytes": 4 * 2**20, "accuracy": 80.0,
          "latency": lat(8.0), "ops": {"int8_conv": 0, "float_conv": 20, "int8_linear": 0, "float_linear": 1}},
@@ -143,3 +143,12 @@ def test_report_files_written_atomically_and_parse(tmp_path):
     assert csv_lines[0].startswith("label,") and len(csv_lines) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
     assert "b1_median_ms" in to_csv(res) and "Details" in render(res)
+    for png in ("accuracy_vs_latency.png", "size.png", "latency_distribution.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in (tmp_path / "report.md").read_text()
+
+
+def test_pareto_front():
+    from quantbench.plots import pareto_front
+    pts = [(8.0, 82.9, "fp32"), (2.0, 82.8, "int8"), (3.0, 82.0, "worse"), (1.5, 80.0, "fastest")]
+    assert [p[2] for p in pareto_front(pts)] == ["fastest", "int8", "fp32"]

@@ -80,7 +80,7 @@ def machine_line(m: dict) -> str:
             + f", quantized engine {m.get('quantized_engine')}")
 
 
-def render(results: dict) -> str:
+def render(results: dict, figures: list[Path] = ()) -> str:
     cfg = results.get("config", {})
     parts = ["# quantbench report", "",
              f"Machine: {machine_line(results.get('machine', {}))}.", "",
@@ -92,6 +92,8 @@ def render(results: dict) -> str:
     tp = throughput_table(results)
     if tp:
         parts += ["## Throughput", "", tp, ""]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
     flagged = [r["label"] for r in results["models"] if r.get("quantized_check") == "NOT QUANTIZED"]
     if flagged:
         parts += [f"**Warning:** {', '.join(flagged)} claim int8 but run no int8 operator.", ""]
@@ -117,10 +119,12 @@ def write_report(results: dict, json_path=None, markdown_path=None, run_dir=None
     """Write whichever outputs are asked for; returns the main table. With run_dir: results.json,
     results.csv and report.md in it."""
     if run_dir is not None:
+        from .plots import plot_all
         run_dir = Path(run_dir)
         json_path = json_path or run_dir / "results.json"
         write_text(run_dir / "results.csv", to_csv(results))
-        write_text(run_dir / "report.md", render(results))
+        figures = plot_all(results, run_dir)
+        write_text(run_dir / "report.md", render(results, figures))
     if json_path:
         write_json(json_path, results)
     if markdown_path:

@@ -1,0 +1,89 @@
+"""Report figures (matplotlib, PNG, written atomically):
+
+- accuracy_vs_latency.png: each model as a point, the Pareto front (no other model is both
+  faster and more accurate) as a line: the configurations worth shipping;
+- size.png: deployment file size per model;
+- latency_distribution.png: per-call latency (box = quartiles, whiskers = p10/p90): the
+  spread a median hides.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .fileio import atomic_path
+
+MiB = 2 ** 20
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """(latency, accuracy, label) points no other point beats on both: lower latency, higher accuracy."""
+    front, best = [], float("-inf")
+    for lat, acc, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((lat, acc, name))
+            best = acc
+    return front
+
+
+def _median(row: dict):
+    return ((row.get("latency") or {}).get("1") or {}).get("median_ms")
+
+
+def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
+    plt = _plt()
+    out_dir = Path(out_dir)
+    rows = results["models"]
+    written = []
+
+    pts = [(_median(r), r["accuracy"], r["label"]) for r in rows if _median(r) and r.get("accuracy") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for lat, acc, name in pts:
+            ax.scatter(lat, acc, s=30)
+            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        front = pareto_front(pts)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency, batch 1 (ms, median, log scale)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title("Accuracy vs latency")
+        ax.legend(loc="lower right")
+        ax.grid(True, alpha=0.3)
+        _save(fig, out_dir / "accuracy_vs_latency.png")
+        written.append(out_dir / "accuracy_vs_latency.png")
+
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
+    labels = [r["label"] for r in rows]
+    ax.barh(labels, [r["file_bytes"] / MiB for r in rows], color=["tab:blue" if r["dtype"] == "fp32" else "tab:orange"
+                                                                 for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("deployment file size (MiB)")
+    ax.set_title("Size (blue: fp32, orange: int8)")
+    _save(fig, out_dir / "size.png")
+    written.append(out_dir / "size.png")
+
+    lat_rows = [r for r in rows if ((r.get("latency") or {}).get("1") or {}).get("samples_ms")]
+    if lat_rows:
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(lat_rows) + 1.2))
+        ax.boxplot([r["latency"]["1"]["samples_ms"] for r in lat_rows], vert=False, whis=(10, 90),
+                   showfliers=False, tick_labels=[r["label"] for r in lat_rows])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per call, batch 1 (ms, log scale; box: quartiles, whiskers: p10-p90)")
+        ax.set_title("Latency distribution")
+        _save(fig, out_dir / "latency_distribution.png")
+        written.append(out_dir / "latency_distribution.png")
+    return written

@@ -1,0 +1,36 @@
+"""The main job end to end on tiny data: every file of the run directory, and resume."""
+from __future__ import annotations
+
+import json
+
+from quantbench.cli import main
+
+
+def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["replicate", "--checkpoint", str(tiny_trained_checkpoint), "--data-dir", str(tiny_data_dir),
+            "--output", str(out), "--qat-preset", "smoke", "--calib-samples", "32", "--runtimes", "none",
+            "--min-runs", "5", "--budget", "0.5", "--no-progress"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for name in ("origin", "ptq-d", "ptq-s", "qat"):
+        assert f"| {name} |" in table
+        assert (out / "models" / f"{name}.pt").is_file() and (out / "models" / f"{name}.pt.json").is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in res["models"]] == ["origin", "ptq-d", "ptq-s", "qat"]
+    assert all(r["accuracy"] is not None and r["latency"]["1"]["n"] >= 5 for r in res["models"])
+    assert {r["label"]: r["quantized_check"] for r in res["models"]} == {
+        "origin": "ok", "ptq-d": "int8 linear only", "ptq-s": "ok", "qat": "ok"}
+    for f in ("report.md", "results.csv", "results.md", "accuracy_vs_latency.png"):
+        assert (out / f).is_file(), f
+
+    # --resume keeps the models already made: their sidecars are not rewritten
+    before = (out / "models" / "qat.pt.json").stat().st_mtime_ns
+    assert main(argv + ["--resume"]) == 0
+    assert (out / "models" / "qat.pt.json").stat().st_mtime_ns == before
+
+    # `quantbench report` rebuilds the report; two runs compare side by side
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").is_file()
+    assert main(["report", str(out), str(out), "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "compare.md").read_text().count("| ptq-s |") == 2
