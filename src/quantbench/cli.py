@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def cmd_train(args) -> int:
     recipe = get_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     result = train(_data(args, train=True), recipe, args.output, arch=args.arch, resume=args.resume,
                    device=args.device, seed=args.seed, progress=not args.no_progress)
-    if result.history:
+    if result.history and os.environ.get("RANK", "0") == "0":
         print(f"best test accuracy {result.best_acc:.2f}% -> {args.output / 'best.pth'}")
     return 0
 
@@ -162,6 +163,9 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .warn import summarized_deprecations
+
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        args.no_progress = True  # progress bars only on a terminal, not in logs
 
     try:
         with summarized_deprecations():

@@ -227,12 +227,12 @@ class Batches:
 
     def __init__(self, split: Split, batch_size: int, mean, std, augment: str = "none",
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 limit: int | None = None):
+                 limit: int | None = None, min_batch: int = 1):
         if augment not in AUGMENTATIONS:
             raise QuantbenchError(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
         from torch.utils.data import DistributedSampler
         self.split, self.batch_size, self.mean, self.std = split, batch_size, mean, std
-        self.augment, self.seed, self.limit = augment, seed, limit
+        self.augment, self.seed, self.limit, self.min_batch = augment, seed, limit, min_batch
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
                                           shuffle=shuffle, seed=seed, drop_last=False)
         self.epoch = 0
@@ -254,6 +254,8 @@ class Batches:
         idx = torch.tensor(self._indices(), dtype=torch.int64)
         for start in range(0, len(idx), self.batch_size):
             b = idx[start:start + self.batch_size]
+            if len(b) < self.min_batch:
+                break  # e.g. a last batch of 1 image: batch norm cannot train on it
             images, labels = self.split.images[b], self.split.labels[b]
             if self._seed_tf is not None:
                 # torchvision's v2 transforms draw from torch's global RNG: seed it per batch.

@@ -145,7 +145,7 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     model = model.to(device, memory_format=mf)
     batches = Batches(data.train, recipe.batch_size // world, data.mean, data.std,
                       augment=recipe.augment, shuffle=True, seed=seed, rank=rank, world_size=world,
-                      limit=recipe.train_limit and recipe.train_limit // world)
+                      limit=recipe.train_limit and recipe.train_limit // world, min_batch=2)
     opt = make_optimizer(model.parameters(), recipe)
     sched = make_scheduler(opt, recipe, len(batches))
     ema: AveragedModel | None = None
