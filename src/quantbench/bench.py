@@ -94,6 +94,7 @@ class Worker:
                                      text=True, env=env, bufsize=1)
         hello = self._read()
         self.load_s = hello.get("load_s")
+        self.model_rss_mb = hello["load_rss_mb"] - hello["base_rss_mb"]
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -238,8 +239,8 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> dict:
                 row["latency"][str(b)] = stats[row["label"]]
         for row in rows:
             mem = workers[row["label"]].close()
-            row["peak_rss_mb"] = mem["peak_rss_mb"]
-            row["model_rss_mb"] = mem["peak_rss_mb"] - mem["base_rss_mb"]
+            row["peak_rss_mb"] = mem["peak_rss_mb"]  # whole process, accuracy run included
+            row["model_rss_mb"] = workers[row["label"]].model_rss_mb
     finally:
         for w in workers.values():
             w.kill()

@@ -51,12 +51,16 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
     pts = [(_median(r), r["accuracy"], r["label"]) for r in rows if _median(r) and r.get("accuracy") is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for lat, acc, name in pts:
+        from matplotlib.ticker import FormatStrFormatter
+        for i, (lat, acc, name) in enumerate(sorted(pts)):
             ax.scatter(lat, acc, s=30)
-            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            # alternate label offsets so neighbours with equal accuracy stay readable
+            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, 4 if i % 2 else -11), fontsize=8)
         front = pareto_front(pts)
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", label="Pareto front")
+        ax.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="grey", label="Pareto front")
         ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))
         ax.set_xlabel("latency, batch 1 (ms, median, log scale)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title("Accuracy vs latency")

@@ -43,7 +43,7 @@ def markdown_table(results: dict) -> str:
 
 
 def detail_table(results: dict) -> str:
-    lines = ["| Model | Runtime | Acc. delta | p50 | p90 | p99 | IQR/p50 | vs fastest fp32 | Weights | Peak RSS | "
+    lines = ["| Model | Runtime | Acc. delta | p50 | p90 | p99 | IQR/p50 | vs fastest fp32 | Weights | Model RSS | "
              "int8 / float ops |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results["models"]:
@@ -55,7 +55,7 @@ def detail_table(results: dict) -> str:
             f"| {r['label']} | {r['runtime']} | {_fmt(r.get('accuracy_delta'), '+.2f')} | "
             f"{_fmt(lat.get('median_ms'), '.3f')} | {_fmt(lat.get('p90_ms'), '.3f')} | {_fmt(lat.get('p99_ms'), '.3f')} | "
             f"{_fmt(lat.get('iqr_rel'), '.1%')} | {_fmt(r.get('speedup_vs_fastest_fp32'), '.2f', 'x')} | "
-            f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.get('peak_rss_mb'), '.0f', ' MB')} | {op_cell} |")
+            f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.get('model_rss_mb'), '.0f', ' MB')} | {op_cell} |")
     return "\n".join(lines)
 
 

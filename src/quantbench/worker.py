@@ -44,7 +44,10 @@ def main() -> int:
     except Exception as e:
         proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         return 1
-    proto.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0}) + "\n")
+    # Peak memory right after loading and one call: the model's own footprint over the torch
+    # baseline (accuracy runs later hold a batch of test images, which is not the model's cost).
+    proto.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0,
+                            "base_rss_mb": base, "load_rss_mb": _rss_mb()}) + "\n")
     gen = torch.Generator().manual_seed(0)
     for line in sys.stdin:
         cmd = json.loads(line)
