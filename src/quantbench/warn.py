@@ -18,8 +18,13 @@ _PATTERNS = ("torch.ao.quantization", "torch.jit", "TorchScript", "deprecat", "q
 
 
 def quiet_cpp_warnings() -> None:
+    import logging
     import os
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # torch's own loggers: a pytree notice about torchao's enums, "No CUDA runtime is found"
+    # from the CUDA build on a CPU-only machine. Neither is actionable for a user.
+    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
