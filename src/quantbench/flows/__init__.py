@@ -27,6 +27,8 @@ METHODS = ("dynamic", "static", "qat")
 # flow name -> module; the original's eager mode first.
 FLOWS: dict[str, str] = {
     "eager": "quantbench.flows.eager",
+    "fx": "quantbench.flows.fx",
+    "pt2e": "quantbench.flows.pt2e",
 }
 
 # Row names of the original's table, per method.

@@ -1,0 +1,92 @@
+"""FX graph mode quantization (torch.ao.quantization.quantize_fx).
+
+Eager mode needs a model written for quantization (QuantStub, FloatFunctional, fuse_model).
+FX instead traces the model's forward into a graph (torch.fx symbolic tracing) and finds the
+quantization points itself: it fuses conv+bn(+relu), quantizes the input and swaps the residual
+`+` for a quantized add, all on the PLAIN torchvision ResNet. That is the point of this flow:
+no model edits.
+
+What to quantize, and how, comes from two tables:
+  QConfigMapping   which observers to put where (the same QConfigs as eager, quantbench.flows.qconfigs)
+  BackendConfig    which patterns the int8 backend can run fused (x86 / fbgemm here)
+
+Deployment: TorchScript, exactly like eager (trace + freeze), loadable with plain torch.jit.load.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+from ..export import export_torchscript
+from ..models import load_checkpoint
+from .qconfigs import qconfig
+
+SUFFIX = ".pt"
+METHODS = ("dynamic", "static", "qat")
+
+
+def load(checkpoint, num_classes=None):
+    # The plain float model: FX traces it as it is.
+    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False)
+
+
+def _backend_config():
+    # The "x86" engine (fbgemm for some shapes, oneDNN for others) is PyTorch's default on x86;
+    # its BackendConfig lists the fusions it runs as one int8 kernel (conv+bn+relu, add+relu, ...).
+    return get_x86_backend_config()
+
+
+def quantize_dynamic(model: nn.Module, qconfig_name: str) -> nn.Module:
+    """ptq-d: only nn.Linear gets a qconfig, a dynamic one (int8 weights ahead of time,
+    activations quantized per batch at run time), as in eager's quantize_dynamic, so the two
+    flows differ only in how they find the layers. No calibration data is needed: the observers
+    are placeholders that just record "quantize this dynamically"."""
+    model.eval()
+    mapping = QConfigMapping().set_object_type(nn.Linear, tq.default_dynamic_qconfig)
+    example = (torch.randn(1, 3, 32, 32),)
+    prepared = prepare_fx(model, mapping, example, backend_config=_backend_config())
+    return convert_fx(prepared, backend_config=_backend_config())
+
+
+def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
+    """Trace, fuse and insert observers (static) or fake-quantize modules (QAT) everywhere the
+    backend can run int8: one global qconfig, the BackendConfig decides the patterns."""
+    mapping = QConfigMapping().set_global(qconfig(qconfig_name, qat=qat))
+    if qat:
+        # prepare_qat_fx fuses conv+bn into ConvBn(ReLU)2d QAT modules that keep BN trainable
+        # (it is folded at convert), so it must see the model in train mode.
+        return prepare_qat_fx(model.train(), mapping, (example,), backend_config=_backend_config())
+    # eval mode: prepare_fx folds BN into the conv weights before observing.
+    return prepare_fx(model.eval(), mapping, (example,), backend_config=_backend_config())
+
+
+def convert(prepared: nn.Module) -> nn.Module:
+    """Replace observed patterns by int8 modules (quantized::conv2d_relu, add_relu, ...), with
+    the scales the observers collected. Conversion and int8 inference run on the CPU."""
+    return convert_fx(prepared.cpu().eval(), backend_config=_backend_config())
+
+
+def set_mode(model: nn.Module, training: bool) -> None:
+    # FX GraphModules are ordinary nn.Modules: train()/eval() reach BN and fake-quant modules.
+    model.train(training)
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """QAT: the fused ConvBn QAT modules are the same classes as eager's, so the same switch
+    stops updating batch-norm statistics and makes the forward use the running ones (which
+    convert folds into the conv weights)."""
+    model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+
+
+def freeze_observers(model: nn.Module) -> None:
+    """QAT: fix the quantization ranges; the weights then adapt to them."""
+    model.apply(tq.disable_observer)
+
+
+def export(model: nn.Module, path, example: torch.Tensor) -> None:
+    # A converted FX GraphModule traces like any module: same TorchScript file as eager.
+    export_torchscript(model, path, example)

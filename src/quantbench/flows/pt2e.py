@@ -1,0 +1,224 @@
+"""PT2E quantization (torchao 0.18): PyTorch 2's export-based flow.
+
+    torch.export  ->  prepare_pt2e(quantizer)  ->  calibrate / fine-tune  ->  convert_pt2e
+         graph         observers where the            as in the other          a "QDQ" graph:
+         of aten ops   backend's Quantizer wants      flows                    fp32 ops between
+                       them (annotations)                                      quantize/dequantize
+
+The converted graph still runs fp32 ops; it only marks where values are int8. The int8 kernels
+come at deployment, when inductor (torch.compile with freezing) pattern-matches
+dequantize -> conv -> quantize into oneDNN int8 convolutions. The Quantizer is therefore the
+backend's: X86InductorQuantizer annotates exactly the patterns inductor's x86 lowering fuses.
+
+Deployment: a torch.export program (.pt2) of the converted graph, loaded with torch.export.load
+and lowered with torch.compile at load time (quantbench.inductor_rt).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torchao.quantization.pt2e import (disable_observer, move_exported_model_to_eval,
+                                       move_exported_model_to_train)
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+from torchvision.models.resnet import BasicBlock
+
+from ..cpu import reduce_range
+from ..errors import QuantbenchError
+from ..fileio import atomic_path
+from ..models import load_checkpoint
+from .qconfigs import QCONFIGS
+
+SUFFIX = ".pt2"
+METHODS = ("dynamic", "static", "qat")
+
+
+def load(checkpoint, num_classes=None):
+    # The plain float model: torch.export traces it as it is (but see _one_relu_per_call).
+    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False)
+
+
+# ---------------------------------------------------------------- capture
+def _one_relu_per_call(model: nn.Module) -> None:
+    """torchvision's BasicBlock calls ONE nn.ReLU module twice (after bn1, and after the residual
+    add). torch.export records which module each op came from, and the quantizer groups a
+    module's ops into one "partition"; a module called twice becomes one partition with two
+    outputs, and X86InductorQuantizer gives up ("Input partition has more than one output
+    node"). So each call site gets its own ReLU module: ReLU has no weights, the arithmetic is
+    unchanged, and both ReLUs are now fused like any other (conv+bn+relu, conv+bn+add+relu)."""
+    for block in model.modules():
+        if isinstance(block, BasicBlock) and not hasattr(block, "relu_out"):
+            block.relu_out = nn.ReLU(inplace=True)
+            block.forward = types.MethodType(_basic_block_forward, block)
+
+
+def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    # torchvision's BasicBlock.forward, with the second ReLU call going to relu_out.
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    out += identity
+    return self.relu_out(out)
+
+
+def _batch_dim() -> dict:
+    return {0: Dim("batch")}
+
+
+def _two(example: torch.Tensor) -> torch.Tensor:
+    # torch.export specializes dimensions of size 1 (they cannot be told apart from broadcasts),
+    # so the batch can only be traced as dynamic from an example with a batch of 2 or more.
+    return example[:1].expand(2, *example.shape[1:]).contiguous()
+
+
+def _capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """torch.export the float model with a dynamic batch dimension; .module() gives the graph
+    (aten ops, weights as attributes) that prepare_pt2e annotates."""
+    _one_relu_per_call(model)
+    return torch.export.export(model, (_two(example),), dynamic_shapes=(_batch_dim(),)).module()
+
+
+# ---------------------------------------------------------------- quantizer configuration
+def _quantizer_config(name: str, qat: bool = False, dynamic: bool = False) -> QuantizationConfig:
+    """Our qconfigs (quantbench.flows.qconfigs) expressed as PT2E QuantizationConfigs.
+
+    "default": X86InductorQuantizer's own recipe (per-channel symmetric int8 weights, uint8
+    per-tensor activations from a histogram observer) with reduce_range() from quantbench.cpu.
+    That argument matters: without VNNI, oneDNN's int8 convolutions multiply u8 x s8 pairs into
+    a SATURATING int16 (vpmaddubsw); with full-range activations (0..255) two products overflow
+    and the deployed model silently loses accuracy (about 3.6 points top-1 on our ResNet-18),
+    although the QDQ graph, which computes in fp32, looks fine. Activations in [0, 127] keep
+    every pair below 2^15. On VNNI/AMX CPUs reduce_range() is False and the full range is used.
+    """
+    if name not in QCONFIGS:
+        raise QuantbenchError(f"unknown qconfig {name!r}; choose from {', '.join(QCONFIGS)}")
+    if name == "default" or dynamic:
+        # Dynamic quantization has no observers to configure: both qconfigs mean the same.
+        return get_default_x86_inductor_quantization_config(
+            is_qat=qat, is_dynamic=dynamic, reduce_range=reduce_range())
+    # "seed", the original's: 7-bit weights [-64, 63], 7-bit activations [0, 127], min/max ranges.
+    from torchao.quantization.pt2e import (FakeQuantize, MovingAverageMinMaxObserver,
+                                           MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver)
+    act_obs, wt_obs = MovingAverageMinMaxObserver, (
+        MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver)
+    act_ctr = FakeQuantize.with_args(observer=act_obs) if qat else act_obs
+    wt_ctr = FakeQuantize.with_args(observer=wt_obs) if qat else wt_obs
+    act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=127, qscheme=torch.per_tensor_affine,
+                           observer_or_fake_quant_ctr=act_ctr)
+    wt = QuantizationSpec(dtype=torch.int8, quant_min=-64, quant_max=63, qscheme=torch.per_channel_symmetric,
+                          ch_axis=0, observer_or_fake_quant_ctr=wt_ctr)
+    return QuantizationConfig(act, act, wt, None, is_qat=qat)
+
+
+# ---------------------------------------------------------------- the flow
+def quantize_dynamic(model: nn.Module, qconfig_name: str) -> nn.Module:
+    """ptq-d: only nn.Linear (ResNet's fc) gets the quantizer's dynamic config: int8 weights,
+    activations quantized per batch at run time (choose_qparams in the graph). Convolutions stay
+    fp32, as in the other flows. Activations need no calibration data, but the weights' observer
+    is a node of the graph like any other: it sees the weight only when the graph runs, so one
+    forward pass (any input) must precede convert, else the int8 weights get garbage scales."""
+    model.eval()
+    example = torch.randn(2, 3, 32, 32)
+    gm = _capture(model, example)
+    quantizer = X86InductorQuantizer().set_module_type_qconfig(
+        nn.Linear, _quantizer_config(qconfig_name, dynamic=True))
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        prepared(example)
+    return convert(prepared)
+
+
+def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
+    """Capture, annotate with one global config, insert observers (static) or fake-quantize
+    modules (QAT)."""
+    quantizer = X86InductorQuantizer().set_global(_quantizer_config(qconfig_name, qat=qat))
+    if qat:
+        # Captured in train mode, batch norm stays a (training) batch_norm op after the conv;
+        # prepare_qat_pt2e rewrites each conv+bn so the conv sees BN-scaled, fake-quantized weights,
+        # as eager's ConvBn2d does, and convert_pt2e folds BN into the int8 weights.
+        return prepare_qat_pt2e(_capture(model.train(), example), quantizer)
+    # eval capture: prepare_pt2e folds BN into the conv weights before observing them.
+    gm = _capture(model.eval(), example)
+    return prepare_pt2e(gm, quantizer)
+
+
+def convert(prepared: nn.Module) -> nn.Module:
+    """Observers/fake-quants become quantize/dequantize ops with the scales they found; weights
+    are quantized ahead of time (stored as int8 tensors)."""
+    prepared = prepared.cpu()
+    if _has_batch_norm(prepared):  # QAT graphs (PTQ folded BN away): running statistics again
+        move_exported_model_to_eval(prepared)
+    converted = convert_pt2e(prepared)
+    _drop_unused_weights(converted)
+    return converted
+
+
+def _drop_unused_weights(gm: torch.fx.GraphModule) -> None:
+    """convert_pt2e folds quantize(weight) into new int8 constants but leaves the fp32 weights
+    behind as (now unread) parameters; re-exported, they would make the file 5x bigger and
+    weight_bytes wrong. Delete every parameter/buffer that no get_attr node reads."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name not in read:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner), attr)
+
+
+# ---------------------------------------------------------------- QAT controls
+_BN_OPS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+           torch.ops.aten.cudnn_batch_norm.default)
+_FROZEN_BN = "_quantbench_bn_frozen"
+
+
+def set_mode(model: nn.Module, training: bool) -> None:
+    """An exported graph has train/eval behaviour baked into its ops (batch_norm's `training`
+    argument), so .train()/.eval() change nothing: torchao rewrites the batch-norm (and dropout)
+    ops instead. Frozen batch norm stays frozen (move_exported_model_to_train would unfreeze it)."""
+    if training:
+        move_exported_model_to_train(model)
+        if getattr(model, _FROZEN_BN, False):
+            _set_bn_training(model, False)
+    else:
+        move_exported_model_to_eval(model)
+
+
+def _has_batch_norm(model: torch.fx.GraphModule) -> bool:
+    return any(node.op == "call_function" and node.target in _BN_OPS for node in model.graph.nodes)
+
+
+def _set_bn_training(model: torch.fx.GraphModule, training: bool) -> None:
+    # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target in _BN_OPS:
+            node.update_arg(5, training)
+    model.recompile()
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """QAT: batch norm uses (and stops updating) its running statistics, as eager's
+    freeze_bn_stats does. The QAT conv+bn pattern already scales the weights by the RUNNING
+    std; with frozen statistics its output equals the BN-folded conv that convert produces,
+    so the fine-tune optimizes the very model that gets deployed."""
+    setattr(model, _FROZEN_BN, True)
+    _set_bn_training(model, False)
+
+
+def freeze_observers(model: nn.Module) -> None:
+    """QAT: fix the quantization ranges (torchao's own fake-quantize classes, so torchao's
+    disable_observer)."""
+    model.apply(disable_observer)
+
+
+# ---------------------------------------------------------------- deployment
+def export(model: nn.Module, path, example: torch.Tensor) -> None:
+    """Re-export the converted QDQ graph (dynamic batch again) and save the ExportedProgram.
+    The file holds the int8 weights and the graph; torch.export.load needs no quantbench."""
+    with torch.no_grad():
+        program = torch.export.export(model, (_two(example),), dynamic_shapes=(_batch_dim(),))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)

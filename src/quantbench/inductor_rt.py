@@ -1,0 +1,115 @@
+"""torch.export programs (.pt2), what the PT2E flow deploys, run by inductor (torch.compile).
+
+The file holds a "QDQ" graph: fp32 aten ops between quantize/dequantize ops, plus int8 weights.
+Run as is, it computes in fp32 (a simulation of int8). torch.compile with inductor's `freezing`
+turns it into int8 code: freezing treats the weights as constants, so the x86 passes can
+pattern-match dequantize -> conv/linear -> quantize, pre-pack the int8 weights and call oneDNN
+int8 kernels. That is PyTorch's recommended deployment of PT2E int8 models on CPU.
+
+Two imports matter, neither of them quantbench:
+- torch.export.load needs torch's quantize/dequantize op library registered (load_program);
+- with torch 2.14 the weight-packing passes live in torchao (registered when its x86 quantizer
+  module is imported). Without them inductor still compiles the graph, but SILENTLY in fp32
+  (the accuracy looks right, the speed is not int8's), so `load` insists on them.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import QuantbenchError
+
+
+def load_program(path: Path):
+    # The quantize/dequantize ops live in torch's "quantized_decomposed" library, which plain
+    # `import torch` does not register; torch.export.load needs them to rebuild the graph.
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:
+        raise QuantbenchError(f"cannot load torch.export program {path}: {type(e).__name__}") from None
+
+
+class Compiled:
+    """The compiled model as a callable. Compilation is lazy (the first call, and a recompile the
+    first time the batch size changes); `compile_s` records the first call's time."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.compiled = torch.compile(module, backend="inductor")
+        self.compile_s: float | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # no_grad: inductor freezes (and so lowers to int8) only inference graphs.
+        with torch.no_grad():
+            if self.compile_s is None:
+                t0 = time.perf_counter()
+                y = self.compiled(x)
+                self.compile_s = time.perf_counter() - t0
+                return y
+            return self.compiled(x)
+
+
+def register_int8_passes() -> None:
+    """Register the x86 int8 passes (weight pre-packing, quantize lift-up) with inductor."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError:
+        raise QuantbenchError("running .pt2 int8 models needs torchao (its inductor passes make "
+                              "the int8 kernels); pip install torchao") from None
+
+
+def load(path: Path, threads: int | None = None) -> Compiled:
+    """torch.export.load + torch.compile (inductor, freezing). Threads are set per process
+    (torch.set_num_threads) before this: inductor's kernels use the count current at compile."""
+    register_int8_passes()
+    # Process-wide, as PyTorch's PT2E guide does: compiles happen lazily (first call, and again
+    # when the batch size changes), so the setting must outlive this function. It changes only
+    # inference (no-grad) compiles, and the measuring workers run one model per process.
+    # (torch.compile(options={"freezing": True}) fails here: onednn.qconv_prepack on fake tensors.)
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    module = load_program(path).module()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return Compiled(module)
+
+
+_DEQUANTIZE = ("quantized_decomposed.dequantize_per_tensor", "quantized_decomposed.dequantize_per_channel")
+_CONV = ("aten.conv2d", "aten.convolution", "aten._convolution", "aten.conv1d", "aten.conv3d")
+_LINEAR = ("aten.linear", "aten.addmm", "aten.mm", "aten.matmul")
+
+
+def op_counts(path: Path, model=None) -> dict:
+    """int8 vs float conv/linear in the saved QDQ graph. A conv/linear counts as int8 when both
+    its activation and its weight arrive through dequantize ops: that is the pattern inductor
+    fuses into one int8 kernel (the counts describe the graph, not inductor's final code)."""
+    graph = load_program(Path(path)).graph
+    counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
+
+    def op(node) -> str:
+        return str(node.target).rsplit(".", 1)[0] if node.op == "call_function" else ""
+
+    for node in graph.nodes:
+        kind = "conv" if op(node) in _CONV else "linear" if op(node) in _LINEAR else None
+        if kind is None:
+            continue
+        # aten.addmm(bias, input, weight^T) has its operands after the bias
+        operands = node.args[1:3] if op(node) == "aten.addmm" else node.args[:2]
+        quantized = all(_through_dequantize(a) for a in operands)
+        counts[f"{'int8' if quantized else 'float'}_{kind}"] += 1
+    return counts
+
+
+def _through_dequantize(arg) -> bool:
+    # Skip layout-only ops (a linear's weight may pass through aten.t / permute after dequantize).
+    while isinstance(arg, torch.fx.Node) and arg.op == "call_function":
+        name = str(arg.target).rsplit(".", 1)[0]
+        if name in _DEQUANTIZE:
+            return True
+        if name not in ("aten.t", "aten.permute", "aten.view", "aten.reshape", "aten.contiguous"):
+            return False
+        arg = arg.args[0]
+    return False

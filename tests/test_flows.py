@@ -1,0 +1,168 @@
+"""The FX and PT2E flows end to end on the tiny resnet10: every method quantizes, keeps the fp32
+model's predictions, and writes a deployment file that plain torch runs (no quantbench) with the
+in-process outputs; PT2E's compiled loader really runs int8 kernels; QAT controls of exported
+graphs; clear errors for combinations that cannot work."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantbench import models
+from quantbench.data import Batches
+from quantbench.errors import QuantbenchError
+from quantbench.flows import check_method, get_flow
+from quantbench.quantize import QuantizeConfig, export_model, quantize, quantize_to_file
+from quantbench.runtimes import load_deployed, op_counts
+
+CASES = [(flow, method) for flow in ("fx", "pt2e") for method in ("dynamic", "static", "qat")]
+RESNET10_CONVS = 12  # stem + 4 blocks x 2 + 3 downsample convolutions
+
+
+def _inputs(data) -> torch.Tensor:
+    """The tiny test split, normalized as the models expect (24 images)."""
+    return torch.cat([x for x, _ in Batches(data.test, 64, data.mean, data.std)])
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_trained_checkpoint, tiny_dataset, tmp_path_factory):
+    """Every flow x method, once: {(flow, method): (deployment file, in-process int8 model)}."""
+    out = tmp_path_factory.mktemp("flows")
+    result = {}
+    for flow, method in CASES:
+        cfg = QuantizeConfig(method=method, flow=flow, calib_samples=48, calib_batch_size=16,
+                             qat_preset="smoke", work_dir=out / f"qat-{flow}")
+        qmodel, record = quantize(tiny_trained_checkpoint, cfg, tiny_dataset, progress=False)
+        path = out / f"{method}-{flow}{get_flow(flow).SUFFIX}"
+        sidecar = export_model(qmodel, path, record, flow)
+        assert sidecar["label"] == {"dynamic": "ptq-d", "static": "ptq-s", "qat": "qat"}[method] + f"-{flow}"
+        result[flow, method] = path, qmodel
+    return result
+
+
+@pytest.fixture(scope="module")
+def fp32_logits(tiny_trained_checkpoint, tiny_dataset):
+    model, _ = models.load_checkpoint(tiny_trained_checkpoint)
+    with torch.no_grad():
+        return model(_inputs(tiny_dataset))
+
+
+@pytest.mark.parametrize("flow,method", CASES)
+def test_int8_agrees_with_fp32(quantized, fp32_logits, tiny_dataset, flow, method):
+    _, qmodel = quantized[flow, method]
+    with torch.no_grad():
+        logits = qmodel(_inputs(tiny_dataset))
+    agree = (logits.argmax(1) == fp32_logits.argmax(1)).float().mean().item()
+    assert agree >= 0.8, f"{flow}/{method}: top-1 agrees with fp32 on only {agree:.0%} of inputs"
+
+
+@pytest.mark.parametrize("flow,method", CASES)
+def test_op_counts(quantized, flow, method):
+    path, _ = quantized[flow, method]
+    int8_convs = 0 if method == "dynamic" else RESNET10_CONVS
+    assert op_counts(path) == {"int8_conv": int8_convs, "float_conv": RESNET10_CONVS - int8_convs,
+                               "int8_linear": 1, "float_linear": 0}
+
+
+# Loads every file with plain torch, in a process that never imports quantbench (nor torchao).
+FRESH = r"""
+import sys, torch
+import torch.ao.quantization.fx._decomposed  # registers the quantize/dequantize ops of .pt2 graphs
+x = torch.load(sys.argv[1])
+outputs = {}
+for path in sys.argv[3:]:
+    model = torch.export.load(path).module() if path.endswith(".pt2") else torch.jit.load(path)
+    with torch.no_grad():
+        outputs[path] = model(x)
+torch.save(outputs, sys.argv[2])
+assert not [m for m in sys.modules if m.split(".")[0] in ("quantbench", "torchao")]
+"""
+
+
+def test_files_run_in_a_fresh_process(quantized, tiny_dataset, tmp_path):
+    x = _inputs(tiny_dataset)
+    torch.save(x, tmp_path / "x.pt")
+    paths = [str(path) for path, _ in quantized.values()]
+    subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), *paths],
+                   check=True, cwd=tmp_path, timeout=120)
+    outputs = torch.load(tmp_path / "y.pt")
+    for (flow, method), (path, qmodel) in quantized.items():
+        with torch.no_grad():
+            expected = qmodel(x)
+        torch.testing.assert_close(outputs[str(path)], expected, rtol=0, atol=1e-5,
+                                   msg=lambda m: f"{flow}/{method}: {m}")
+
+
+def test_pt2_loader_compiles_to_int8_kernels(quantized, tiny_dataset):
+    """The .pt2 runtime (torch.compile, inductor, freezing) must lower the QDQ graph to oneDNN
+    int8 kernels; without torchao's passes it silently compiles fp32 convolutions instead. The
+    profiler shows which kernels really ran (whether inductor compiled or hit its cache). The
+    only compile in this file: it is slow."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import profile
+
+    path, qmodel = quantized["pt2e", "static"]
+    x = _inputs(tiny_dataset)
+    with inductor_config.patch(freezing=False):  # the loader sets it process-wide; restore after
+        model = load_deployed(path)
+        with torch.inference_mode():
+            model(x)  # compiles
+            with profile() as prof:
+                y = model(x)
+    ran = [e.name for e in prof.events()]
+    assert sum(n.startswith("onednn::qconv") for n in ran) == RESNET10_CONVS
+    assert sum(n.startswith("onednn::qlinear") for n in ran) == 1
+    assert not [n for n in ran if n in ("aten::convolution", "aten::mkldnn_convolution", "aten::addmm")]
+    assert model.compile_s is not None and model.compile_s > 0
+    with torch.no_grad():
+        qdq = qmodel(x)
+    # int8 kernels round differently from the fp32 simulation, but predict the same
+    assert (y.argmax(1) == qdq.argmax(1)).float().mean().item() >= 0.9
+
+
+def test_pt2e_qat_train_eval_and_frozen_bn():
+    """Exported graphs ignore .train()/.eval(): set_mode rewrites batch norm, and a frozen batch
+    norm stays frozen (running statistics unchanged) through later set_mode(train) calls."""
+    pt2e = get_flow("pt2e")
+    torch.manual_seed(0)
+    prepared = pt2e.prepare(models.build("resnet10", 3), "default", qat=True, example=torch.randn(1, 3, 32, 32))
+    bn_nodes = [n for n in prepared.graph.nodes if n.target in pt2e._BN_OPS]
+    assert len(bn_nodes) == RESNET10_CONVS
+
+    def training_flags():
+        return {n.args[5] for n in prepared.graph.nodes if n.target in pt2e._BN_OPS}
+
+    def running_means():
+        return [b.clone() for name, b in prepared.named_buffers() if name.endswith("running_mean")]
+
+    pt2e.set_mode(prepared, False)
+    assert training_flags() == {False}
+    pt2e.set_mode(prepared, True)
+    assert training_flags() == {True}
+    before = running_means()
+    prepared(torch.randn(4, 3, 32, 32))
+    assert any(not torch.equal(a, b) for a, b in zip(before, running_means()))  # BN learns
+
+    pt2e.freeze_bn(prepared)
+    pt2e.set_mode(prepared, False)
+    pt2e.set_mode(prepared, True)
+    assert training_flags() == {False}
+    before = running_means()
+    prepared(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(a, b) for a, b in zip(before, running_means()))  # frozen
+
+    pt2e.freeze_observers(prepared)
+    fq = [m for m in prepared.modules() if hasattr(m, "observer_enabled")]
+    assert fq and all(m.observer_enabled.item() == 0 for m in fq)
+
+
+def test_unsupported_combinations(tiny_checkpoint, tiny_dataset, tmp_path):
+    with pytest.raises(QuantbenchError, match="unknown method 'int4'"):
+        check_method("pt2e", "int4")
+    for flow, wrong in (("pt2e", "x.pt"), ("fx", "x.pt2")):
+        with pytest.raises(QuantbenchError, match=rf"the {flow} flow writes \.pt2? files"):
+            quantize_to_file(tiny_checkpoint, tmp_path / wrong, QuantizeConfig(method="dynamic", flow=flow))
+    with pytest.raises(QuantbenchError, match="unknown qconfig 'int4'"):
+        get_flow("pt2e").prepare(models.build("resnet10", 3), "int4", qat=False, example=torch.randn(1, 3, 32, 32))
