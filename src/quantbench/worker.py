@@ -17,7 +17,17 @@ import time
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    """Resident memory now (the peak can come from a transient during `import torch`)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _rss_mb()
 
 
 def main() -> int:
@@ -34,7 +44,7 @@ def main() -> int:
     torch.set_num_interop_threads(1)
     from .runtimes import load_deployed
 
-    base = _rss_mb()
+    base = _current_rss_mb()
     t0 = time.perf_counter()
     try:
         model = load_deployed(path, threads)
@@ -44,10 +54,10 @@ def main() -> int:
     except Exception as e:
         proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         return 1
-    # Peak memory right after loading and one call: the model's own footprint over the torch
+    # Memory right after loading and one call: the model's own footprint over the torch
     # baseline (accuracy runs later hold a batch of test images, which is not the model's cost).
     proto.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0,
-                            "base_rss_mb": base, "load_rss_mb": _rss_mb()}) + "\n")
+                            "base_rss_mb": base, "load_rss_mb": _current_rss_mb()}) + "\n")
     gen = torch.Generator().manual_seed(0)
     for line in sys.stdin:
         cmd = json.loads(line)
