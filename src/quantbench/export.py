@@ -77,3 +77,18 @@ def write_sidecar(path: str | os.PathLike, **info) -> dict:
 def read_sidecar(path: str | os.PathLike) -> dict:
     p = sidecar_path(path)
     return read_json(p) if p.is_file() else {}
+
+
+def calibration_arrays(calib_batches) -> list:
+    """Float32 numpy batches for other runtimes' calibrators; (x, y) pairs, as
+    quantbench.data.Batches yields them, are accepted."""
+    import numpy as np
+
+    from .errors import QuantbenchError
+    out = []
+    for b in calib_batches:
+        x = b[0] if isinstance(b, (tuple, list)) else b
+        out.append(np.ascontiguousarray(torch.as_tensor(x).detach().cpu().float().numpy()))
+    if not out:
+        raise QuantbenchError("int8 export needs calibration images; got none")
+    return out

@@ -19,7 +19,7 @@ import torch
 
 from .cpu import has_vnni
 from .errors import QuantbenchError
-from .export import write_sidecar
+from .export import calibration_arrays as _as_arrays, write_sidecar
 
 FP32_FILE = "onnx-fp32.onnx"
 INT8_FILE = "onnx-int8.onnx"
@@ -107,17 +107,6 @@ def initializer_bytes(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return sum(helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
                for t in model.graph.initializer)
-
-
-def _as_arrays(calib_batches: Iterable) -> list[np.ndarray]:
-    """Float32 numpy batches; (x, y) pairs, as quantbench.data.Batches yields them, are accepted."""
-    out = []
-    for b in calib_batches:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        out.append(np.ascontiguousarray(torch.as_tensor(x).detach().cpu().float().numpy()))
-    if not out:
-        raise QuantbenchError("int8 export needs calibration images; got none")
-    return out
 
 
 def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],

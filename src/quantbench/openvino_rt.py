@@ -19,7 +19,7 @@ import torch
 
 from .cpu import has_vnni
 from .errors import QuantbenchError
-from .export import write_sidecar
+from .export import calibration_arrays as _as_arrays, write_sidecar
 
 FP32_FILE = "openvino-fp32.xml"
 INT8_FILE = "openvino-int8.xml"
@@ -93,17 +93,6 @@ def describe_int8(settings: dict) -> dict:
             "overflow_fix": fix,
             "why": "no VNNI on this CPU: u8 x s8 pairs saturate int16, so 7-bit weights everywhere"
             if fix == "enable" else "VNNI/AMX present: full range is exact"}
-
-
-def _as_arrays(calib_batches: Iterable) -> list[np.ndarray]:
-    """Float32 numpy batches; (x, y) pairs, as quantbench.data.Batches yields them, are accepted."""
-    out = []
-    for b in calib_batches:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        out.append(np.ascontiguousarray(torch.as_tensor(x).detach().cpu().float().numpy()))
-    if not out:
-        raise QuantbenchError("int8 export needs calibration images; got none")
-    return out
 
 
 def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
