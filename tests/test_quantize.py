@@ -10,7 +10,6 @@ import torch
 
 from quantbench.cli import main
 from quantbench.data import Batches
-from quantbench.errors import QuantbenchError
 from quantbench.models import load_checkpoint
 from quantbench.quantize import QuantizeConfig, export_origin, quantize, quantize_to_file
 

@@ -89,8 +89,7 @@ def replicate(cfg: ReplicateConfig, data_dir=None, data_root="data", progress: b
     _log(f"benchmarking {len(files)} models")
     results = bench(files, cfg.bench)
     results["replicate"] = {"checkpoint": str(ckpt), "flows": list(cfg.flows), "methods": list(cfg.methods),
-                            "qconfig": cfg.qconfig, "calib_samples": cfg.calib_samples, "qat_preset": cfg.qat_preset,
-                            "skipped_runtimes": results.get("skipped_runtimes", [])}
+                            "qconfig": cfg.qconfig, "calib_samples": cfg.calib_samples, "qat_preset": cfg.qat_preset}
     write_report(results, run_dir=out, markdown_path=out / "results.md")
     return results
 
