@@ -71,15 +71,46 @@ def test_bench_measures_known_sleep_times_in_subprocesses(tmp_path, monkeypatch)
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     # Sleeps of tens of ms: wake-up delays on a busy machine add well under that.
     fast, slow = _sleep_model(tmp_path, "fast", 20, "int8"), _sleep_model(tmp_path, "slow", 60)
-    cfg = B.BenchConfig(min_runs=20, budget_s=3.0, round_s=0.1, warmup=2, accuracy=False, progress=False)
+    cfg = B.BenchConfig(min_runs=20, budget_s=3.0, round_s=0.1, warmup=2, processes=2, accuracy=False,
+                        progress=False)
     res = B.bench([slow, fast], cfg)
     rows = {r["label"]: r for r in res["models"]}
     assert 20 <= rows["fast"]["latency"]["1"]["median_ms"] < 30
     assert 60 <= rows["slow"]["latency"]["1"]["median_ms"] < 72
+    medians = rows["fast"]["latency"]["1"]["process_medians_ms"]  # one per fresh process
+    assert len(medians) == 2 and all(20 <= m < 30 for m in medians)
     assert rows["fast"]["speedup"] == pytest.approx(3, rel=0.2)  # against the fp32 row of its runtime
     assert rows["fast"]["latency"]["1"]["n"] >= 20
     assert rows["fast"]["peak_rss_mb"] > 0
     assert res["machine"]["threads"] == 1 and "cpu" in res["machine"]
+
+
+def test_median_over_processes_resists_one_slow_process():
+    per = [{"samples_ms": [ms] * 50, "median_ms": ms, "rounds": 3, "stable": True, "other_cores": busy}
+           for ms, busy in ((1.0, 0.0), (1.1, 0.0), (5.0, 0.3))]  # the third process was stuck slow
+    s = B.combine_processes(per, batch=1)
+    assert s["median_ms"] == pytest.approx(1.1)
+    assert s["process_spread"] == pytest.approx(4.0 / 1.1)
+    assert s["n"] == 150 and s["processes"] == 3 and s["other_cores"] == pytest.approx(0.1)
+
+
+def test_busy_probe_sees_other_work():
+    """A process spinning on a core while we 'time' must show up as other work."""
+    import subprocess
+    import sys
+    import time
+    if B.BusyProbe._busy_s() is None:
+        pytest.skip("no /proc/stat on this system")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)  # let it start
+        probe = B.BusyProbe()
+        time.sleep(1.0)
+        busy = probe.other_cores()
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and busy > 0.3
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -142,9 +173,16 @@ def test_report_files_written_atomically_and_parse(tmp_path):
     assert csv_lines[0].startswith("label,") and len(csv_lines) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
     assert "b1_median_ms" in to_csv(res) and "Details" in render(res)
+    assert "other work" not in render(res)
     for png in ("accuracy_vs_latency.png", "size.png", "latency_distribution.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in (tmp_path / "report.md").read_text()
+
+
+def test_report_warns_when_the_machine_was_busy():
+    res = _fake_results()
+    res["models"][0]["latency"]["1"]["other_cores"] = 0.9
+    assert "other work used 0.90 of the machine's cores" in render(res)
 
 
 def test_pareto_front():

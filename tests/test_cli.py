@@ -124,6 +124,15 @@ def test_unknown_preset_and_arch(capsys, tiny_data_dir, tmp_path):
     assert_one_line_error(rc, err, "unknown architecture 'vgg'", "resnet10")
 
 
+def test_bad_timing_options(capsys, tmp_path):
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    rc, _, err = run_cli(capsys, "bench", model, "--processes", "0", "--no-progress")
+    assert_one_line_error(rc, err, "--processes")
+    rc, _, err = run_cli(capsys, "bench", model, "--batch-sizes", "1,x", "--no-progress")
+    assert_one_line_error(rc, err, "--batch-sizes")
+
+
 def test_cifar10_offline(capsys, tiny_checkpoint, tmp_path, monkeypatch):
     import torchvision.datasets
 

@@ -9,18 +9,24 @@ How latency is measured, and why:
   throttling, a noisy neighbour) spreads its drift over every model instead of the last one;
 - rounds continue until each model has at least `min_runs` timings and its median moved by less
   than `rel_tol` in the last round, or its time `budget` is spent;
+- all of that is repeated in `processes` fresh processes per model: one process can land on a
+  slow state (memory layout, a busy neighbour core) for its whole life, so the reported median is
+  the median of the per-process medians, and their spread is reported too;
+- while timing we watch the machine's busy time (/proc/stat) minus our own: other work on the
+  machine inflates every latency, so the report says how many cores of it there were;
 - we report the median and p90/p99 (latency distributions are skewed: a mean chases outliers).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import QuantbenchError
@@ -33,6 +39,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1,)
     min_runs: int = 200
     budget_s: float = 60.0                # timing seconds per model and batch size, at most
+    processes: int = 3                    # fresh measuring processes per model (min_runs, budget split)
     warmup: int = 20
     round_s: float = 0.5                  # about this long per model per round
     rel_tol: float = 0.01                 # "stable": the median moved by < 1 % in the last round
@@ -53,6 +60,33 @@ def parse_threads(s: str) -> int:
     if n < 1:
         raise QuantbenchError("--bench-threads must be at least 1")
     return n
+
+
+class BusyProbe:
+    """How much CPU other processes used over an interval, in cores (Linux; None elsewhere)."""
+
+    def __init__(self):
+        self.start = self._busy_s()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.own_s = 0.0  # CPU seconds of our own measuring work, added by the caller
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def other_cores(self) -> float | None:
+        end = self._busy_s()
+        if self.start is None or end is None:
+            return None
+        own = self.own_s + time.process_time() - self.cpu0  # the parent's share: tiny, but ours
+        wall = time.perf_counter() - self.t0
+        return max(0.0, (end - self.start - own) / wall) if wall > 0 else None
 
 
 def parse_batch_sizes(s: str) -> tuple[int, ...]:
@@ -133,7 +167,9 @@ class Worker:
 
 
 def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, progress=None) -> dict[str, dict]:
-    """Interleaved rounds over all workers; returns label -> latency stats (+ raw samples)."""
+    """Interleaved rounds over all workers (one process per model); returns label -> latency
+    stats (+ raw samples, + how busy the rest of the machine was). `min_runs` and `budget_s`
+    are per process here."""
     names = list(workers)
     times: dict[str, list[float]] = {n: [] for n in names}
     spent = {n: 0.0 for n in names}
@@ -141,6 +177,7 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
     for n in names:  # warm-up, and a first estimate of how many calls fill a round
         t = workers[n].ask(op="time", batch=batch, n=5, warmup=cfg.warmup)["times"]
         chunk[n] = max(5, min(500, int(cfg.round_s / max(statistics.median(t), 1e-6))))
+    probe = BusyProbe()
     done: set[str] = set()
     r = 0
     while len(done) < len(names):
@@ -151,7 +188,9 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
             if n in done:
                 continue
             before = statistics.median(times[n]) if times[n] else None
-            t = workers[n].ask(op="time", batch=batch, n=chunk[n])["times"]
+            reply = workers[n].ask(op="time", batch=batch, n=chunk[n])
+            t = reply["times"]
+            probe.own_s += reply.get("cpu_s", sum(t))
             times[n] += t
             spent[n] += sum(t)
             after = statistics.median(times[n])
@@ -161,12 +200,30 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
             if progress is not None:
                 progress.update(1)
         r += 1
+    other = probe.other_cores()
     out = {}
     for n in names:
         s = latency_stats(times[n], batch)
-        s.update(rounds=r, stable=spent[n] < cfg.budget_s, samples_ms=[round(t * 1000, 4) for t in times[n]])
+        s.update(rounds=r, stable=spent[n] < cfg.budget_s, other_cores=other,
+                 samples_ms=[round(t * 1000, 4) for t in times[n]])
         out[n] = s
     return out
+
+
+def combine_processes(per_process: list[dict], batch: int) -> dict:
+    """One model's latency over several fresh processes: the median of the per-process medians
+    (robust to one process stuck in a slow state), percentiles over all calls pooled."""
+    samples = [t for p in per_process for t in p["samples_ms"]]
+    s = latency_stats([t / 1000 for t in samples], batch)
+    medians = [p["median_ms"] for p in per_process]
+    s["median_ms"] = statistics.median(medians)
+    s["throughput_ips"] = batch * 1000 / s["median_ms"] if s["median_ms"] else 0.0
+    others = [p["other_cores"] for p in per_process if p.get("other_cores") is not None]
+    s.update(processes=len(per_process), process_medians_ms=medians,
+             process_spread=(max(medians) - min(medians)) / s["median_ms"] if s["median_ms"] else 0.0,
+             other_cores=statistics.fmean(others) if others else None, rounds=sum(p["rounds"] for p in per_process),
+             stable=all(p["stable"] for p in per_process), samples_ms=samples)
+    return s
 
 
 def file_bytes(path: Path) -> int:
@@ -218,32 +275,39 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> dict:
             row["label"], i = f"{base}#{i}", i + 1
         seen.add(row["label"])
 
-    workers: dict[str, Worker] = {}
-    try:
-        for row, p in zip(rows, paths):
-            workers[row["label"]] = w = Worker(p, cfg.threads)
-            row["load_s"] = w.load_s
-            row["ops"] = w.ask(op="ops")["ops"]
-            row["quantized_check"] = quantized_check(row)
-        if cfg.accuracy:
-            for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
-                a = workers[row["label"]].ask(op="accuracy", data_dir=cfg.data_dir, data_root=cfg.data_root,
-                                              batch_size=cfg.accuracy_batch_size)
-                row["accuracy"], row["accuracy_n"] = a["accuracy"], a["n"]
-        for row in rows:
-            row["latency"] = {}
-        for b in cfg.batch_sizes:
-            with tqdm(desc=f"timing batch {b}", unit="round", leave=False, disable=not cfg.progress) as bar:
-                stats = measure_latency(workers, cfg, b, bar)
+    processes = max(1, cfg.processes)
+    per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), budget_s=cfg.budget_s / processes)
+    timed: dict[str, dict[int, list[dict]]] = {r["label"]: {b: [] for b in cfg.batch_sizes} for r in rows}
+    for k in range(processes):
+        workers: dict[str, Worker] = {}
+        try:
+            for row, p in zip(rows, paths):
+                workers[row["label"]] = w = Worker(p, cfg.threads)
+                if k == 0:  # what does not depend on the process is measured once
+                    row["load_s"] = w.load_s
+                    row["ops"] = w.ask(op="ops")["ops"]
+                    row["quantized_check"] = quantized_check(row)
+            if k == 0 and cfg.accuracy:
+                for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
+                    a = workers[row["label"]].ask(op="accuracy", data_dir=cfg.data_dir, data_root=cfg.data_root,
+                                                  batch_size=cfg.accuracy_batch_size)
+                    row["accuracy"], row["accuracy_n"] = a["accuracy"], a["n"]
+            for b in cfg.batch_sizes:
+                with tqdm(desc=f"timing batch {b}, process {k + 1}/{processes}", unit="round", leave=False,
+                          disable=not cfg.progress) as bar:
+                    stats = measure_latency(workers, per_process, b, bar)
+                for label, st in stats.items():
+                    timed[label][b].append(st)
             for row in rows:
-                row["latency"][str(b)] = stats[row["label"]]
-        for row in rows:
-            mem = workers[row["label"]].close()
-            row["peak_rss_mb"] = mem["peak_rss_mb"]  # whole process, accuracy run included
-            row["model_rss_mb"] = workers[row["label"]].model_rss_mb
-    finally:
-        for w in workers.values():
-            w.kill()
+                mem = workers[row["label"]].close()
+                if k == 0:
+                    row["peak_rss_mb"] = mem["peak_rss_mb"]  # whole process, accuracy run included
+                    row["model_rss_mb"] = workers[row["label"]].model_rss_mb
+        finally:
+            for w in workers.values():
+                w.kill()
+    for row in rows:
+        row["latency"] = {str(b): combine_processes(timed[row["label"]][b], b) for b in cfg.batch_sizes}
     cfg_record = asdict(cfg)
     return {"machine": machine_record(cfg.threads), "config": cfg_record,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": derive(rows)}
@@ -269,13 +333,20 @@ def derive(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def config_from_args(args) -> BenchConfig:
+    """The timing options shared by `bench` and `replicate`, checked."""
+    if args.processes < 1 or args.min_runs < 1 or args.budget <= 0:
+        raise QuantbenchError("--processes and --min-runs must be at least 1, --budget above 0")
+    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
+                       min_runs=args.min_runs, budget_s=args.budget, processes=args.processes,
+                       progress=not args.no_progress,
+                       data_dir=str(args.data_dir) if args.data_dir else None, data_root=str(args.data_root))
+
+
 def bench_cli(args) -> int:
     from .report import write_report
 
-    cfg = BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
-                      min_runs=args.min_runs, budget_s=args.budget, progress=not args.no_progress,
-                      data_dir=str(args.data_dir) if args.data_dir else None, data_root=str(args.data_root))
-    results = bench(args.models, cfg)
+    results = bench(args.models, config_from_args(args))
     md = write_report(results, json_path=args.json, markdown_path=args.markdown)
     print(md)
     return 0

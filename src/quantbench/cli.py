@@ -82,10 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--markdown", type=Path, help="write the table here")
-    p.add_argument("--bench-threads", default="1", help="threads for timing: N or 'all' (default: 1)")
-    p.add_argument("--batch-sizes", default="1", help="comma list (default: 1); >1 adds throughput")
-    p.add_argument("--min-runs", type=int, default=200, help="timed runs per model at least (default: 200)")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds of timing per model at most")
+    _timing_args(p)
     _common(p)
 
     p = sub.add_parser("replicate", help="the main job: train (or take a checkpoint), quantize every way, "
@@ -102,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qconfig", default="default", help="default (best practice for this CPU) or seed")
     p.add_argument("--calib-samples", type=int, default=10_000, help="calibration images (default: 10000)")
     p.add_argument("--output", type=Path, default=Path("runs/replicate"), help="run directory")
-    p.add_argument("--bench-threads", default="1")
-    p.add_argument("--batch-sizes", default="1")
-    p.add_argument("--min-runs", type=int, default=200)
-    p.add_argument("--budget", type=float, default=60.0)
+    _timing_args(p)
     p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
     _common(p)
 
@@ -114,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="where to write a comparison (default: the first run)")
     p.add_argument("--debug", action="store_true")
     return ap
+
+
+def _timing_args(p) -> None:
+    g = p.add_argument_group("timing")
+    g.add_argument("--bench-threads", default="1", help="threads for timing: N or 'all' (default: 1)")
+    g.add_argument("--batch-sizes", default="1", help="comma list (default: 1); >1 adds throughput")
+    g.add_argument("--min-runs", type=int, default=200, help="timed calls per model at least (default: 200)")
+    g.add_argument("--budget", type=float, default=60.0,
+                   help="seconds of timing per model and batch size at most (default: 60)")
+    g.add_argument("--processes", type=int, default=3,
+                   help="fresh measuring processes per model; the median of their medians is reported "
+                        "(default: 3)")
 
 
 # ------------------------------------------------------------------ command handlers

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import BenchConfig, bench, parse_batch_sizes, parse_threads
+from .bench import BenchConfig, bench, config_from_args
 from .data import Batches, load_dataset
 from .errors import QuantbenchError
 from .export import sidecar_path
@@ -125,9 +125,7 @@ def replicate_cli(args) -> int:
         output=args.output, checkpoint=args.checkpoint, preset=args.preset, qat_preset=args.qat_preset,
         flows=flows, methods=methods, runtimes=runtimes, qconfig=args.qconfig, calib_samples=args.calib_samples,
         resume=args.resume,
-        bench=BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
-                          min_runs=args.min_runs, budget_s=args.budget, progress=not args.no_progress,
-                          data_dir=str(args.data_dir) if args.data_dir else None, data_root=str(args.data_root)))
+        bench=config_from_args(args))
     if args.checkpoint is None:
         from .train import get_recipe
         get_recipe(args.preset)  # unknown preset: fail now, not after loading data

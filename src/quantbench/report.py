@@ -43,9 +43,9 @@ def markdown_table(results: dict) -> str:
 
 
 def detail_table(results: dict) -> str:
-    lines = ["| Model | Runtime | Acc. delta | p50 | p90 | p99 | IQR/p50 | vs fastest fp32 | Weights | Model RSS | "
-             "int8 / float ops |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| Model | Runtime | Acc. delta | p50 | p90 | p99 | IQR/p50 | Process spread | vs fastest fp32 | "
+             "Weights | Model RSS | int8 / float ops |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results["models"]:
         lat, ops = _lat(r), r.get("ops") or {}
         op_cell = (f"{ops.get('int8_conv', 0)}+{ops.get('int8_linear', 0)} / "
@@ -54,7 +54,8 @@ def detail_table(results: dict) -> str:
         lines.append(
             f"| {r['label']} | {r['runtime']} | {_fmt(r.get('accuracy_delta'), '+.2f')} | "
             f"{_fmt(lat.get('median_ms'), '.3f')} | {_fmt(lat.get('p90_ms'), '.3f')} | {_fmt(lat.get('p99_ms'), '.3f')} | "
-            f"{_fmt(lat.get('iqr_rel'), '.1%')} | {_fmt(r.get('speedup_vs_fastest_fp32'), '.2f', 'x')} | "
+            f"{_fmt(lat.get('iqr_rel'), '.1%')} | {_fmt(lat.get('process_spread'), '.1%')} | "
+            f"{_fmt(r.get('speedup_vs_fastest_fp32'), '.2f', 'x')} | "
             f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.get('model_rss_mb'), '.0f', ' MB')} | {op_cell} |")
     return "\n".join(lines)
 
@@ -71,6 +72,16 @@ def throughput_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+BUSY_WARN_CORES = 0.2  # other work above this while timing makes the report say so
+
+
+def busy_cores(results: dict) -> float | None:
+    """The most CPU that other processes used while any batch size was timed (in cores)."""
+    seen = [lat["other_cores"] for r in results["models"] for lat in (r.get("latency") or {}).values()
+            if lat.get("other_cores") is not None]
+    return max(seen) if seen else None
+
+
 def machine_line(m: dict) -> str:
     isa = ", ".join(k for k, v in (m.get("isa") or {}).items() if v) or "none detected"
     v = m.get("versions", {})
@@ -84,8 +95,10 @@ def render(results: dict, figures: list[Path] = ()) -> str:
     cfg = results.get("config", {})
     parts = ["# quantbench report", "",
              f"Machine: {machine_line(results.get('machine', {}))}.", "",
-             f"Latency: median of >= {cfg.get('min_runs')} timed calls per model after warm-up, batch 1, "
-             f"{cfg.get('threads')} thread(s), each model in its own process, rounds interleaved. "
+             f"Latency: >= {cfg.get('min_runs')} timed calls per model after warm-up, batch 1, "
+             f"{cfg.get('threads')} thread(s), rounds interleaved across models, in "
+             f"{cfg.get('processes', 1)} fresh process(es) per model; the median of the per-process medians "
+             "(process spread: (max - min) / median of those). "
              "Accuracy: top-1 on the whole test split. Size: the deployment file. "
              "Speed-up and size ratio: against the fp32 row of the same runtime.", "",
              markdown_table(results), "", "## Details", "", detail_table(results), ""]
@@ -94,10 +107,18 @@ def render(results: dict, figures: list[Path] = ()) -> str:
         parts += ["## Throughput", "", tp, ""]
     if figures:
         parts += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
+    busy = busy_cores(results)
+    if busy is not None and busy >= BUSY_WARN_CORES:
+        parts += [f"**Warning:** other work used {busy:.2f} of the machine's cores on average while timing: "
+                  "latencies are inflated and will not repeat. Re-run on a quiet machine.", ""]
     flagged = [r["label"] for r in results["models"] if r.get("quantized_check") == "NOT QUANTIZED"]
     if flagged:
         parts += [f"**Warning:** {', '.join(flagged)} claim int8 but run no int8 operator.", ""]
     return "\n".join(parts)
+
+
+LATENCY_COLUMNS = ("median_ms", "p90_ms", "p99_ms", "iqr_rel", "process_spread", "other_cores",
+                   "throughput_ips", "n")
 
 
 def to_csv(results: dict) -> str:
@@ -107,11 +128,11 @@ def to_csv(results: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     batches = sorted({b for r in results["models"] for b in (r.get("latency") or {})}, key=int)
-    stat_cols = [f"b{b}_{k}" for b in batches for k in ("median_ms", "p90_ms", "p99_ms", "iqr_rel", "throughput_ips", "n")]
+    stat_cols = [f"b{b}_{k}" for b in batches for k in LATENCY_COLUMNS]
     w.writerow(cols + stat_cols)
     for r in results["models"]:
         w.writerow([r.get(c) for c in cols] +
-                   [_lat(r, b).get(k) for b in batches for k in ("median_ms", "p90_ms", "p99_ms", "iqr_rel", "throughput_ips", "n")])
+                   [_lat(r, b).get(k) for b in batches for k in LATENCY_COLUMNS])
     return buf.getvalue()
 
 

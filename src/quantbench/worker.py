@@ -3,7 +3,7 @@ allocator state cannot favour another. It loads one deployment file and answers 
 the parent (quantbench.bench), one JSON object per line on stdin/stdout:
 
     {"op": "accuracy", ...}     -> {"accuracy": percent, "n": images}
-    {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K}
+    {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K, "cpu_s": ...}
     {"op": "ops"}               -> operator counts (quantized vs float)
     {"op": "exit"}              -> {"peak_rss_mb": ..., "base_rss_mb": ...}
 """
@@ -81,11 +81,14 @@ def _run(op: str, cmd: dict, model, path: str, gen) -> dict:
         with torch.inference_mode():
             for _ in range(cmd.get("warmup", 0)):
                 model(x)
+            cpu = time.process_time()
             for _ in range(cmd["n"]):
                 t = time.perf_counter()
                 model(x)
                 times.append(time.perf_counter() - t)
-        return {"times": times}
+        # CPU seconds this process used: the parent subtracts them from the machine's busy time
+        # to see how much OTHER work ran while we timed.
+        return {"times": times, "cpu_s": time.process_time() - cpu}
     if op == "accuracy":
         from .data import load_dataset
         from .evaluate import accuracy
