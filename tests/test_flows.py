@@ -95,31 +95,44 @@ def test_files_run_in_a_fresh_process(quantized, tiny_dataset, tmp_path):
                                    msg=lambda m: f"{flow}/{method}: {m}")
 
 
-def test_pt2_loader_compiles_to_int8_kernels(quantized, tiny_dataset):
+def test_pt2_loader_compiles_to_int8_kernels(quantized, tiny_dataset, capfd):
     """The .pt2 runtime (torch.compile, inductor, freezing) must lower the QDQ graph to oneDNN
-    int8 kernels; without torchao's passes it silently compiles fp32 convolutions instead. The
-    profiler shows which kernels really ran (whether inductor compiled or hit its cache). The
-    only compile in this file: it is slow."""
+    int8 kernels; without torchao's passes it silently compiles fp32 convolutions instead.
+    oneDNN's verbose log shows which kernels really ran, with their data types (whether
+    inductor compiled or hit its cache). The only compile in this file: it is slow."""
     import torch._inductor.config as inductor_config
-    from torch.profiler import profile
 
     path, qmodel = quantized["pt2e", "static"]
     x = _inputs(tiny_dataset)
-    with inductor_config.patch(freezing=False):  # the loader sets it process-wide; restore after
+    # the loader sets these process-wide; restore them after
+    with inductor_config.patch(freezing=False, cpp_wrapper=False):
         model = load_deployed(path)
         with torch.inference_mode():
             model(x)  # compiles
-            with profile() as prof:
+            capfd.readouterr()
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 y = model(x)
-    ran = [e.name for e in prof.events()]
-    assert sum(n.startswith("onednn::qconv") for n in ran) == RESNET10_CONVS
-    assert sum(n.startswith("onednn::qlinear") for n in ran) == 1
-    assert not [n for n in ran if n in ("aten::convolution", "aten::mkldnn_convolution", "aten::addmm")]
+    ran = [line.split(",") for line in capfd.readouterr().out.splitlines() if ",exec,cpu," in line]
+    convs = [r for r in ran if r[5] == "convolution"]
+    assert len(convs) == RESNET10_CONVS
+    assert all("src:u8" in ",".join(r) and "wei:s8" in ",".join(r) for r in convs)  # int8 in, int8 weights
+    assert sum(r[5] in ("matmul", "inner_product") and "src:u8" in ",".join(r) for r in ran) == 1  # the fc
     assert model.compile_s is not None and model.compile_s > 0
     with torch.no_grad():
         qdq = qmodel(x)
     # int8 kernels round differently from the fp32 simulation, but predict the same
     assert (y.argmax(1) == qdq.argmax(1)).float().mean().item() >= 0.9
+
+
+def test_profile_cli_on_torchscript_int8(quantized, capsys):
+    """`quantbench profile` names the int8 operators that ran, in a Markdown table."""
+    from quantbench.cli import main
+    path, _ = quantized["fx", "static"]  # FX deploys TorchScript, as eager mode does
+    assert main(["profile", str(path), "--calls", "3", "--top", "50"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
+    assert any(r.startswith("quantized::conv2d") for r in rows), rows
+    assert not any(r in ("aten::conv2d", "aten::_convolution") for r in rows)
 
 
 def test_pt2e_qat_train_eval_and_frozen_bn():

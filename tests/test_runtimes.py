@@ -93,6 +93,19 @@ def test_load_runs_and_int8_tracks_fp32(exported, labels, names):
     assert load_deployed(exported[1])(x[:3]).shape == (3, NUM_CLASSES)
 
 
+@pytest.mark.parametrize("exported,labels,names", RUNTIMES, indirect=["exported"], scope="module")
+def test_profile_shows_the_int8_kernels(exported, labels, names):
+    """`quantbench profile` on the int8 file: the runtime's own profiler names int8 kernels."""
+    from quantbench.profiling import profile_model, render_profile
+    prof = profile_model(exported[1], calls=5, threads=1)
+    names_ = [r["op"] for r in prof["ops"]]
+    int8 = [n for n in names_ if "QLinear" in n or "I8" in n]  # ORT's fused ops; OpenVINO's exec types
+    assert int8, names_
+    assert prof["wall_ms"] > 0 and prof["ops_ms"] > 0
+    assert abs(sum(r["ms_per_call"] for r in prof["ops"]) - prof["ops_ms"]) < 1e-9
+    assert "| Operator |" in render_profile(prof)
+
+
 # ---------------------------------------------------------------- without the optional packages
 @pytest.mark.parametrize("mod,package,suffix", [(onnxrt, "onnxruntime", ".onnx"), (openvino_rt, "openvino", ".xml"),
                                                 (openvino_rt, "nncf", None)])

@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
     _common(p)
 
+    p = sub.add_parser("profile", help="where the time goes: one model's operators under its runtime's profiler",
+                       epilog="The table sums each operator type's time per call (batch 1). The gap between "
+                              "the wall time and the operators' total is the runtime's own overhead.")
+    p.add_argument("model", type=Path, help="deployment file (.pt, .pt2, .onnx, .xml)")
+    p.add_argument("--calls", type=int, default=200, help="profiled calls (default: 200)")
+    p.add_argument("--bench-threads", default="1", help="threads: N or 'all' (default: 1)")
+    p.add_argument("--top", type=int, default=15, help="operator rows to show (default: 15)")
+    p.add_argument("--json", type=Path, help="write the whole profile here")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
     p = sub.add_parser("report", help="rebuild report.md and plots from run directories")
     p.add_argument("runs", type=Path, nargs="+", help="run directories holding results.json")
     p.add_argument("--output", type=Path, help="where to write a comparison (default: the first run)")
@@ -159,6 +169,17 @@ def cmd_bench(args) -> int:
 def cmd_replicate(args) -> int:
     from .replicate import replicate_cli
     return replicate_cli(args)
+
+
+def cmd_profile(args) -> int:
+    from .bench import parse_threads
+    from .fileio import write_json
+    from .profiling import profile_model, render_profile
+    prof = profile_model(args.model, calls=args.calls, threads=parse_threads(args.bench_threads))
+    if args.json:
+        write_json(args.json, prof)
+    print(render_profile(prof, top=args.top))
+    return 0
 
 
 def cmd_report(args) -> int:

@@ -158,16 +158,7 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
 
     `threads` sets the intra-op pool (inter-op 1, sequential execution: a CNN is a chain, so
     parallel branches only add threads that fight for the cores); None keeps ORT's defaults."""
-    _, ort = _require("running ONNX models")
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise QuantbenchError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    session = _session(path, threads)
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
 
@@ -176,6 +167,47 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
         return torch.from_numpy(session.run([output_name], {input_name: a})[0])
 
     return run
+
+
+def _session(path: Path, threads: int | None, profile_prefix: str | None = None):
+    _, ort = _require("running ONNX models")
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise QuantbenchError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def profile_ops(path: Path, calls: int, threads: int) -> dict[str, tuple[float, int]]:
+    """ONNX Runtime's own profiler: a JSON trace with one event per node run; summed by op type
+    (after graph optimization: QDQ groups show up as the fused QLinearConv etc. that really ran)."""
+    import json
+    with tempfile.TemporaryDirectory() as tmp:
+        session = _session(path, threads, profile_prefix=os.path.join(tmp, "ort"))
+        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 32, 32), np.float32)}
+        for _ in range(20):
+            session.run(None, feed)
+        # the trace covers the warm-up too: count only the last `calls` runs' events below
+        for _ in range(calls):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            trace = json.load(f)
+    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[-calls]["ts"] if len(runs) >= calls else 0
+    ops: dict[str, list] = {}
+    for e in trace:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+            acc = ops.setdefault(e["args"]["op_name"], [0.0, 0])
+            acc[0] += e["dur"] / 1e6
+            acc[1] += 1
+    return {k: (v[0], v[1]) for k, v in ops.items()}
 
 
 def op_counts(path: Path, model=None) -> dict:

@@ -141,14 +141,7 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     INFERENCE_PRECISION_HINT f32: on CPUs with bf16 (AVX512-BF16, AMX) OpenVINO would otherwise
     silently run the "fp32" row, and the int8 model's float layers, in bf16.
     `threads` sets INFERENCE_NUM_THREADS; None keeps OpenVINO's default (all cores)."""
-    ov = _require("running OpenVINO models")
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads is not None:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    try:
-        compiled = ov.Core().compile_model(str(path), "CPU", config)
-    except Exception as e:
-        raise QuantbenchError(f"cannot load OpenVINO model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    compiled = _compile(path, threads)
     request = compiled.create_infer_request()
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -161,12 +154,43 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     return run
 
 
+def _compile(path: Path, threads: int | None, perf_count: bool = False):
+    ov = _require("running OpenVINO models")
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if perf_count:
+        config["PERF_COUNT"] = True
+    try:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as e:
+        raise QuantbenchError(f"cannot load OpenVINO model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def profile_ops(path: Path, calls: int, threads: int) -> dict[str, tuple[float, int]]:
+    """OpenVINO's per-layer performance counters (PERF_COUNT), summed by layer type and the
+    kernel that ran it (exec_type, e.g. jit_avx2_I8: int8 on AVX2)."""
+    request = _compile(path, threads, perf_count=True).create_infer_request()
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), np.float32)
+    for _ in range(20):
+        request.infer({0: x})
+    ops: dict[str, list] = {}
+    for _ in range(calls):
+        request.infer({0: x})
+        for info in request.get_profiling_info():  # the last inference's counters
+            if info.real_time.total_seconds() > 0:
+                acc = ops.setdefault(f"{info.node_type} ({info.exec_type})", [0.0, 0])
+                acc[0] += info.real_time.total_seconds()
+                acc[1] += 1
+    return {k: (v[0], v[1]) for k, v in ops.items()}
+
+
 def op_counts(path: Path, model=None) -> dict:
     """int8 vs float convolutions and fully connected layers as the CPU plugin compiled them
     (its runtime graph gives each layer's execution precision), not as the IR asks for them."""
     compiled = getattr(model, "compiled", None)
     if compiled is None:
-        compiled = _require("counting OpenVINO operators").Core().compile_model(str(path), "CPU")
+        compiled = _compile(path, None)
     counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()

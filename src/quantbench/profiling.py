@@ -1,0 +1,119 @@
+"""Where the time goes: one deployment file, run N times at batch 1 under its runtime's own
+profiler, summed by operator type.
+
+Each runtime reports operator times its own way (torch.profiler for TorchScript and inductor,
+ONNX Runtime's JSON trace, OpenVINO's per-layer performance counters), so the profilers are
+registered by file suffix like the loaders in runtimes.py. Comparing the operators' sum with the
+wall time of a call tells what no operator accounts for: the framework's own overhead
+(interpreter, Python wrapper, guards, allocation), which dominates small models at batch 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .errors import QuantbenchError
+
+# suffix -> "module:function(path, calls, threads) -> {op name: (total seconds, count)}"
+PROFILERS: dict[str, str] = {
+    ".pt": "quantbench.profiling:torch_ops",
+    ".pt2": "quantbench.profiling:torch_ops",
+    ".onnx": "quantbench.onnxrt:profile_ops",
+    ".xml": "quantbench.openvino_rt:profile_ops",
+}
+
+
+def torch_ops(path: Path, calls: int, threads: int) -> dict[str, tuple[float, int]]:
+    """torch.profiler over `calls` calls; self CPU time per operator (self: a parent op's time
+    without its children, so the rows add up to the time spent inside operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .runtimes import load_deployed
+    model = load_deployed(path, threads)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(20):  # warm-up: lazy init and compilation are not what we profile
+            model(x)
+        with _stderr_silenced():  # the profiler's C++ side logs start/stop lines (and GPU probes)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    model(x)
+            table = prof.key_averages()
+    return {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in table if e.self_cpu_time_total > 0}
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def wall_ms(path: Path, calls: int, threads: int) -> float:
+    """Median wall time of one call without a profiler attached (profilers add their own cost)."""
+    from .runtimes import load_deployed
+    model = load_deployed(path, threads)
+    x = torch.randn(1, 3, 32, 32)
+    times = []
+    with torch.inference_mode():
+        for _ in range(20):
+            model(x)
+        for _ in range(calls):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def profile_model(path: str | os.PathLike, calls: int = 200, threads: int = 1) -> dict:
+    """Per-call milliseconds by operator, the operators' total, and the wall time per call."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantbenchError(f"model file not found: {path}")
+    target = PROFILERS.get(path.suffix)
+    if target is None:
+        raise QuantbenchError(f"no profiler for {path.name}; known kinds: {', '.join(PROFILERS)}")
+    if calls < 1:
+        raise QuantbenchError("--calls must be at least 1")
+    torch.set_num_threads(threads)
+    module, fn = target.split(":")
+    ops = getattr(importlib.import_module(module), fn)(path, calls, threads)
+    merged: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, (total_s, count) in ops.items():
+        merged[name][0] += total_s
+        merged[name][1] += count
+    rows = sorted(({"op": k, "ms_per_call": v[0] * 1000 / calls, "count_per_call": v[1] / calls}
+                   for k, v in merged.items()), key=lambda r: -r["ms_per_call"])
+    wall = wall_ms(path, calls, threads)
+    in_ops = sum(r["ms_per_call"] for r in rows)
+    return {"model": str(path), "calls": calls, "threads": threads, "wall_ms": wall,
+            "ops_ms": in_ops, "ops": rows}
+
+
+def render_profile(p: dict, top: int = 15) -> str:
+    total = sum(r["ms_per_call"] for r in p["ops"]) or 1.0
+    lines = [f"{Path(p['model']).name}: {p['wall_ms']:.3f} ms per call (median, no profiler), "
+             f"{p['threads']} thread(s), batch 1; operators under the profiler: {p['ops_ms']:.3f} ms per call",
+             "", "| Operator | ms per call | share | calls per inference |", "|---|---:|---:|---:|"]
+    for r in p["ops"][:top]:
+        lines.append(f"| {r['op']} | {r['ms_per_call']:.3f} | {r['ms_per_call'] / total:.1%} | "
+                     f"{r['count_per_call']:g} |")
+    rest = p["ops"][top:]
+    if rest:
+        lines.append(f"| ({len(rest)} more) | {sum(r['ms_per_call'] for r in rest):.3f} | "
+                     f"{sum(r['ms_per_call'] for r in rest) / total:.1%} | |")
+    return "\n".join(lines)
