@@ -171,3 +171,22 @@ def test_interrupt_is_reported(capsys, tiny_data_dir, tmp_path, monkeypatch):
     rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke",
                          "--output", tmp_path, "--no-progress")
     assert rc == 130 and "--resume" in err and "Traceback" not in err
+
+
+def test_deprecations_are_summarized_in_one_line():
+    import io
+    import warnings
+
+    from quantbench.warn import summarized_deprecations
+    out = io.StringIO()
+    with pytest.warns(UserWarning, match="unrelated"):  # other warnings still reach the user
+        with summarized_deprecations(stream=out) as counts:
+            for _ in range(50):
+                warnings.warn_explicit("torch.ao.quantization is deprecated", DeprecationWarning,
+                                       "/x/site-packages/torch/ao/quantization/quantize.py", 1)
+            warnings.warn_explicit("The feature will be removed.", DeprecationWarning,
+                                   "/x/site-packages/torch/onnx/utils.py", 2)
+            warnings.warn("unrelated", UserWarning)
+    assert sum(counts.values()) == 51
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "hid 51 deprecation warnings" in lines[0]

@@ -33,4 +33,7 @@ def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir,
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").is_file()
     assert main(["report", str(out), str(out), "--output", str(tmp_path)]) == 0
-    assert (tmp_path / "compare.md").read_text().count("| ptq-s |") == 2
+    compare = (tmp_path / "compare.md").read_text()
+    assert compare.count("| ptq-s |") == 3  # the side-by-side table, then each run's table
+    same_run = [line for line in compare.splitlines() if line.startswith("| ptq-s | ")][0].split("|")
+    assert same_run[4].strip() == "+0.0%"  # a run compared with itself has not changed

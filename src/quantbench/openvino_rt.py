@@ -9,6 +9,7 @@ Needs the optional packages (`pip install '.[runtimes]'`); they are imported onl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -117,8 +118,10 @@ def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[t
     settings = int8_settings()
     # A list of model inputs is already what NNCF wants (one item = one inference); subset_size
     # counts items, so all of them are used.
-    ov_int8 = nncf.quantize(ov.Core().read_model(str(fp32_path)), nncf.Dataset(calib),
-                            subset_size=len(calib), **settings)
+    # NNCF draws its own progress bars on stdout for a few seconds of work: keep them out of logs
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        ov_int8 = nncf.quantize(ov.Core().read_model(str(fp32_path)), nncf.Dataset(calib),
+                                subset_size=len(calib), **settings)
     _save(ov_int8, int8_path)
 
     write_sidecar(fp32_path, **{**meta, **common, "label": "openvino-fp32", "method": "origin",

@@ -163,6 +163,23 @@ def load_results(run: Path) -> dict:
         raise QuantbenchError(f"{path} is not valid JSON") from None
 
 
+def compare_table(runs: list[dict], names: list[str]) -> str:
+    """Batch-1 median latency and accuracy of every model across runs; change vs the first run."""
+    labels = list(dict.fromkeys(r["label"] for res in runs for r in res["models"]))
+    rows = [{r["label"]: r for r in res["models"]} for res in runs]
+    head = ["Model"] + [f"run {i + 1} (ms)" for i in range(len(runs))] + \
+           [f"run {i + 1} vs 1" for i in range(1, len(runs))] + [f"acc. run {i + 1}" for i in range(len(runs))]
+    lines = ["Runs: " + "; ".join(f"{i + 1} = {n}" for i, n in enumerate(names)), "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for label in labels:
+        med = [_lat(r.get(label, {})).get("median_ms") for r in rows]
+        change = [None if m is None or med[0] is None else m / med[0] - 1 for m in med[1:]]
+        acc = [r.get(label, {}).get("accuracy") for r in rows]
+        lines.append("| " + " | ".join([label] + [_fmt(m, ".3f") for m in med] + [_fmt(c, "+.1%") for c in change]
+                                       + [_fmt(a, ".2f", "%") for a in acc]) + " |")
+    return "\n".join(lines)
+
+
 def report_cli(args) -> int:
     runs = [load_results(r) for r in args.runs]
     if len(runs) == 1:
@@ -170,9 +187,9 @@ def report_cli(args) -> int:
         write_report(runs[0], run_dir=out)
         print(f"wrote {Path(out) / 'report.md'}")
         return 0
-    # Several runs: one table each, side by side in one file.
+    # Several runs: medians side by side (with the change against the first run), then each table.
     out = Path(args.output or args.runs[0])
-    parts = ["# quantbench: runs compared", ""]
+    parts = ["# quantbench: runs compared", "", compare_table(runs, [str(r) for r in args.runs]), ""]
     for path, res in zip(args.runs, runs):
         parts += [f"## {path}", "", f"Machine: {machine_line(res.get('machine', {}))}.", "", markdown_table(res), ""]
     write_text(out / "compare.md", "\n".join(parts))

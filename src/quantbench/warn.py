@@ -34,8 +34,10 @@ def summarized_deprecations(stream=sys.stderr):
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = str(message)
+        from_torch = "/torch/" in str(filename).replace("\\", "/")
         if category.__name__ == "TracerWarning" or (issubclass(
-                category, (DeprecationWarning, FutureWarning, UserWarning)) and any(p in text for p in _PATTERNS)):
+                category, (DeprecationWarning, FutureWarning, UserWarning)) and any(p in text for p in _PATTERNS)) or (
+                from_torch and issubclass(category, (DeprecationWarning, FutureWarning))):
             counts[category.__name__] += 1
             return
         original(message, category, filename, lineno, file, line)
@@ -48,6 +50,7 @@ def summarized_deprecations(stream=sys.stderr):
         finally:
             warnings.showwarning = original
             if counts:
-                print(f"note: hid {sum(counts.values())} deprecation warnings from torch.ao.quantization / "
-                      "torch.jit (deprecated in torch 2.14; the PT2E flow, --flow pt2e, is their successor)",
+                print(f"note: hid {sum(counts.values())} deprecation warnings from torch (mostly "
+                      "torch.ao.quantization / torch.jit, deprecated in torch 2.14; the PT2E flow, --flow pt2e, "
+                      "is their successor)",
                       file=stream)
