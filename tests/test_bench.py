@@ -189,3 +189,18 @@ def test_pareto_front():
     from quantbench.plots import pareto_front
     pts = [(8.0, 82.9, "fp32"), (2.0, 82.8, "int8"), (3.0, 82.0, "worse"), (1.5, 80.0, "fastest")]
     assert [p[2] for p in pareto_front(pts)] == ["fastest", "int8", "fp32"]
+
+
+def test_bench_cli_latency_only(tmp_path, monkeypatch, capsys):
+    """`quantbench bench --no-accuracy` needs no test data and still writes every figure."""
+    from quantbench.cli import main
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", ".sleep=support.sleepy:load")
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    model = _sleep_model(tmp_path, "m", 5)
+    out = tmp_path / "r.json"
+    rc = main(["bench", str(model), "--no-accuracy", "--processes", "1", "--min-runs", "5", "--budget", "1",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0
+    row = json.loads(out.read_text())["models"][0]
+    assert row.get("accuracy") is None and row["latency"]["1"]["median_ms"] >= 5
+    assert "| m |" in capsys.readouterr().out

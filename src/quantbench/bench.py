@@ -339,7 +339,7 @@ def config_from_args(args) -> BenchConfig:
         raise QuantbenchError("--processes and --min-runs must be at least 1, --budget above 0")
     return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
                        min_runs=args.min_runs, budget_s=args.budget, processes=args.processes,
-                       progress=not args.no_progress,
+                       accuracy=not getattr(args, "no_accuracy", False), progress=not args.no_progress,
                        data_dir=str(args.data_dir) if args.data_dir else None, data_root=str(args.data_root))
 
 

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--no-accuracy", action="store_true", help="latency, size and memory only (no test data needed)")
     _timing_args(p)
     _common(p)
 
