@@ -10,7 +10,6 @@ wall time of a call tells what no operator accounts for: the framework's own ove
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import statistics
 import sys
@@ -81,17 +80,13 @@ def wall_ms(path: Path, calls: int, threads: int) -> float:
 
 def profile_model(path: str | os.PathLike, calls: int = 200, threads: int = 1) -> dict:
     """Per-call milliseconds by operator, the operators' total, and the wall time per call."""
+    from .runtimes import for_file
     path = Path(path)
-    if not path.is_file():
-        raise QuantbenchError(f"model file not found: {path}")
-    target = PROFILERS.get(path.suffix)
-    if target is None:
-        raise QuantbenchError(f"no profiler for {path.name}; known kinds: {', '.join(PROFILERS)}")
+    profiler = for_file(path, PROFILERS, "profile")
     if calls < 1:
         raise QuantbenchError("--calls must be at least 1")
     torch.set_num_threads(threads)
-    module, fn = target.split(":")
-    ops = getattr(importlib.import_module(module), fn)(path, calls, threads)
+    ops = profiler(path, calls, threads)
     merged: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for name, (total_s, count) in ops.items():
         merged[name][0] += total_s

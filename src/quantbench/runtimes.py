@@ -100,12 +100,17 @@ EXPORTERS: dict[str, str] = {
 }
 
 
-def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Model:
-    path = Path(path)
+def for_file(path: Path, registry: dict[str, str], what: str) -> Callable:
+    """The function a suffix registry names for this file (imported on demand)."""
     if not path.is_file():
         raise QuantbenchError(f"model file not found: {path}")
-    target = RUNTIMES.get(path.suffix)
+    target = registry.get(path.suffix)
     if target is None:
-        raise QuantbenchError(f"don't know how to run {path.name}; known kinds: {', '.join(RUNTIMES)}")
+        raise QuantbenchError(f"don't know how to {what} {path.name}; known kinds: {', '.join(registry)}")
     module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)(path, threads)
+    return getattr(importlib.import_module(module), fn)
+
+
+def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Model:
+    path = Path(path)
+    return for_file(path, RUNTIMES, "run")(path, threads)
