@@ -185,7 +185,7 @@ def _session(path: Path, threads: int | None, profile_prefix: str | None = None)
         raise QuantbenchError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def profile_ops(path: Path, calls: int, threads: int) -> dict[str, tuple[float, int]]:
+def profile_ops(path: Path, calls: int, threads: int, model=None) -> dict[str, tuple[float, int]]:
     """ONNX Runtime's own profiler: a JSON trace with one event per node run; summed by op type
     (after graph optimization: QDQ groups show up as the fused QLinearConv etc. that really ran)."""
     import json

@@ -170,7 +170,7 @@ def _compile(path: Path, threads: int | None, perf_count: bool = False):
         raise QuantbenchError(f"cannot load OpenVINO model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def profile_ops(path: Path, calls: int, threads: int) -> dict[str, tuple[float, int]]:
+def profile_ops(path: Path, calls: int, threads: int, model=None) -> dict[str, tuple[float, int]]:
     """OpenVINO's per-layer performance counters (PERF_COUNT), summed by layer type and the
     kernel that ran it (exec_type, e.g. jit_avx2_I8: int8 on AVX2)."""
     request = _compile(path, threads, perf_count=True).create_infer_request()

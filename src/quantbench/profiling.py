@@ -14,14 +14,14 @@ import os
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from .errors import QuantbenchError
 
-# suffix -> "module:function(path, calls, threads) -> {op name: (total seconds, count)}"
+# suffix -> "module:function(path, calls, threads, model) -> {op name: (total seconds, count)}";
+# `model` is the file already loaded by runtimes.load_deployed (a profiler may build its own session)
 PROFILERS: dict[str, str] = {
     ".pt": "quantbench.profiling:torch_ops",
     ".pt2": "quantbench.profiling:torch_ops",
@@ -30,13 +30,11 @@ PROFILERS: dict[str, str] = {
 }
 
 
-def torch_ops(path: Path, calls: int, threads: int) -> dict[str, tuple[float, int]]:
+def torch_ops(path: Path, calls: int, threads: int, model) -> dict[str, tuple[float, int]]:
     """torch.profiler over `calls` calls; self CPU time per operator (self: a parent op's time
     without its children, so the rows add up to the time spent inside operators)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .runtimes import load_deployed
-    model = load_deployed(path, threads)
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         for _ in range(20):  # warm-up: lazy init and compilation are not what we profile
@@ -62,10 +60,8 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def wall_ms(path: Path, calls: int, threads: int) -> float:
+def wall_ms(model, calls: int) -> float:
     """Median wall time of one call without a profiler attached (profilers add their own cost)."""
-    from .runtimes import load_deployed
-    model = load_deployed(path, threads)
     x = torch.randn(1, 3, 32, 32)
     times = []
     with torch.inference_mode():
@@ -80,20 +76,17 @@ def wall_ms(path: Path, calls: int, threads: int) -> float:
 
 def profile_model(path: str | os.PathLike, calls: int = 200, threads: int = 1) -> dict:
     """Per-call milliseconds by operator, the operators' total, and the wall time per call."""
-    from .runtimes import for_file
+    from .runtimes import for_file, load_deployed
     path = Path(path)
     profiler = for_file(path, PROFILERS, "profile")
     if calls < 1:
         raise QuantbenchError("--calls must be at least 1")
     torch.set_num_threads(threads)
-    ops = profiler(path, calls, threads)
-    merged: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for name, (total_s, count) in ops.items():
-        merged[name][0] += total_s
-        merged[name][1] += count
-    rows = sorted(({"op": k, "ms_per_call": v[0] * 1000 / calls, "count_per_call": v[1] / calls}
-                   for k, v in merged.items()), key=lambda r: -r["ms_per_call"])
-    wall = wall_ms(path, calls, threads)
+    model = load_deployed(path, threads)  # loaded (and for .pt2 compiled) once
+    wall = wall_ms(model, calls)
+    ops = profiler(path, calls, threads, model)
+    rows = sorted(({"op": name, "ms_per_call": total_s * 1000 / calls, "count_per_call": count / calls}
+                   for name, (total_s, count) in ops.items()), key=lambda r: -r["ms_per_call"])
     in_ops = sum(r["ms_per_call"] for r in rows)
     return {"model": str(path), "calls": calls, "threads": threads, "wall_ms": wall,
             "ops_ms": in_ops, "ops": rows}
@@ -111,4 +104,7 @@ def render_profile(p: dict, top: int = 15) -> str:
     if rest:
         lines.append(f"| ({len(rest)} more) | {sum(r['ms_per_call'] for r in rest):.3f} | "
                      f"{sum(r['ms_per_call'] for r in rest) / total:.1%} | |")
+    if any(r["op"].startswith("## Call CompiledFxGraph") for r in p["ops"]):
+        lines += ["", "Inductor's C++ wrapper runs the compiled kernels inside 'Call CompiledFxGraph', out of the "
+                      "profiler's sight; ONEDNN_VERBOSE=1 lists each oneDNN kernel with its time."]
     return "\n".join(lines)
