@@ -82,7 +82,7 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
     lat_rows = [r for r in rows if ((r.get("latency") or {}).get("1") or {}).get("samples_ms")]
     if lat_rows:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(lat_rows) + 1.2))
-        ax.boxplot([r["latency"]["1"]["samples_ms"] for r in lat_rows], vert=False, whis=(10, 90),
+        ax.boxplot([r["latency"]["1"]["samples_ms"] for r in lat_rows], orientation="horizontal", whis=(10, 90),
                    showfliers=False, tick_labels=[r["label"] for r in lat_rows])
         ax.invert_yaxis()
         ax.set_xscale("log")

@@ -44,8 +44,8 @@ def markdown_table(results: dict) -> str:
 
 def detail_table(results: dict) -> str:
     lines = ["| Model | Runtime | Acc. delta | p50 | p90 | p99 | IQR/p50 | Process spread | vs fastest fp32 | "
-             "Weights | Model RSS | int8 / float ops |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "Weights | Model RSS | Load (compile) | int8 / float ops |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results["models"]:
         lat, ops = _lat(r), r.get("ops") or {}
         op_cell = (f"{ops.get('int8_conv', 0)}+{ops.get('int8_linear', 0)} / "
@@ -56,7 +56,8 @@ def detail_table(results: dict) -> str:
             f"{_fmt(lat.get('median_ms'), '.3f')} | {_fmt(lat.get('p90_ms'), '.3f')} | {_fmt(lat.get('p99_ms'), '.3f')} | "
             f"{_fmt(lat.get('iqr_rel'), '.1%')} | {_fmt(lat.get('process_spread'), '.1%')} | "
             f"{_fmt(r.get('speedup_vs_fastest_fp32'), '.2f', 'x')} | "
-            f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.get('model_rss_mb'), '.0f', ' MB')} | {op_cell} |")
+            f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.get('model_rss_mb'), '.0f', ' MB')} | "
+            f"{_fmt(r.get('load_s'), '.1f', ' s')} | {op_cell} |")
     return "\n".join(lines)
 
 
