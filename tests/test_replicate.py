@@ -37,3 +37,21 @@ def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir,
     assert compare.count("| ptq-s |") == 3  # the side-by-side table, then each run's table
     same_run = [line for line in compare.splitlines() if line.startswith("| ptq-s | ")][0].split("|")
     assert same_run[4].strip() == "+0.0%"  # a run compared with itself has not changed
+
+
+def test_runtime_rows_are_reused_on_resume(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
+    """replicate --resume measures the very same comparison files again instead of re-exporting."""
+    from pathlib import Path
+
+    from quantbench import replicate as R
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from support import fakert
+    monkeypatch.setitem(R.EXPORTERS, "fake", "support.fakert:export")
+    models = tmp_path / "models"
+    models.mkdir()
+    fakert.calls.clear()
+    for resume in (False, True, True):
+        cfg = R.ReplicateConfig(output=tmp_path, runtimes=("fake",), calib_samples=16, resume=resume)
+        files = R._runtime_rows(cfg, tiny_checkpoint, tiny_dataset, models)
+        assert [f.name for f in files] == list(fakert.FILES)
+    assert len(fakert.calls) == 1  # exported once; both resumed runs reused the files

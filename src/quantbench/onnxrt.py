@@ -23,6 +23,7 @@ from .export import calibration_arrays as _as_arrays, write_sidecar
 
 FP32_FILE = "onnx-fp32.onnx"
 INT8_FILE = "onnx-int8.onnx"
+FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
 INPUT, OUTPUT = "input", "logits"
 # 17 is what both the TorchScript exporter and ONNX Runtime's QDQ quantizer handle well
 # (per-channel QuantizeLinear needs >= 13).

@@ -24,6 +24,7 @@ from .export import calibration_arrays as _as_arrays, write_sidecar
 
 FP32_FILE = "openvino-fp32.xml"
 INT8_FILE = "openvino-int8.xml"
+FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
 INPUT, OUTPUT = "input", "logits"
 
 

@@ -103,7 +103,12 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
             raise QuantbenchError(f"unknown runtime {name!r}; choose from {', '.join(EXPORTERS) or 'none'}")
         module, fn = EXPORTERS[name].split(":")
         try:
-            exporter = getattr(importlib.import_module(module), fn)
+            mod = importlib.import_module(module)
+            made = [models / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
+            if made and all(_done(p, cfg.resume) for p in made):
+                files += made  # resumed: the very same files are measured again
+                continue
+            exporter = getattr(mod, fn)
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes)
             calib = (x for x, _ in Batches(data.train, 100, data.mean, data.std, shuffle=True,
                                            limit=min(cfg.calib_samples, 2000)))
