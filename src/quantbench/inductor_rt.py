@@ -78,7 +78,7 @@ def load(path: Path, threads: int | None = None) -> Compiled:
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
     # C++ wrapper: the compiled graph calls its kernels from generated C++ instead of generated
-    # Python. At batch 1 a ResNet-18 call is ~70 small kernels, and the Python wrapper's
+    # Python. At batch 1 a ResNet-18 call is dozens of small kernels, and the Python wrapper's
     # per-kernel cost was measured here at about 1 ms of a 4 ms call (int8: 4.26 -> 3.31 ms,
     # fp32: 3.88 -> 3.34 ms, 1 thread). It costs a longer first compile (C++ build).
     inductor_config.cpp_wrapper = True
