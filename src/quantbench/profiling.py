@@ -13,7 +13,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -62,16 +61,10 @@ def _stderr_silenced():
 
 def wall_ms(model, calls: int) -> float:
     """Median wall time of one call without a profiler attached (profilers add their own cost)."""
+    from .worker import time_calls
     x = torch.randn(1, 3, 32, 32)
-    times = []
-    with torch.inference_mode():
-        for _ in range(20):
-            model(x)
-        for _ in range(calls):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    time_calls(model, x, 20)  # warm-up
+    return statistics.median(time_calls(model, x, calls)) * 1000
 
 
 def profile_model(path: str | os.PathLike, calls: int = 200, threads: int = 1) -> dict:

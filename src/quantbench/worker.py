@@ -73,19 +73,25 @@ def main() -> int:
     return 0
 
 
+def time_calls(model, x, n: int) -> list[float]:
+    """Seconds per call of model(x), n calls, each timed on its own with perf_counter."""
+    import torch
+    times = []
+    with torch.inference_mode():
+        for _ in range(n):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return times
+
+
 def _run(op: str, cmd: dict, model, path: str, gen) -> dict:
     import torch
     if op == "time":
         x = torch.randn(cmd["batch"], 3, 32, 32, generator=gen)
-        times = []
-        with torch.inference_mode():
-            for _ in range(cmd.get("warmup", 0)):
-                model(x)
-            cpu = time.process_time()
-            for _ in range(cmd["n"]):
-                t = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t)
+        time_calls(model, x, cmd.get("warmup", 0))
+        cpu = time.process_time()
+        times = time_calls(model, x, cmd["n"])
         # CPU seconds this process used: the parent subtracts them from the machine's busy time
         # to see how much OTHER work ran while we timed.
         return {"times": times, "cpu_s": time.process_time() - cpu}
