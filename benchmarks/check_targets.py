@@ -11,8 +11,10 @@ Targets (issues 3-5, reference checkpoint, 1 thread, batch 1):
 Exit code 1 if any target is missed.
 """
 import argparse
-import json
 import sys
+from pathlib import Path
+
+from quantbench.report import load_results
 
 
 def main() -> int:
@@ -20,9 +22,7 @@ def main() -> int:
     ap.add_argument("results")
     ap.add_argument("--other", help="a second run's results.json, for repeatability")
     args = ap.parse_args()
-    res = json.load(open(args.results))
-    rows = {r["label"]: r for r in res["models"]}
-    med = lambda r: r["latency"]["1"]["median_ms"]  # noqa: E731
+    rows = load_results(Path(args.results)).by_label()
     checks = []
 
     def check(name, ok, detail):
@@ -30,23 +30,26 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
 
     for label, r in rows.items():
-        base = rows.get(r.get("baseline"))
-        if r["dtype"] != "int8" or base is None or r.get("method") == "dynamic":
+        base = rows.get(r.baseline)
+        if r.dtype != "int8" or base is None or r.method == "dynamic":
             continue
-        delta = r["accuracy"] - base["accuracy"]
-        limit = -0.3 if r["runtime"] in ("onnxruntime", "openvino") else (-0.2 if r["method"] == "qat" and r["flow"] == "eager" else -0.5)
-        check(f"{label} accuracy", delta >= limit, f"{delta:+.2f} points vs {base['label']} (limit {limit})")
-        check(f"{label} faster than {base['label']}", med(r) < med(base), f"{med(base) / med(r):.2f}x")
-        if r["runtime"] == "torchscript":
-            check(f"{label} >= 5x faster", med(base) / med(r) >= 5, f"{med(base) / med(r):.2f}x")
-            check(f"{label} size <= 0.26x", r["file_bytes"] / base["file_bytes"] <= 0.26,
-                  f"{r['file_bytes'] / base['file_bytes']:.3f}x")
+        delta = r.accuracy_delta
+        limit = -0.3 if r.runtime in ("onnxruntime", "openvino") else (-0.2 if r.method == "qat" and r.flow == "eager" else -0.5)
+        check(f"{label} accuracy", delta >= limit, f"{delta:+.2f} points vs {base.label} (limit {limit})")
+        check(f"{label} faster than {base.label}", r.speedup > 1, f"{r.speedup:.2f}x")
+        if r.runtime == "torchscript":
+            check(f"{label} >= 5x faster", r.speedup >= 5, f"{r.speedup:.2f}x")
+            check(f"{label} size <= 0.26x", r.size_ratio <= 0.26, f"{r.size_ratio:.3f}x")
     if args.other:
-        other = {r["label"]: r for r in json.load(open(args.other))["models"]}
+        other = load_results(Path(args.other)).by_label()
         for label, r in rows.items():
             if label in other:
-                a, b = med(r), med(other[label])
+                a, b = r.median_ms(), other[label].median_ms()
                 check(f"{label} repeatable", abs(a - b) / min(a, b) <= 0.05, f"{a:.3f} vs {b:.3f} ms")
+                if r.speedup and other[label].speedup:  # the ratio against the same run's fp32 row
+                    sa, sb = r.speedup, other[label].speedup
+                    check(f"{label} speed-up repeatable", abs(sa - sb) / min(sa, sb) <= 0.05,
+                          f"{sa:.2f}x vs {sb:.2f}x")
     print(f"{sum(checks)}/{len(checks)} targets met")
     return 0 if all(checks) else 1
 

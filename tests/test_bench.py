@@ -9,29 +9,39 @@ import pytest
 import torch
 
 from quantbench import bench as B
+from quantbench.cli import parse_batch_sizes, parse_threads
+from quantbench.errors import QuantbenchError
 from quantbench.export import write_sidecar
 from quantbench.report import markdown_table, render, to_csv, write_report
+from quantbench.results import BenchResults, LatencyStats, ModelResult, OpCounts, QuantStatus, derive
 
 TESTS = Path(__file__).parent
 
 
 def test_latency_stats_known_values():
-    s = B.latency_stats([0.001 * i for i in range(1, 101)], batch=4)  # 1..100 ms
-    assert s["n"] == 100
-    assert s["median_ms"] == pytest.approx(50.5)
-    assert s["p90_ms"] == pytest.approx(90, abs=1)
-    assert s["p99_ms"] == pytest.approx(99, abs=1)
-    assert s["min_ms"] == pytest.approx(1)
-    assert s["throughput_ips"] == pytest.approx(4 * 1000 / 50.5)
+    s = LatencyStats.of([1.0 * i for i in range(1, 101)], batch=4)  # 1..100 ms
+    assert s.n == 100
+    assert s.median_ms == pytest.approx(50.5)
+    assert s.p90_ms == pytest.approx(90, abs=1)
+    assert s.p99_ms == pytest.approx(99, abs=1)
+    assert s.min_ms == pytest.approx(1)
+    assert s.throughput_ips == pytest.approx(4 * 1000 / 50.5)
 
 
 def test_parse_options():
-    assert B.parse_threads("all") == (os.cpu_count() or 1)
-    assert B.parse_batch_sizes("1,32,256") == (1, 32, 256)
-    with pytest.raises(B.QuantbenchError):
-        B.parse_threads("zero")
-    with pytest.raises(B.QuantbenchError):
-        B.parse_batch_sizes("1,x")
+    assert parse_threads("all") == (os.cpu_count() or 1)
+    assert parse_batch_sizes("1,32,256") == (1, 32, 256)
+    with pytest.raises(QuantbenchError):
+        parse_threads("zero")
+    with pytest.raises(QuantbenchError):
+        parse_batch_sizes("1,x")
+
+
+@pytest.mark.parametrize("bad", [dict(threads=0), dict(processes=0), dict(min_runs=0), dict(budget_s=0),
+                                 dict(batch_sizes=()), dict(batch_sizes=(1, 0)), dict(accuracy_batch_size=0)])
+def test_bench_config_validates_itself(bad):
+    with pytest.raises(QuantbenchError):
+        B.BenchConfig(**bad)
 
 
 class FakeWorker:
@@ -50,48 +60,57 @@ def test_rounds_are_interleaved_in_rotating_order():
     workers = {n: FakeWorker(n, ms, log) for n, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0))}
     cfg = B.BenchConfig(min_runs=10_000, budget_s=0.05, round_s=0.01, warmup=0)
     stats = B.measure_latency(workers, cfg, batch=1)
-    assert stats["a"]["median_ms"] == pytest.approx(1.0)
-    assert stats["c"]["median_ms"] == pytest.approx(3.0)
+    assert stats["a"].median_ms == pytest.approx(1.0)
+    assert stats["c"].median_ms == pytest.approx(3.0)
     rounds = log[3:]  # after one warm-up call each
     firsts = {rounds[i] for i in range(0, 9, 3)}
     assert len(firsts) > 1, "the same model led every round"
     assert set(rounds[:3]) == {"a", "b", "c"}  # every model once per round
 
 
+SLEEPY = "sleepy=support.sleepy"
+
+
 def _sleep_model(tmp_path, name, ms, dtype="fp32"):
     path = tmp_path / f"{name}.sleep"
-    path.write_text(json.dumps({"ms": ms}))
+    path.write_text(json.dumps({"ms": ms, "ops": {"int8_conv": 1} if dtype == "int8" else {"float_conv": 1}}))
     write_sidecar(path, label=name, method="origin" if dtype == "fp32" else "static", flow="test",
                   runtime="sleepy", dtype=dtype)
     return path
 
 
 def test_bench_measures_known_sleep_times_in_subprocesses(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTBENCH_RUNTIMES", ".sleep=support.sleepy:load")
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     # Sleeps of tens of ms: wake-up delays on a busy machine add well under that.
     fast, slow = _sleep_model(tmp_path, "fast", 20, "int8"), _sleep_model(tmp_path, "slow", 60)
     cfg = B.BenchConfig(min_runs=20, budget_s=3.0, round_s=0.1, warmup=2, processes=2, accuracy=False,
                         progress=False)
     res = B.bench([slow, fast], cfg)
-    rows = {r["label"]: r for r in res["models"]}
-    assert 20 <= rows["fast"]["latency"]["1"]["median_ms"] < 30
-    assert 60 <= rows["slow"]["latency"]["1"]["median_ms"] < 72
-    medians = rows["fast"]["latency"]["1"]["process_medians_ms"]  # one per fresh process
+    rows = res.by_label()
+    assert 20 <= rows["fast"].median_ms() < 30
+    assert 60 <= rows["slow"].median_ms() < 72
+    medians = rows["fast"].latency[1].process_medians_ms  # one per fresh process
     assert len(medians) == 2 and all(20 <= m < 30 for m in medians)
-    assert rows["fast"]["speedup"] == pytest.approx(3, rel=0.2)  # against the fp32 row of its runtime
-    assert rows["fast"]["latency"]["1"]["n"] >= 20
-    assert rows["fast"]["peak_rss_mb"] > 0
-    assert res["machine"]["threads"] == 1 and "cpu" in res["machine"]
+    assert rows["fast"].speedup == pytest.approx(3, rel=0.2)  # against the fp32 row of its runtime
+    assert rows["fast"].baseline == "slow" and rows["fast"].runtime == "sleepy"
+    assert rows["fast"].status is QuantStatus.INT8 and rows["slow"].status is QuantStatus.FLOAT
+    assert rows["fast"].latency[1].n >= 20
+    assert rows["fast"].peak_rss_mb > 0
+    assert res.machine["threads"] == 1 and "cpu" in res.machine
+    # results.json is the serialized form: it reads back to the same typed results
+    again = BenchResults.from_dict(json.loads(json.dumps(res.to_dict(), default=str)))
+    assert again.by_label()["fast"].latency[1].median_ms == rows["fast"].median_ms()
+    assert again.by_label()["fast"].status is QuantStatus.INT8
 
 
 def test_median_over_processes_resists_one_slow_process():
-    per = [{"samples_ms": [ms] * 50, "median_ms": ms, "rounds": 3, "stable": True, "other_cores": busy}
+    per = [LatencyStats.of([ms] * 50, rounds=3, other_cores=busy, samples_ms=[ms] * 50)
            for ms, busy in ((1.0, 0.0), (1.1, 0.0), (5.0, 0.3))]  # the third process was stuck slow
     s = B.combine_processes(per, batch=1)
-    assert s["median_ms"] == pytest.approx(1.1)
-    assert s["process_spread"] == pytest.approx(4.0 / 1.1)
-    assert s["n"] == 150 and s["processes"] == 3 and s["other_cores"] == pytest.approx(0.1)
+    assert s.median_ms == pytest.approx(1.1)
+    assert s.process_spread == pytest.approx(4.0 / 1.1)
+    assert s.n == 150 and s.processes == 3 and s.other_cores == pytest.approx(0.1)
 
 
 def test_busy_probe_sees_other_work():
@@ -114,59 +133,78 @@ def test_busy_probe_sees_other_work():
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(B.QuantbenchError, match="not found"):
+    with pytest.raises(QuantbenchError, match="not found"):
         B.bench([tmp_path / "nope.pt"], B.BenchConfig(progress=False))
 
 
 def test_noop_guard_flags_int8_model_without_int8_ops():
-    row = {"dtype": "int8", "ops": {"int8_conv": 0, "float_conv": 20, "int8_linear": 0, "float_linear": 1}}
-    assert B.quantized_check(row) == "NOT QUANTIZED"
-    row["ops"]["int8_linear"] = 1
-    assert B.quantized_check(row) == "int8 linear only"
-    row["ops"]["int8_conv"] = 20
-    assert B.quantized_check(row) == "ok"
+    ops = OpCounts(int8_conv=0, float_conv=20, int8_linear=0, float_linear=1)
+    assert ops.status("int8") is QuantStatus.NOT_QUANTIZED
+    assert ops.status("fp32") is QuantStatus.FLOAT
+    ops.int8_linear = 1
+    assert ops.status("int8") is QuantStatus.LINEAR_ONLY
+    ops.int8_conv = 20
+    assert ops.status("int8") is QuantStatus.INT8
 
 
 def test_noop_guard_on_a_real_model_with_nothing_to_quantize(tmp_path):
     """Dynamic quantization of a conv-only model changes nothing: the guard must say so."""
-    from quantbench.export import export_torchscript
-    from quantbench.runtimes import op_counts
+    from quantbench.export import example_input, export_torchscript
+    from quantbench.runtimes import torchscript
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten())
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    export_torchscript(q, tmp_path / "noop.pt")
-    row = {"dtype": "int8", "ops": op_counts(tmp_path / "noop.pt")}
-    assert row["ops"]["float_conv"] == 1
-    assert B.quantized_check(row) == "NOT QUANTIZED"
+    export_torchscript(q, tmp_path / "noop.pt", example_input((3, 32, 32)))
+    ops = torchscript.op_counts(tmp_path / "noop.pt")
+    assert ops.float_conv == 1
+    assert ops.status("int8") is QuantStatus.NOT_QUANTIZED
+
+
+def _row(label, runtime, dtype, mib, acc, ms, ops):
+    return ModelResult(label=label, file=f"{label}.pt", method="origin" if dtype == "fp32" else "static",
+                       flow="eager", runtime=runtime, dtype=dtype, file_bytes=int(mib * 2**20), accuracy=acc,
+                       latency={1: LatencyStats.of([ms] * 5, samples_ms=[ms] * 5)}, ops=ops,
+                       status=ops.status(dtype))
 
 
 def _fake_results():
-    lat = lambda ms: {"1": {**B.latency_stats([ms / 1000] * 5), "samples_ms": [ms] * 5}}  # noqa: E731
-    rows = [
-        {"label": "origin", "runtime": "torchscript", "dtype": "fp32", "file_bytes": 4 * 2**20, "accuracy": 80.0,
-         "latency": lat(8.0), "ops": {"int8_conv": 0, "float_conv": 20, "int8_linear": 0, "float_linear": 1}},
-        {"label": "ptq-s", "runtime": "torchscript", "dtype": "int8", "file_bytes": 2**20, "accuracy": 79.5,
-         "latency": lat(2.0), "ops": {"int8_conv": 20, "float_conv": 0, "int8_linear": 1, "float_linear": 0}},
-    ]
-    for r in rows:
-        r["quantized_check"] = B.quantized_check(r)
-    return {"machine": {"cpu": "test cpu", "threads": 1}, "config": {"min_runs": 5, "threads": 1},
-            "models": B.derive(rows)}
+    rows = [_row("origin", "torchscript", "fp32", 4, 80.0, 8.0, OpCounts(0, 20, 0, 1)),
+            _row("ptq-s", "torchscript", "int8", 1, 79.5, 2.0, OpCounts(20, 0, 1, 0))]
+    return BenchResults(machine={"cpu": "test cpu", "threads": 1}, config={"min_runs": 5, "threads": 1},
+                        created="now", models=derive(rows))
+
+
+def _cells(md):
+    lines = [l for l in md.splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return header, [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
 
 
 def test_markdown_table_parses_and_has_ratios():
-    md = markdown_table(_fake_results())
-    lines = md.splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:5] == ["Model", "Dtype", "Model Accuracy", "Inference Time", "Parameter Size"]
-    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    header, rows = _cells(markdown_table(_fake_results()))
+    assert header[:5] == ["Model", "Dtype", "Model Accuracy", "Inference Time", "File Size"]
     assert len(rows) == 2 and all(len(r) == len(header) for r in rows)
     assert rows[1][0] == "ptq-s" and rows[1][3] == "2.00 ms" and rows[1][5] == "4.00x" and rows[1][6] == "0.25x"
+    # the original's format keeps its column name, and says what it measures
+    seed = markdown_table(_fake_results(), seed_format=True)
+    assert _cells(seed)[0][4] == "Parameter Size¹" and "¹ The deployment file's size" in seed
+
+
+def test_no_same_runtime_fp32_row_leaves_the_ratio_empty():
+    """A speed-up against another runtime's fp32 row would mix two effects: leave it empty."""
+    rows = derive([_row("origin", "torchscript", "fp32", 4, 80.0, 8.0, OpCounts(0, 20, 0, 1)),
+                   _row("ov-int8", "openvino", "int8", 1, 79.5, 1.0, OpCounts(20, 0, 1, 0))])
+    assert rows[1].baseline is None and rows[1].speedup is None and rows[1].accuracy_delta is None
+    assert rows[1].speedup_vs_fastest_fp32 == pytest.approx(8.0)  # that column names its reference
+    res = BenchResults(machine={}, config={}, created="now", models=rows)
+    header, cells = _cells(markdown_table(res))
+    assert cells[1][5] == "" and "no fp32 row of the same runtime" in markdown_table(res)
+    assert "against origin" in render(res)
 
 
 def test_report_files_written_atomically_and_parse(tmp_path):
     res = _fake_results()
-    write_report(res, run_dir=tmp_path, markdown_path=tmp_path / "results.md")
+    write_report(res, run_dir=tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["models"][1]["label"] == "ptq-s"
     assert "ptq-s" in (tmp_path / "report.md").read_text()
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
@@ -181,7 +219,7 @@ def test_report_files_written_atomically_and_parse(tmp_path):
 
 def test_report_warns_when_the_machine_was_busy():
     res = _fake_results()
-    res["models"][0]["latency"]["1"]["other_cores"] = 0.9
+    res.models[0].latency[1].other_cores = 0.9
     assert "other work used 0.90 of the machine's cores" in render(res)
 
 
@@ -194,7 +232,7 @@ def test_pareto_front():
 def test_bench_cli_latency_only(tmp_path, monkeypatch, capsys):
     """`quantbench bench --no-accuracy` needs no test data and still writes every figure."""
     from quantbench.cli import main
-    monkeypatch.setenv("QUANTBENCH_RUNTIMES", ".sleep=support.sleepy:load")
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     model = _sleep_model(tmp_path, "m", 5)
     out = tmp_path / "r.json"

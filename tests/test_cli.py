@@ -135,7 +135,7 @@ def test_bad_timing_options(capsys, tmp_path):
     assert_one_line_error(rc, err, "model file not found")
     (tmp_path / "m.txt").write_text("x")
     rc, _, err = run_cli(capsys, "profile", tmp_path / "m.txt")
-    assert_one_line_error(rc, err, "don't know how to profile m.txt", ".onnx")
+    assert_one_line_error(rc, err, "don't know how to run m.txt", ".onnx")
 
 
 def test_cifar10_offline(capsys, tiny_checkpoint, tmp_path, monkeypatch):

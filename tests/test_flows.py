@@ -10,14 +10,16 @@ import sys
 import pytest
 import torch
 
-from quantbench import models
+from quantbench import models, runtimes
 from quantbench.data import Batches
 from quantbench.errors import QuantbenchError
-from quantbench.flows import check_method, get_flow
+from quantbench.export import read_sidecar
+from quantbench.flows import check_method, get_flow, suffix
 from quantbench.quantize import QuantizeConfig, export_model, quantize, quantize_to_file
-from quantbench.runtimes import load_deployed, op_counts
+from quantbench.results import OpCounts
+from quantbench.runtimes import load as load_deployed
 
-CASES = [(flow, method) for flow in ("fx", "pt2e") for method in ("dynamic", "static", "qat")]
+CASES = [(flow, method) for flow in ("eager", "fx", "pt2e") for method in ("dynamic", "static", "qat")]
 RESNET10_CONVS = 12  # stem + 4 blocks x 2 + 3 downsample convolutions
 
 
@@ -33,11 +35,12 @@ def quantized(tiny_trained_checkpoint, tiny_dataset, tmp_path_factory):
     result = {}
     for flow, method in CASES:
         cfg = QuantizeConfig(method=method, flow=flow, calib_samples=48, calib_batch_size=16,
-                             qat_preset="smoke", work_dir=out / f"qat-{flow}")
+                             qat_schedule="smoke", work_dir=out / f"qat-{flow}")
         qmodel, record = quantize(tiny_trained_checkpoint, cfg, tiny_dataset, progress=False)
-        path = out / f"{method}-{flow}{get_flow(flow).SUFFIX}"
+        path = out / f"{method}-{flow}{suffix(flow)}"
         sidecar = export_model(qmodel, path, record, flow)
-        assert sidecar["label"] == {"dynamic": "ptq-d", "static": "ptq-s", "qat": "qat"}[method] + f"-{flow}"
+        want = {"dynamic": "ptq-d", "static": "ptq-s", "qat": "qat"}[method]
+        assert sidecar["label"] == (want if flow == "eager" else f"{want}-{flow}")
         result[flow, method] = path, qmodel
     return result
 
@@ -62,8 +65,53 @@ def test_int8_agrees_with_fp32(quantized, fp32_logits, tiny_dataset, flow, metho
 def test_op_counts(quantized, flow, method):
     path, _ = quantized[flow, method]
     int8_convs = 0 if method == "dynamic" else RESNET10_CONVS
-    assert op_counts(path) == {"int8_conv": int8_convs, "float_conv": RESNET10_CONVS - int8_convs,
-                               "int8_linear": 1, "float_linear": 0}
+    assert runtimes.for_path(path).op_counts(path) == OpCounts(
+        int8_conv=int8_convs, float_conv=RESNET10_CONVS - int8_convs, int8_linear=1, float_linear=0)
+
+
+def _held_weights(qmodel) -> tuple[str, int, int]:
+    """(per-channel | per-tensor, min, max) of the first int8 weight the converted model holds."""
+    if isinstance(qmodel, torch.fx.GraphModule) and any(
+            "dequantize_per" in str(n.target) for n in qmodel.graph.nodes):  # PT2E: QDQ graph
+        for n in qmodel.graph.nodes:
+            if "dequantize_per" in str(n.target) and n.args[0].op == "get_attr":
+                w = getattr(qmodel, n.args[0].target)
+                kind = "per-channel" if "per_channel" in str(n.target) else "per-tensor"
+                return kind, int(w.min()), int(w.max())
+    for m in qmodel.modules():
+        w = getattr(m, "weight", None)
+        w = w() if callable(w) else None
+        if isinstance(w, torch.Tensor) and w.is_quantized:
+            kind = "per-channel" if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) \
+                else "per-tensor"
+            return kind, int(w.int_repr().min()), int(w.int_repr().max())
+    raise AssertionError("no int8 weight found")
+
+
+@pytest.mark.parametrize("flow,method", CASES)
+def test_sidecar_records_what_the_model_holds(quantized, flow, method):
+    """The sidecar's qconfig is read back from the observers used, and agrees with the int8
+    weights the converted model holds: dynamic quantization uses torch's per-tensor min/max
+    (eager, FX) whatever --qconfig says, QAT moving-average min/max fake-quantize."""
+    from quantbench.cpu import reduce_range
+    path, qmodel = quantized[flow, method]
+    q = read_sidecar(path)["qconfig"]
+    kind, lo, hi = _held_weights(qmodel)
+    assert q["weights"]["summary"].startswith(kind), (q["weights"], kind)
+    wmin, wmax = q["weights"]["range"]
+    assert wmin <= lo and hi <= wmax
+    assert q["weights"]["dtype"] in ("qint8", "int8")
+    act = q["activations"]
+    if method == "dynamic":
+        assert q["name"] == "dynamic" and act["dynamic"] is True
+        if flow != "pt2e":
+            assert q["weights"]["observer"] == "MinMaxObserver" and kind == "per-tensor"
+    elif method == "static":
+        assert act["observer"] == "HistogramObserver" and "fake_quant" not in act
+        assert act["range"] == [0, 127 if reduce_range() else 255]
+    else:
+        assert act["observer"].startswith("MovingAverage") and "FakeQuantize" in act["fake_quant"]
+        assert "FakeQuantize" in q["weights"]["fake_quant"]
 
 
 # Loads every file with plain torch, in a process that never imports quantbench (nor torchao).
@@ -84,6 +132,7 @@ assert not [m for m in sys.modules if m.split(".")[0] in ("quantbench", "torchao
 def test_files_run_in_a_fresh_process(quantized, tiny_dataset, tmp_path):
     x = _inputs(tiny_dataset)
     torch.save(x, tmp_path / "x.pt")
+    quantized = {k: v for k, v in quantized.items() if k[0] != "eager"}  # eager: see test_quantize.py
     paths = [str(path) for path, _ in quantized.values()]
     subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), *paths],
                    check=True, cwd=tmp_path, timeout=120)

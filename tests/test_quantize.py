@@ -22,7 +22,7 @@ def _logits(model, data, n=24):
 
 @pytest.mark.parametrize("method", ["dynamic", "static", "qat"])
 def test_eager_int8_agrees_with_fp32(method, tiny_trained_checkpoint, tiny_dataset, tmp_path):
-    cfg = QuantizeConfig(method=method, calib_samples=48, calib_batch_size=16, qat_preset="smoke",
+    cfg = QuantizeConfig(method=method, calib_samples=48, calib_batch_size=16, qat_schedule="smoke",
                          work_dir=tmp_path / "qat")
     qmodel, record = quantize(tiny_trained_checkpoint, cfg, tiny_dataset, progress=False)
     fp32, _ = load_checkpoint(tiny_trained_checkpoint)
@@ -45,7 +45,8 @@ def test_static_records_calibration_and_qconfig(tiny_trained_checkpoint, tiny_da
     assert side["calibration"]["samples"] == 32 and side["dtype"] == "int8" and side["runtime"] == "torchscript"
     assert side["classes"] == tiny_dataset.classes and len(side["normalize_mean"]) == 3
     assert side["weight_bytes"] < out.stat().st_size * 1.5
-    assert "reduce_range" in side["qconfig"]
+    assert side["qconfig"]["activations"]["observer"] == "HistogramObserver" and side["qconfig"]["why"]
+    assert side["input_shape"] == [3, 32, 32]
 
 
 def test_seed_qconfig_uses_7_bit_ranges(tiny_trained_checkpoint, tiny_dataset):
@@ -54,7 +55,7 @@ def test_seed_qconfig_uses_7_bit_ranges(tiny_trained_checkpoint, tiny_dataset):
     conv = next(m for m in qmodel.modules() if type(m).__name__ == "ConvReLU2d")
     w = conv.weight().int_repr()
     assert w.min() >= -64 and w.max() <= 63
-    assert rec["qconfig"]["name"] == "seed"
+    assert rec["qconfig"]["name"] == "seed" and rec["qconfig"]["weights"]["range"] == [-64, 63]
 
 
 def test_torchscript_round_trip_in_a_fresh_process(tiny_trained_checkpoint, tiny_dataset, tmp_path):
@@ -104,7 +105,9 @@ def test_quantizing_an_already_quantized_file(tiny_trained_checkpoint, tiny_data
     (["--method", "static", "--qconfig", "nine-bit"], "unknown qconfig"),
     (["--method", "static", "--calib-samples", "0"], "--calib-samples"),
     (["--method", "static", "--flow", "nope"], "unknown flow"),
-    (["--method", "qat", "--preset", "slow"], "unknown QAT preset"),
+    (["--method", "qat", "--qat-preset", "slow"], "unknown QAT schedule"),
+    (["--method", "static", "--calib-batch-size", "0"], "--calib-batch-size"),
+    (["--method", "qat", "--epochs", "0"], "--epochs"),
     (["--method", "static", "--output-suffix", ".onnx"], "writes .pt files"),
 ])
 def test_bad_quantize_options(argv, expect, tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from quantbench.cli import main
 
 
@@ -19,8 +21,8 @@ def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir,
     res = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in res["models"]] == ["origin", "ptq-d", "ptq-s", "qat"]
     assert all(r["accuracy"] is not None and r["latency"]["1"]["n"] >= 5 for r in res["models"])
-    assert {r["label"]: r["quantized_check"] for r in res["models"]} == {
-        "origin": "ok", "ptq-d": "int8 linear only", "ptq-s": "ok", "qat": "ok"}
+    assert {r["label"]: r["status"] for r in res["models"]} == {
+        "origin": "fp32", "ptq-d": "int8-linear-only", "ptq-s": "int8", "qat": "int8"}
     for f in ("report.md", "results.csv", "results.md", "accuracy_vs_latency.png"):
         assert (out / f).is_file(), f
 
@@ -44,14 +46,56 @@ def test_runtime_rows_are_reused_on_resume(tiny_checkpoint, tiny_dataset, tmp_pa
     from pathlib import Path
 
     from quantbench import replicate as R
+    from quantbench.quantize import QuantizeConfig
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from support import fakert
-    monkeypatch.setitem(R.EXPORTERS, "fake", "support.fakert:export")
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fake=support.fakert")  # one module + one registry entry
     models = tmp_path / "models"
     models.mkdir()
     fakert.calls.clear()
     for resume in (False, True, True):
-        cfg = R.ReplicateConfig(output=tmp_path, runtimes=("fake",), calib_samples=16, resume=resume)
+        cfg = R.ReplicateConfig(output=tmp_path, checkpoint=tiny_checkpoint, runtimes=("fake",),
+                                quantize=QuantizeConfig(method="static", calib_samples=16), resume=resume)
         files = R._runtime_rows(cfg, tiny_checkpoint, tiny_dataset, models)
         assert [f.name for f in files] == list(fakert.FILES)
     assert len(fakert.calls) == 1  # exported once; both resumed runs reused the files
+
+
+def test_replicate_api_measures_accuracy_on_its_own_data(tiny_trained_checkpoint, tiny_data_dir, tmp_path):
+    """One data location: from the Python API, the benchmark's accuracy runs read the data the
+    models were made from, not BenchConfig's default (CIFAR-10 under ./data)."""
+    from quantbench.bench import BenchConfig
+    from quantbench.data import DataSource
+    from quantbench.quantize import QuantizeConfig
+    from quantbench.replicate import ReplicateConfig, replicate
+    cfg = ReplicateConfig(output=tmp_path / "run", data=DataSource(tiny_data_dir), checkpoint=tiny_trained_checkpoint,
+                          methods=("static",), runtimes=(),
+                          quantize=QuantizeConfig(method="static", calib_samples=16),
+                          bench=BenchConfig(min_runs=3, budget_s=0.3, processes=1, progress=False))
+    assert cfg.bench.data == DataSource(tiny_data_dir)
+    res = replicate(cfg, progress=False)
+    # the tiny test split: 3 classes x 8 images
+    assert [m.accuracy_n for m in res.models] == [24, 24]
+    assert all(m.accuracy is not None for m in res.models)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(runtimes=("bogus",)), "unknown runtime"),
+    (dict(quantize="qconfig"), "unknown qconfig"),
+    (dict(quantize="schedule"), "unknown QAT schedule"),
+    (dict(quantize="calib"), "calib-samples"),
+    (dict(flows=("nope",)), "unknown flow"),
+    (dict(preset="nope"), "unknown preset"),
+])
+def test_replicate_options_fail_before_any_work(bad, match):
+    from quantbench.errors import QuantbenchError
+    from quantbench.quantize import QuantizeConfig
+    from quantbench.replicate import ReplicateConfig
+    q = {"qconfig": dict(qconfig="bogus"), "schedule": dict(qat_schedule="bogus"),
+         "calib": dict(calib_samples=0)}
+    if "quantize" in bad:
+        with pytest.raises(QuantbenchError, match=match):
+            ReplicateConfig(quantize=QuantizeConfig(method="static", **q[bad["quantize"]]))
+        return
+    with pytest.raises(QuantbenchError, match=match):
+        ReplicateConfig(**bad)

@@ -1,4 +1,4 @@
-"""ONNX Runtime and OpenVINO rows (quantbench.onnxrt, quantbench.openvino_rt) on a tiny model.
+"""ONNX Runtime and OpenVINO rows (quantbench.runtimes.onnxrt, .openvino) on a tiny model.
 
 Needs the optional packages (pip install '.[runtimes]'); without them the runtime tests skip and
 only the "missing package" errors are checked.
@@ -12,9 +12,11 @@ import sys
 import pytest
 import torch
 
-from quantbench import models, onnxrt, openvino_rt
+from quantbench import models, runtimes
 from quantbench.errors import QuantbenchError
-from quantbench.runtimes import RUNTIME_NAMES, load_deployed
+from quantbench.runtimes import load as load_deployed
+from quantbench.runtimes import onnxrt
+from quantbench.runtimes import openvino as openvino_rt
 
 NUM_CLASSES = 10
 META = {"source_checkpoint": "random-resnet10", "arch": "resnet10", "num_classes": NUM_CLASSES}
@@ -63,7 +65,8 @@ def test_export_writes_files_and_sidecars(exported, labels, names):
         side = json.loads((path.parent / (path.name + ".json")).read_text())
         assert side["label"] == label and side["dtype"] == dtype
         assert side["method"] == ("origin" if dtype == "fp32" else "static")
-        assert side["runtime"] == RUNTIME_NAMES[path.suffix]
+        assert side["runtime"] == runtimes.for_path(path).NAME
+        assert side["input_shape"] == [3, 32, 32]
         assert side["source_checkpoint"] == META["source_checkpoint"]  # meta is carried along
         assert side["weight_bytes"] > 0
         if dtype == "int8":
@@ -87,8 +90,8 @@ def test_load_runs_and_int8_tracks_fp32(exported, labels, names):
     assert agree >= 0.75, f"int8 top-1 agrees with fp32 on only {agree:.0%} of inputs"
     mod = onnxrt if exported[0].suffix == ".onnx" else openvino_rt
     fp32_ops, int8_ops = (mod.op_counts(p) for p in exported)
-    assert fp32_ops["int8_conv"] == 0 and fp32_ops["float_conv"] > 0
-    assert int8_ops["float_conv"] == 0 and int8_ops["int8_conv"] == fp32_ops["float_conv"]
+    assert fp32_ops.int8_conv == 0 and fp32_ops.float_conv > 0
+    assert int8_ops.float_conv == 0 and int8_ops.int8_conv == fp32_ops.float_conv
     # batch size is dynamic, threads=None is the runtime default
     assert load_deployed(exported[1])(x[:3]).shape == (3, NUM_CLASSES)
 

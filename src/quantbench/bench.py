@@ -18,19 +18,18 @@ How latency is measured, and why:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .data import DataSource
 from .errors import QuantbenchError
-from .export import read_sidecar
+from .export import input_shape, read_sidecar
+from .results import BenchResults, LatencyStats, ModelResult, OpCounts, derive
+from .worker import Worker
 
 
 @dataclass
@@ -45,21 +44,22 @@ class BenchConfig:
     rel_tol: float = 0.01                 # "stable": the median moved by < 1 % in the last round
     accuracy: bool = True
     accuracy_batch_size: int = 500
-    data_dir: str | None = None
-    data_root: str = "data"
+    data: DataSource = field(default_factory=DataSource)  # test images for the accuracy column
     progress: bool = True
 
-
-def parse_threads(s: str) -> int:
-    if str(s) == "all":
-        return os.cpu_count() or 1
-    try:
-        n = int(s)
-    except ValueError:
-        raise QuantbenchError(f"--bench-threads must be a number or 'all', not {s!r}") from None
-    if n < 1:
-        raise QuantbenchError("--bench-threads must be at least 1")
-    return n
+    def __post_init__(self):
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise QuantbenchError("batch sizes must be numbers >= 1")
+        # named as the CLI options that set them
+        for name, option in (("threads", "--bench-threads"), ("min_runs", "--min-runs"),
+                             ("processes", "--processes"), ("accuracy_batch_size", "the accuracy batch size")):
+            if getattr(self, name) < 1:
+                raise QuantbenchError(f"{option} must be at least 1, not {getattr(self, name)}")
+        if not self.budget_s > 0:
+            raise QuantbenchError(f"--budget must be above 0 seconds, not {self.budget_s}")
+        if not self.round_s > 0 or self.warmup < 0 or not 0 < self.rel_tol < 1:
+            raise QuantbenchError("round_s must be above 0, warmup at least 0, rel_tol between 0 and 1")
 
 
 class BusyProbe:
@@ -89,84 +89,7 @@ class BusyProbe:
         return max(0.0, (end - self.start - own) / wall) if wall > 0 else None
 
 
-def parse_batch_sizes(s: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(x) for x in str(s).split(",") if x.strip())
-    except ValueError:
-        raise QuantbenchError(f"--batch-sizes takes a comma list of numbers, not {s!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise QuantbenchError("--batch-sizes must list numbers >= 1")
-    return sizes
-
-
-def latency_stats(times_s: list[float], batch: int = 1) -> dict:
-    """Summary of per-call times (seconds in, milliseconds out)."""
-    ms = sorted(t * 1000 for t in times_s)
-    n = len(ms)
-
-    def pct(p: float) -> float:  # nearest-rank percentile on sorted data
-        return ms[min(n - 1, max(0, round(p / 100 * (n - 1))))]
-
-    med = statistics.median(ms)
-    return {"n": n, "median_ms": med, "mean_ms": statistics.fmean(ms), "min_ms": ms[0],
-            "p10_ms": pct(10), "p25_ms": pct(25), "p75_ms": pct(75), "p90_ms": pct(90), "p99_ms": pct(99),
-            "std_ms": statistics.pstdev(ms), "iqr_rel": (pct(75) - pct(25)) / med if med else 0.0,
-            "throughput_ips": batch * 1000 / med if med else 0.0}
-
-
-class Worker:
-    """Parent-side handle on one measuring subprocess."""
-
-    def __init__(self, path: Path, threads: int):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONWARNINGS": "ignore"}
-        self.path = path
-        # stderr goes to a file: a chatty library must never block on a full pipe.
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "quantbench.worker", str(path), str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=env, bufsize=1)
-        hello = self._read()
-        self.load_s = hello.get("load_s")
-        self.model_rss_mb = hello["load_rss_mb"] - hello["base_rss_mb"]
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
-            self.stderr.seek(0)
-            err = self.stderr.read().strip().splitlines()
-            raise QuantbenchError(f"measuring {self.path.name} failed: {err[-1] if err else 'worker died'}")
-        out = json.loads(line)
-        if "error" in out:
-            raise QuantbenchError(f"measuring {self.path.name} failed: {out['error']}")
-        return out
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> dict:
-        try:
-            out = self.ask(op="exit")
-        finally:
-            self.kill()
-        return out
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.stderr):
-            f.close()
-
-
-def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, progress=None) -> dict[str, dict]:
+def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, progress=None) -> dict[str, LatencyStats]:
     """Interleaved rounds over all workers (one process per model); returns label -> latency
     stats (+ raw samples, + how busy the rest of the machine was). `min_runs` and `budget_s`
     are per process here."""
@@ -201,97 +124,76 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
                 progress.update(1)
         r += 1
     other = probe.other_cores()
-    out = {}
-    for n in names:
-        s = latency_stats(times[n], batch)
-        s.update(rounds=r, stable=spent[n] < cfg.budget_s, other_cores=other,
-                 samples_ms=[round(t * 1000, 4) for t in times[n]])
-        out[n] = s
-    return out
+    return {n: LatencyStats.of([t * 1000 for t in times[n]], batch, rounds=r, stable=spent[n] < cfg.budget_s,
+                               other_cores=other, samples_ms=[round(t * 1000, 4) for t in times[n]])
+            for n in names}
 
 
-def combine_processes(per_process: list[dict], batch: int) -> dict:
+def combine_processes(per_process: list[LatencyStats], batch: int) -> LatencyStats:
     """One model's latency over several fresh processes: the median of the per-process medians
     (robust to one process stuck in a slow state), percentiles over all calls pooled."""
-    samples = [t for p in per_process for t in p["samples_ms"]]
-    s = latency_stats([t / 1000 for t in samples], batch)
-    medians = [p["median_ms"] for p in per_process]
-    s["median_ms"] = statistics.median(medians)
-    s["throughput_ips"] = batch * 1000 / s["median_ms"] if s["median_ms"] else 0.0
-    others = [p["other_cores"] for p in per_process if p.get("other_cores") is not None]
-    s.update(processes=len(per_process), process_medians_ms=medians,
-             process_spread=(max(medians) - min(medians)) / s["median_ms"] if s["median_ms"] else 0.0,
-             other_cores=statistics.fmean(others) if others else None, rounds=sum(p["rounds"] for p in per_process),
-             stable=all(p["stable"] for p in per_process), samples_ms=samples)
+    samples = [t for p in per_process for t in p.samples_ms]
+    medians = [p.median_ms for p in per_process]
+    med = statistics.median(medians)
+    others = [p.other_cores for p in per_process if p.other_cores is not None]
+    s = LatencyStats.of(samples, batch, processes=len(per_process), process_medians_ms=medians,
+                        process_spread=(max(medians) - min(medians)) / med if med else 0.0,
+                        other_cores=statistics.fmean(others) if others else None,
+                        rounds=sum(p.rounds for p in per_process), stable=all(p.stable for p in per_process),
+                        samples_ms=samples)
+    s.median_ms = med
+    s.throughput_ips = batch * 1000 / med if med else 0.0
     return s
 
 
 def file_bytes(path: Path) -> int:
     """The deployment file plus its companions (OpenVINO keeps weights in FILE.bin)."""
-    total = path.stat().st_size
-    companion = path.with_suffix(".bin")
-    if path.suffix == ".xml" and companion.is_file():
-        total += companion.stat().st_size
-    return total
+    from . import runtimes
+    return sum(p.stat().st_size for p in runtimes.for_path(path).files(path) if p.is_file())
 
 
-def describe_model(path: Path) -> dict:
+def describe_model(path: Path) -> ModelResult:
+    """What the sidecar says a file is (label, method, dtype...); nothing measured yet."""
+    from . import runtimes
     side = read_sidecar(path)
-    from .runtimes import RUNTIME_NAMES
-    return {"label": side.get("label", path.stem), "file": str(path), "method": side.get("method", "unknown"),
-            "flow": side.get("flow", "unknown"), "runtime": side.get("runtime", RUNTIME_NAMES.get(path.suffix, path.suffix)),
-            "dtype": side.get("dtype", "unknown"), "file_bytes": file_bytes(path),
-            "weight_bytes": side.get("weight_bytes"), "sidecar": side}
+    return ModelResult(label=side.get("label", path.stem), file=str(path), method=side.get("method", "unknown"),
+                       flow=side.get("flow", "unknown"), runtime=runtimes.for_path(path).NAME,
+                       dtype=side.get("dtype", "unknown"), file_bytes=file_bytes(path),
+                       weight_bytes=side.get("weight_bytes"), input_shape=list(input_shape(side)), sidecar=side)
 
 
-def quantized_check(row: dict) -> str:
-    """Guard against silent no-ops: what the operator counts say about an 'int8' model."""
-    ops = row.get("ops") or {}
-    if row["dtype"] != "int8" or not ops:
-        return "ok" if row["dtype"] != "int8" else "unchecked"
-    int8 = ops.get("int8_conv", 0) + ops.get("int8_linear", 0)
-    if int8 == 0:
-        return "NOT QUANTIZED"
-    if ops.get("int8_conv", 0) == 0 and ops.get("float_conv", 0) > 0:
-        return "int8 linear only"
-    return "ok"
-
-
-def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> dict:
-    """Measure every model; returns the results dict that report.py renders."""
+def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
+    """Measure every model; the results that report.py renders (and results.json serializes)."""
     from tqdm import tqdm
 
     from .cpu import machine_record
 
     paths = [Path(m) for m in models]
-    for p in paths:
-        if not p.is_file():
-            raise QuantbenchError(f"model file not found: {p}")
-    rows = [describe_model(p) for p in paths]
+    rows = [describe_model(p) for p in paths]  # checks every file exists and has a runtime
     seen = set()
     for row in rows:  # labels key the table: make them unique
-        base, i = row["label"], 2
-        while row["label"] in seen:
-            row["label"], i = f"{base}#{i}", i + 1
-        seen.add(row["label"])
+        base, i = row.label, 2
+        while row.label in seen:
+            row.label, i = f"{base}#{i}", i + 1
+        seen.add(row.label)
 
-    processes = max(1, cfg.processes)
+    processes = cfg.processes
     per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), budget_s=cfg.budget_s / processes)
-    timed: dict[str, dict[int, list[dict]]] = {r["label"]: {b: [] for b in cfg.batch_sizes} for r in rows}
+    timed: dict[str, dict[int, list[LatencyStats]]] = {r.label: {b: [] for b in cfg.batch_sizes} for r in rows}
     for k in range(processes):
         workers: dict[str, Worker] = {}
         try:
             for row, p in zip(rows, paths):
-                workers[row["label"]] = w = Worker(p, cfg.threads)
+                workers[row.label] = w = Worker(p, cfg.threads, tuple(row.input_shape))
                 if k == 0:  # what does not depend on the process is measured once
-                    row["load_s"] = w.load_s
-                    row["ops"] = w.ask(op="ops")["ops"]
-                    row["quantized_check"] = quantized_check(row)
+                    row.load_s = w.load_s
+                    row.ops = OpCounts(**w.ask(op="ops")["ops"])
+                    row.status = row.ops.status(row.dtype)
             if k == 0 and cfg.accuracy:
                 for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
-                    a = workers[row["label"]].ask(op="accuracy", data_dir=cfg.data_dir, data_root=cfg.data_root,
-                                                  batch_size=cfg.accuracy_batch_size)
-                    row["accuracy"], row["accuracy_n"] = a["accuracy"], a["n"]
+                    a = workers[row.label].ask(op="accuracy", data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
+                                               batch_size=cfg.accuracy_batch_size)
+                    row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
             for b in cfg.batch_sizes:
                 with tqdm(desc=f"timing batch {b}, process {k + 1}/{processes}", unit="round", leave=False,
                           disable=not cfg.progress) as bar:
@@ -299,54 +201,18 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> dict:
                 for label, st in stats.items():
                     timed[label][b].append(st)
             for row in rows:
-                mem = workers[row["label"]].close()
+                mem = workers[row.label].close()
                 if k == 0:
-                    row["peak_rss_mb"] = mem["peak_rss_mb"]  # whole process, accuracy run included
-                    row["model_rss_mb"] = workers[row["label"]].model_rss_mb
+                    row.peak_rss_mb = mem["peak_rss_mb"]  # whole process, accuracy run included
+                    row.model_rss_mb = workers[row.label].model_rss_mb
         finally:
             for w in workers.values():
                 w.kill()
     for row in rows:
-        row["latency"] = {str(b): combine_processes(timed[row["label"]][b], b) for b in cfg.batch_sizes}
-    cfg_record = asdict(cfg)
-    return {"machine": machine_record(cfg.threads), "config": cfg_record,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": derive(rows)}
+        row.latency = {b: combine_processes(timed[row.label][b], b) for b in cfg.batch_sizes}
+    return BenchResults(machine=machine_record(cfg.threads), config=asdict(cfg),
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows))
 
 
-def derive(rows: list[dict]) -> list[dict]:
-    """Ratios against baselines: the fp32 row of the same runtime, and the fastest fp32 row."""
-    fp32 = [r for r in rows if r["dtype"] == "fp32"]
-    b1 = lambda r: (r.get("latency") or {}).get("1", {}).get("median_ms")  # noqa: E731
-    fastest = min((r for r in fp32 if b1(r)), key=b1, default=None)
-    for r in rows:
-        base = next((f for f in fp32 if f["runtime"] == r["runtime"]), fp32[0] if fp32 else None)
-        r["baseline"] = base["label"] if base else None
-        r["fastest_fp32"] = fastest["label"] if fastest else None
-        if base and b1(r) and b1(base):
-            r["speedup"] = b1(base) / b1(r)
-        if fastest and b1(r):
-            r["speedup_vs_fastest_fp32"] = b1(fastest) / b1(r)
-        if base:
-            r["size_ratio"] = r["file_bytes"] / base["file_bytes"]
-            if r.get("accuracy") is not None and base.get("accuracy") is not None:
-                r["accuracy_delta"] = r["accuracy"] - base["accuracy"]
-    return rows
-
-
-def config_from_args(args) -> BenchConfig:
-    """The timing options shared by `bench` and `replicate`, checked."""
-    if args.processes < 1 or args.min_runs < 1 or args.budget <= 0:
-        raise QuantbenchError("--processes and --min-runs must be at least 1, --budget above 0")
-    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
-                       min_runs=args.min_runs, budget_s=args.budget, processes=args.processes,
-                       accuracy=not getattr(args, "no_accuracy", False), progress=not args.no_progress,
-                       data_dir=str(args.data_dir) if args.data_dir else None, data_root=str(args.data_root))
-
-
-def bench_cli(args) -> int:
-    from .report import write_report
-
-    results = bench(args.models, config_from_args(args))
-    md = write_report(results, json_path=args.json, markdown_path=args.markdown)
-    print(md)
-    return 0
+def _str(p) -> str | None:
+    return None if p is None else str(p)

@@ -1,10 +1,13 @@
-"""`quantbench` command line: a thin layer over the Python API (quantbench.api)."""
+"""`quantbench` command line: a table from subcommand to (arguments, handler), each handler a
+thin call into the Python API (quantbench/__init__.py lists it). All argparse lives here."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import QuantbenchError
 from .warn import quiet_cpp_warnings
@@ -12,9 +15,10 @@ from .warn import quiet_cpp_warnings
 quiet_cpp_warnings()  # before anything imports torch
 
 EPILOG = "Data: --data-dir DIR takes an ImageFolder tree (DIR/train/<class>/*.jpg, DIR/test/...); " \
-         "without it CIFAR-10 is downloaded under --data-root."
+         "without it CIFAR-10 is downloaded under --data-root. --debug shows the full traceback of an error."
 
 
+# ------------------------------------------------------------------ shared options
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, help="ImageFolder tree with train/ and test/ (or val/)")
@@ -22,106 +26,28 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="where torchvision's CIFAR-10 is downloaded when --data-dir is not given (default: ./data)")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    if threads:
+        p.add_argument("--threads", type=int, help="torch intra-op threads for the work (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the default when not on a terminal)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .flows import FLOWS, METHODS
-    from .train import PRESETS
-
-    ap = argparse.ArgumentParser(prog="quantbench", epilog=EPILOG,
-                                 description="Train a CNN, quantize it to int8 every way PyTorch offers, "
-                                             "export it, and benchmark accuracy, latency and size side by side.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train an fp32 model", epilog=EPILOG,
-                       description="Train an fp32 model. Writes last.pth (resumable), best.pth, metrics.jsonl "
-                                   "and TensorBoard logs in --output. Under torchrun it uses DDP.")
-    _data_args(p)
-    p.add_argument("--preset", default="fast", help=f"training recipe: {', '.join(PRESETS)} (default: fast)")
-    p.add_argument("--arch", default="resnet18", help="model architecture (default: resnet18)")
-    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
-    p.add_argument("--lr", type=float, help="override the preset's (peak) learning rate")
-    p.add_argument("--output", type=Path, default=Path("runs/train"), help="run directory (default: runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0)
-    _common(p)
-
-    p = sub.add_parser("eval", help="top-1 accuracy of a checkpoint or exported model", epilog=EPILOG)
-    p.add_argument("model", type=Path, help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, ...)")
-    _data_args(p)
-    p.add_argument("--batch-size", type=int, default=500)
-    _common(p)
-
-    p = sub.add_parser("quantize", help="quantize an fp32 checkpoint to int8 and export it",
-                       description="Quantize an fp32 checkpoint and write a deployment file plus FILE.json.",
-                       epilog=EPILOG)
-    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--flow", default="eager", help=f"one of: {', '.join(FLOWS)} (default: eager)")
-    p.add_argument("--output", type=Path, required=True, help="deployment file to write")
-    p.add_argument("--qconfig", default="default",
-                   help="default: best practice for this CPU; seed: the original's 7-bit ranges")
-    p.add_argument("--calib-samples", type=int, default=10_000, help="training images for calibration")
-    p.add_argument("--calib-batch-size", type=int, default=100)
-    p.add_argument("--preset", default="fast", help="QAT schedule: seed or fast (default: fast)")
-    p.add_argument("--epochs", type=int, help="override the QAT preset's epochs")
-    p.add_argument("--work-dir", type=Path, help="QAT checkpoints (default: OUTPUT's folder/qat-work)")
-    p.add_argument("--resume", action="store_true", help="resume an interrupted QAT run")
-    _data_args(p)
-    _common(p)
-
-    p = sub.add_parser("bench", help="accuracy, latency and size of deployment files, side by side",
-                       epilog=EPILOG)
-    p.add_argument("models", type=Path, nargs="+", help="deployment files (.pt TorchScript, .pt2, .onnx, ...)")
-    _data_args(p)
-    p.add_argument("--json", type=Path, help="write every raw figure here")
-    p.add_argument("--markdown", type=Path, help="write the table here")
-    p.add_argument("--no-accuracy", action="store_true", help="latency, size and memory only (no test data needed)")
-    _timing_args(p)
-    _common(p)
-
-    p = sub.add_parser("replicate", help="the main job: train (or take a checkpoint), quantize every way, "
-                                         "benchmark, report", epilog=EPILOG)
-    _data_args(p)
-    p.add_argument("--checkpoint", type=Path, help="start from this fp32 checkpoint instead of training")
-    p.add_argument("--preset", default="fast", help="fp32 training preset if no --checkpoint (default: fast)")
-    p.add_argument("--qat-preset", default="fast", help="QAT preset (default: fast)")
-    p.add_argument("--flows", default="eager", help=f"comma list of {', '.join(FLOWS)} (default: eager)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
-    p.add_argument("--runtimes", default="auto",
-                   help="comparison rows from other runtimes: comma list of onnxrt, openvino; 'auto' (default) "
-                        "adds those installed (pip install '.[runtimes]'), 'none' adds none")
-    p.add_argument("--qconfig", default="default", help="default (best practice for this CPU) or seed")
-    p.add_argument("--calib-samples", type=int, default=10_000, help="calibration images (default: 10000)")
-    p.add_argument("--output", type=Path, default=Path("runs/replicate"), help="run directory")
-    _timing_args(p)
-    p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
-    _common(p)
-
-    p = sub.add_parser("profile", help="where the time goes: one model's operators under its runtime's profiler",
-                       epilog="The table sums each operator type's time per call (batch 1). The gap between "
-                              "the wall time and the operators' total is the runtime's own overhead.")
-    p.add_argument("model", type=Path, help="deployment file (.pt, .pt2, .onnx, .xml)")
-    p.add_argument("--calls", type=int, default=200, help="profiled calls (default: 200)")
-    p.add_argument("--bench-threads", default="1", help="threads: N or 'all' (default: 1)")
-    p.add_argument("--top", type=int, default=15, help="operator rows to show (default: 15)")
-    p.add_argument("--json", type=Path, help="write the whole profile here")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-
-    p = sub.add_parser("report", help="rebuild report.md and plots from run directories")
-    p.add_argument("runs", type=Path, nargs="+", help="run directories holding results.json")
-    p.add_argument("--output", type=Path, help="where to write a comparison (default: the first run)")
-    p.add_argument("--debug", action="store_true")
-    return ap
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    """How int8 models are made: shared by `quantize` and `replicate`, with one meaning each."""
+    from .flows.qconfigs import QCONFIGS
+    from .quantize import QAT_SCHEDULES
+    g = p.add_argument_group("quantization")
+    g.add_argument("--qconfig", default="default",
+                   help=f"one of {', '.join(QCONFIGS)}: default = best practice for this CPU, "
+                        "seed = the original's 7-bit ranges (default: default)")
+    g.add_argument("--calib-samples", type=int, default=10_000, help="training images for calibration (default: 10000)")
+    g.add_argument("--calib-batch-size", type=int, default=100, help="(default: 100)")
+    g.add_argument("--qat-preset", default="fast",
+                   help=f"QAT fine-tune schedule: {', '.join(QAT_SCHEDULES)} (default: fast)")
 
 
-def _timing_args(p) -> None:
+def _timing_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("timing")
     g.add_argument("--bench-threads", default="1", help="threads for timing: N or 'all' (default: 1)")
     g.add_argument("--batch-sizes", default="1", help="comma list (default: 1); >1 adds throughput")
@@ -133,47 +59,190 @@ def _timing_args(p) -> None:
                         "(default: 3)")
 
 
-# ------------------------------------------------------------------ command handlers
-def _data(args, train: bool):
-    from .data import load_dataset
-    return load_dataset(args.data_dir, args.data_root, train=train, progress=not args.no_progress)
+def parse_threads(s: str) -> int:
+    if str(s) == "all":
+        return os.cpu_count() or 1
+    try:
+        n = int(s)
+    except ValueError as e:
+        raise QuantbenchError(f"--bench-threads must be a number or 'all', not {s!r}") from e
+    if n < 1:
+        raise QuantbenchError("--bench-threads must be at least 1")
+    return n
 
 
-def cmd_train(args) -> int:
+def parse_batch_sizes(s: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in str(s).split(",") if x.strip())
+    except ValueError as e:
+        raise QuantbenchError(f"--batch-sizes takes a comma list of numbers, not {s!r}") from e
+    if not sizes or min(sizes) < 1:
+        raise QuantbenchError("--batch-sizes must list numbers >= 1")
+    return sizes
+
+
+def _list(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _data_source(args):
+    from .data import DataSource
+    return DataSource(args.data_dir, args.data_root)
+
+
+def _bench_config(args):
+    from .bench import BenchConfig
+    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
+                       min_runs=args.min_runs, budget_s=args.budget, processes=args.processes,
+                       accuracy=not getattr(args, "no_accuracy", False), progress=not args.no_progress,
+                       data=_data_source(args))
+
+
+def _quantize_config(args, method: str = "static", flow: str = "eager", **extra):
+    from .quantize import QuantizeConfig
+    return QuantizeConfig(method=method, flow=flow, qconfig=args.qconfig, calib_samples=args.calib_samples,
+                          calib_batch_size=args.calib_batch_size, qat_schedule=args.qat_preset, **extra)
+
+
+# ------------------------------------------------------------------ train
+def train_args(p: argparse.ArgumentParser) -> None:
+    from .train import PRESETS
+    _data_args(p)
+    p.add_argument("--preset", default="fast", help=f"fp32 training recipe: {', '.join(PRESETS)} (default: fast)")
+    p.add_argument("--arch", default="resnet18", help="model architecture (default: resnet18)")
+    p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the recipe's global batch size")
+    p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
+    p.add_argument("--output", type=Path, default=Path("runs/train"), help="run directory (default: runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+
+
+def train_cmd(args) -> int:
     from .train import get_recipe, train
     recipe = get_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-    result = train(_data(args, train=True), recipe, args.output, arch=args.arch, resume=args.resume,
-                   device=args.device, seed=args.seed, progress=not args.no_progress)
+    result = train(_data_source(args).load(train=True, progress=not args.no_progress), recipe, args.output,
+                   arch=args.arch, resume=args.resume, device=args.device, seed=args.seed,
+                   progress=not args.no_progress)
     if result.history and os.environ.get("RANK", "0") == "0":
         print(f"best test accuracy {result.best_acc:.2f}% -> {args.output / 'best.pth'}")
     return 0
 
 
-def cmd_eval(args) -> int:
+# ------------------------------------------------------------------ eval
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, .onnx, .xml)")
+    _data_args(p)
+    p.add_argument("--batch-size", type=int, default=500)
+    _common(p)
+
+
+def eval_cmd(args) -> int:
     from .evaluate import evaluate_file
-    acc = evaluate_file(args.model, _data(args, train=False), batch_size=args.batch_size,
-                        progress=not args.no_progress)
+    if args.batch_size < 1:
+        raise QuantbenchError("--batch-size must be at least 1")
+    acc = evaluate_file(args.model, _data_source(args).load(train=False, progress=not args.no_progress),
+                        batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{args.model}: top-1 {acc:.2f}%")
     return 0
 
 
-def cmd_quantize(args) -> int:
-    from .quantize import quantize_cli
-    return quantize_cli(args)
+# ------------------------------------------------------------------ quantize
+def quantize_args(p: argparse.ArgumentParser) -> None:
+    from .flows import FLOWS, METHODS
+    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--flow", default="eager", help=f"one of: {', '.join(FLOWS)} (default: eager)")
+    p.add_argument("--output", type=Path, required=True, help="deployment file to write")
+    _quantize_args(p)
+    p.add_argument("--epochs", type=int, help="override the QAT schedule's epochs")
+    p.add_argument("--work-dir", type=Path, help="QAT checkpoints (default: OUTPUT's folder/qat-work)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted QAT run")
+    _data_args(p)
+    _common(p)
 
 
-def cmd_bench(args) -> int:
-    from .bench import bench_cli
-    return bench_cli(args)
+def quantize_cmd(args) -> int:
+    from .quantize import check_output, quantize_to_file
+    cfg = _quantize_config(args, method=args.method, flow=args.flow, qat_epochs=args.epochs, resume=args.resume,
+                           work_dir=args.work_dir or args.output.parent / "qat-work")
+    check_output(args.output, cfg.flow)  # fail on bad options before loading any data
+    data = None
+    if cfg.method != "dynamic" or args.data_dir is not None:
+        data = _data_source(args).load(train=cfg.method != "dynamic", progress=not args.no_progress)
+    rec = quantize_to_file(args.checkpoint, args.output, cfg, data, progress=not args.no_progress)
+    print(f"{rec['label']}: wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) "
+          f"in {rec['quantize_s']:.0f} s")
+    return 0
 
 
-def cmd_replicate(args) -> int:
-    from .replicate import replicate_cli
-    return replicate_cli(args)
+# ------------------------------------------------------------------ bench
+def bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", type=Path, nargs="+", help="deployment files (.pt TorchScript, .pt2, .onnx, .xml)")
+    _data_args(p)
+    p.add_argument("--json", type=Path, help="write every raw figure here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--no-accuracy", action="store_true", help="latency, size and memory only (no test data needed)")
+    _timing_args(p)
+    _common(p)
 
 
-def cmd_profile(args) -> int:
-    from .bench import parse_threads
+def bench_cmd(args) -> int:
+    from .bench import bench
+    from .report import write_report
+    results = bench(args.models, _bench_config(args))
+    print(write_report(results, json_path=args.json, markdown_path=args.markdown))
+    return 0
+
+
+# ------------------------------------------------------------------ replicate
+def replicate_args(p: argparse.ArgumentParser) -> None:
+    from .flows import FLOWS, METHODS
+    from .train import PRESETS
+    _data_args(p)
+    p.add_argument("--checkpoint", type=Path, help="start from this fp32 checkpoint instead of training")
+    p.add_argument("--preset", default="fast", help=f"fp32 training recipe if no --checkpoint: {', '.join(PRESETS)} "
+                                                    "(default: fast)")
+    p.add_argument("--epochs", type=int, help="override the fp32 recipe's number of epochs")
+    p.add_argument("--flows", default="eager", help=f"comma list of {', '.join(FLOWS)} (default: eager)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
+    p.add_argument("--runtimes", default="auto",
+                   help="comparison rows from other runtimes: comma list of onnxruntime, openvino; 'auto' (default) "
+                        "adds those installed (pip install '.[runtimes]'), 'none' adds none")
+    _quantize_args(p)
+    p.add_argument("--output", type=Path, default=Path("runs/replicate"), help="run directory")
+    _timing_args(p)
+    p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
+    _common(p)
+
+
+def replicate_cmd(args) -> int:
+    from .report import markdown_table
+    from .replicate import ReplicateConfig, replicate
+    runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
+    cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
+                          preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
+                          methods=_list(args.methods), runtimes=runtimes, quantize=_quantize_config(args),
+                          resume=args.resume, bench=_bench_config(args))
+    results = replicate(cfg, progress=not args.no_progress)
+    print(markdown_table(results))
+    print(f"\nwrote {args.output / 'report.md'}, results.json, results.csv and models/ in {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------ profile
+def profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="deployment file (.pt, .pt2, .onnx, .xml)")
+    p.add_argument("--calls", type=int, default=200, help="profiled calls (default: 200)")
+    p.add_argument("--bench-threads", default="1", help="threads: N or 'all' (default: 1)")
+    p.add_argument("--top", type=int, default=15, help="operator rows to show (default: 15)")
+    p.add_argument("--json", type=Path, help="write the whole profile here")
+    _common(p, threads=False)
+
+
+def profile_cmd(args) -> int:
     from .fileio import write_json
     from .profiling import profile_model, render_profile
     prof = profile_model(args.model, calls=args.calls, threads=parse_threads(args.bench_threads))
@@ -183,13 +252,68 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from .report import report_cli
-    return report_cli(args)
+# ------------------------------------------------------------------ report
+def report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, nargs="+", help="run directories holding results.json")
+    p.add_argument("--output", type=Path, help="where to write a comparison (default: the first run)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def report_cmd(args) -> int:
+    from .report import report_runs
+    print(f"wrote {report_runs(args.runs, args.output)}")
+    return 0
+
+
+# ------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class Command:
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str = ""
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(train_args, train_cmd, "train an fp32 model",
+                     "Train an fp32 model. Writes last.pth (resumable), best.pth, metrics.jsonl and TensorBoard "
+                     "logs in --output. Under torchrun it uses DistributedDataParallel."),
+    "eval": Command(eval_args, eval_cmd, "top-1 accuracy of a checkpoint or deployment file"),
+    "quantize": Command(quantize_args, quantize_cmd, "quantize an fp32 checkpoint to int8 and export it",
+                        "Quantize an fp32 checkpoint and write a deployment file plus FILE.json, its sidecar "
+                        "(how it was made: method, flow, the observers really used, calibration, input shape)."),
+    "bench": Command(bench_args, bench_cmd, "accuracy, latency and size of deployment files, side by side",
+                     "Measure deployment files, each in fresh processes with interleaved timing rounds."),
+    "replicate": Command(replicate_args, replicate_cmd,
+                         "the main job: train (or take a checkpoint), quantize every way, benchmark, report",
+                         "Train fp32 (or take --checkpoint), make origin/ptq-d/ptq-s/qat for each flow plus "
+                         "comparison rows from other runtimes, benchmark them, and write a run directory."),
+    "profile": Command(profile_args, profile_cmd,
+                       "where the time goes: one model's operators under its runtime's profiler",
+                       "The table sums each operator type's time per call (batch 1). The gap between the wall "
+                       "time and the operators' total is the runtime's own overhead."),
+    "report": Command(report_args, report_cmd, "rebuild report.md and plots from run directories, or compare runs"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    ap = argparse.ArgumentParser(prog="quantbench", epilog=EPILOG,
+                                 description="Train a CNN, quantize it to int8 every way PyTorch offers, "
+                                             "export it, and benchmark accuracy, latency and size side by side.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {}
+    for name, cmd in COMMANDS.items():
+        parsers[name] = p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help,
+                                           epilog=EPILOG)
+        cmd.add_args(p)
+    return ap, parsers
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap, parsers = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:  # the subcommand's own usage line, not the top-level one
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from .warn import summarized_deprecations
 
     if hasattr(args, "no_progress") and not sys.stderr.isatty():
@@ -197,14 +321,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with summarized_deprecations():
-            if getattr(args, "threads", None):
+            if getattr(args, "threads", None) is not None:
+                if args.threads < 1:
+                    raise QuantbenchError("--threads must be at least 1")
                 import torch
                 torch.set_num_threads(args.threads)
-            return globals()[f"cmd_{args.command}"](args) or 0
+            return COMMANDS[args.command].run(args) or 0
     except QuantbenchError as e:
         if args.debug:
             raise
-        print(f"quantbench: error: {e}", file=sys.stderr)
+        print("quantbench: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("quantbench: interrupted (checkpoints written so far are intact; rerun with --resume)",

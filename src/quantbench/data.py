@@ -149,7 +149,7 @@ def _decode(args) -> np.ndarray:
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except Exception as e:
-        raise QuantbenchError(f"cannot read image {path}: {e}") from None
+        raise QuantbenchError(f"cannot read image {path}: {e}") from e
 
 
 def _load_split(split_dir: Path, image_size: int, progress: bool) -> tuple[Split, list[str]]:
@@ -265,3 +265,20 @@ class Batches:
             if self.augment == "crop-flip":
                 x = augment_crop_flip(x, gen)
             yield x, labels
+
+
+# ---------------------------------------------------------------- where the data is
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images come from: an ImageFolder tree (`dir`), else torchvision's CIFAR-10
+    downloaded under `root`. One value, passed down to every stage that reads images (training,
+    calibration, and the measuring workers' accuracy runs), so they all see the same data."""
+    dir: Path | None = None
+    root: Path = Path("data")
+
+    def __post_init__(self):
+        object.__setattr__(self, "dir", Path(self.dir) if self.dir is not None else None)
+        object.__setattr__(self, "root", Path(self.root))
+
+    def load(self, train: bool = True, progress: bool = True) -> Dataset:
+        return load_dataset(self.dir, self.root, train=train, progress=progress)

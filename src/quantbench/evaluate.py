@@ -32,10 +32,10 @@ def evaluate_file(path, data: Dataset, batch_size: int = 500, progress: bool = T
     from pathlib import Path
 
     from .models import load_checkpoint
-    from .runtimes import load_deployed
+    from . import runtimes
 
     path = Path(path)
     if path.suffix == ".pth":
         model, _ = load_checkpoint(path, num_classes=data.num_classes)
         return accuracy(model, data, batch_size, progress=progress)
-    return accuracy(load_deployed(path), data, batch_size, progress=progress)
+    return accuracy(runtimes.load(path), data, batch_size, progress=progress)

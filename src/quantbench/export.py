@@ -18,15 +18,25 @@ from torch import nn
 from .fileio import atomic_path, read_json, write_json
 
 
-def example_input(batch: int = 1, size: int = 32) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+# The input shape of a model is data: recorded in checkpoint meta and every sidecar, read back
+# from there. This default is for files made before that (the reference CIFAR-10 checkpoint).
+CIFAR10_INPUT_SHAPE = (3, 32, 32)
 
 
-def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch.Tensor | None = None) -> None:
+def input_shape(meta: dict) -> tuple[int, ...]:
+    """(C, H, W) from checkpoint meta or a sidecar."""
+    return tuple(meta.get("input_shape") or CIFAR10_INPUT_SHAPE)
+
+
+def example_input(shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
+    """A fixed random batch of the model's input shape, for tracing and exporting."""
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> None:
     """trace -> freeze -> save. Freezing inlines weights and folds constants, so the file runs in
     any process with plain `torch.jit.load`, without quantbench or the model's Python class."""
     model = model.eval()
-    example = example_input() if example is None else example
     with torch.no_grad(), warnings.catch_warnings():
         # Quantized modules read their scale as a Python float while tracing; it is a constant
         # of the converted model, so the tracer's warning about it does not apply.
@@ -76,7 +86,13 @@ def write_sidecar(path: str | os.PathLike, **info) -> dict:
 
 def read_sidecar(path: str | os.PathLike) -> dict:
     p = sidecar_path(path)
-    return read_json(p) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        return read_json(p)
+    except ValueError as e:
+        from .errors import QuantbenchError, cause
+        raise QuantbenchError(f"{p} is not valid JSON ({cause(e)}); delete it or make the model again") from e
 
 
 def calibration_arrays(calib_batches) -> list:

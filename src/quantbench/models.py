@@ -10,7 +10,6 @@ A checkpoint file is `{"state_dict": ..., "meta": {...}}`; a bare state dict loa
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import QuantbenchError
+from .errors import QuantbenchError, cause
 
 
 @dataclass(frozen=True)
@@ -66,27 +65,21 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def is_torchscript(path: str | os.PathLike) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     """(state_dict, meta) from a quantbench checkpoint or a bare state dict, with clear errors."""
     path = Path(path)
     if not path.is_file():
         raise QuantbenchError(f"checkpoint not found: {path}")
-    if path.suffix in (".pt2", ".onnx", ".xml") or is_torchscript(path):
-        raise QuantbenchError(f"{path} is an exported model, not an fp32 checkpoint; "
+    from . import runtimes
+    kind = runtimes.deployment_kind(path)
+    if kind is not None:
+        raise QuantbenchError(f"{path} is an exported model ({kind}), not an fp32 checkpoint; "
                               "quantize the .pth checkpoint it was made from")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise QuantbenchError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__})") from None
+                              f"({cause(e)})") from e
     if isinstance(blob, dict) and "state_dict" in blob:
         state, meta = blob["state_dict"], dict(blob.get("meta") or {})
     elif isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
@@ -120,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classe
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # size mismatch: another width or depth
-        raise QuantbenchError(f"{path} does not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
+        raise QuantbenchError(f"{path} does not fit {arch}: {str(e).splitlines()[-1].strip()}") from e
     if result.missing_keys or result.unexpected_keys:
         bad = (result.missing_keys + result.unexpected_keys)[:3]
         raise QuantbenchError(f"{path} does not fit {arch}: mismatched weights such as {', '.join(bad)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .fileio import atomic_path
+from .results import BenchResults
 
 MiB = 2 ** 20
 
@@ -38,27 +39,48 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
-def _median(row: dict):
-    return ((row.get("latency") or {}).get("1") or {}).get("median_ms")
+def label_offsets(points: list[tuple[float, float]], min_gap: float = 12.0) -> list[float]:
+    """Vertical label offsets (points) so labels of nearby points do not overlap: points are
+    taken left to right, and a label that would sit within `min_gap` points of an earlier
+    label in the same horizontal neighbourhood is pushed below or above it."""
+    placed: list[tuple[float, float]] = []  # (x in axes fraction, label y in points)
+    offsets = []
+    for x, y in points:
+        near = [ly for lx, ly in placed if abs(lx - x) < 0.12]
+        off = 4.0
+        for candidate in (4.0, -12.0, 16.0, -24.0, 28.0, -36.0, 40.0):
+            if all(abs(y + candidate - ly) >= min_gap for ly in near):
+                off = candidate
+                break
+        placed.append((x, y + off))
+        offsets.append(off)
+    return offsets
 
 
-def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
+def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
     plt = _plt()
     out_dir = Path(out_dir)
-    rows = results["models"]
+    rows = results.models
     written = []
 
-    pts = [(_median(r), r["accuracy"], r["label"]) for r in rows if _median(r) and r.get("accuracy") is not None]
+    pts = sorted((r.median_ms(), r.accuracy, r.label) for r in rows if r.median_ms() and r.accuracy is not None)
     if pts:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        import math
+
         from matplotlib.ticker import FormatStrFormatter
-        for i, (lat, acc, name) in enumerate(sorted(pts)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for lat, acc, _ in pts:
             ax.scatter(lat, acc, s=30)
-            # alternate label offsets so neighbours with equal accuracy stay readable
-            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, 4 if i % 2 else -11), fontsize=8)
+        ax.set_xscale("log")
+        fig.canvas.draw()  # fixes the limits, so positions can be turned into points
+        lo, hi = (math.log(v) for v in ax.get_xlim())
+        ylo, yhi = ax.get_ylim()
+        height_pt = ax.get_window_extent().height * 72 / fig.dpi
+        where = [((math.log(lat) - lo) / (hi - lo), (acc - ylo) / (yhi - ylo) * height_pt) for lat, acc, _ in pts]
+        for (lat, acc, name), off in zip(pts, label_offsets(where)):
+            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, off), fontsize=8)
         front = pareto_front(pts)
         ax.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="grey", label="Pareto front")
-        ax.set_xscale("log")
         for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
             axis(FormatStrFormatter("%g"))
         ax.set_xlabel("latency, batch 1 (ms, median, log scale)")
@@ -70,20 +92,20 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
         written.append(out_dir / "accuracy_vs_latency.png")
 
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
-    labels = [r["label"] for r in rows]
-    ax.barh(labels, [r["file_bytes"] / MiB for r in rows], color=["tab:blue" if r["dtype"] == "fp32" else "tab:orange"
-                                                                 for r in rows])
+    labels = [r.label for r in rows]
+    ax.barh(labels, [r.file_bytes / MiB for r in rows], color=["tab:blue" if r.dtype == "fp32" else "tab:orange"
+                                                             for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("deployment file size (MiB)")
     ax.set_title("Size (blue: fp32, orange: int8)")
     _save(fig, out_dir / "size.png")
     written.append(out_dir / "size.png")
 
-    lat_rows = [r for r in rows if ((r.get("latency") or {}).get("1") or {}).get("samples_ms")]
+    lat_rows = [r for r in rows if 1 in r.latency and r.latency[1].samples_ms]
     if lat_rows:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(lat_rows) + 1.2))
-        ax.boxplot([r["latency"]["1"]["samples_ms"] for r in lat_rows], orientation="horizontal", whis=(10, 90),
-                   showfliers=False, tick_labels=[r["label"] for r in lat_rows])
+        ax.boxplot([r.latency[1].samples_ms for r in lat_rows], orientation="horizontal", whis=(10, 90),
+                   showfliers=False, tick_labels=[r.label for r in lat_rows])
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("latency per call, batch 1 (ms, log scale; box: quartiles, whiskers: p10-p90)")

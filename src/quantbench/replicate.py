@@ -9,34 +9,59 @@ With resume=True, deployment files that already exist (with their sidecar) are k
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import BenchConfig, bench, config_from_args
-from .data import Batches, load_dataset
+from . import runtimes
+from .bench import BenchConfig, bench
+from .data import Batches, DataSource
 from .errors import QuantbenchError
 from .export import sidecar_path
-from .flows import METHODS, check_method, get_flow
+from .flows import METHODS, check_method, suffix
 from .quantize import QuantizeConfig, export_origin, label, quantize_to_file
 from .report import write_report
-from .runtimes import EXPORTERS
+from .results import BenchResults
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplicateConfig:
+    """The whole main job. `quantize` is the template every int8 row is made from (its method
+    and flow are set per row); `data` is the one data location that training, calibration and
+    the benchmark's accuracy runs all read."""
     output: Path = Path("runs/replicate")
+    data: DataSource = field(default_factory=DataSource)
     checkpoint: Path | None = None        # skip training, start from this fp32 checkpoint
-    preset: str = "fast"                  # fp32 training preset when no checkpoint
-    qat_preset: str = "fast"
+    preset: str = "fast"                  # fp32 training recipe when there is no checkpoint
+    epochs: int | None = None             # override the recipe's epochs
     flows: tuple[str, ...] = ("eager",)
     methods: tuple[str, ...] = METHODS
-    runtimes: tuple[str, ...] | None = None   # None: every optional runtime that is installed
-    qconfig: str = "default"
-    calib_samples: int = 10_000
+    runtimes: tuple[str, ...] | None = None   # comparison rows; None: every installed one
+    quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(method="static"))
     resume: bool = False
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self):
+        object.__setattr__(self, "flows", tuple(self.flows))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.flows or not self.methods:
+            raise QuantbenchError("replicate needs at least one flow and one method")
+        for flow in self.flows:  # fail on bad options before hours of work
+            for method in self.methods:
+                check_method(flow, method)
+                self.quantize.replace(method=method, flow=flow)  # validates the combination
+        if self.runtimes is not None:
+            object.__setattr__(self, "runtimes", tuple(runtimes.ALIASES.get(r, r) for r in self.runtimes))
+            for name in self.runtimes:
+                if not hasattr(runtimes.get(name), "export"):
+                    raise QuantbenchError(f"runtime {name!r} makes no comparison rows; choose from "
+                                          f"{', '.join(runtimes.exporters())}")
+        if self.checkpoint is None:
+            from .train import get_recipe
+            get_recipe(self.preset, epochs=self.epochs)  # unknown preset, bad epochs: fail now
+        # the benchmark measures accuracy on the very data the models were made from
+        object.__setattr__(self, "bench", dataclasses.replace(self.bench, data=self.data))
 
 
 def _log(msg: str) -> None:
@@ -47,38 +72,35 @@ def _done(path: Path, resume: bool) -> bool:
     return resume and path.is_file() and sidecar_path(path).is_file()
 
 
-def replicate(cfg: ReplicateConfig, data_dir=None, data_root="data", progress: bool = True) -> dict:
-    for flow in cfg.flows:
-        for method in cfg.methods:
-            check_method(flow, method)  # fail on bad options before hours of work
+def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     out = Path(cfg.output)
     models = out / "models"
-    data = load_dataset(data_dir, data_root, train=True, progress=progress)
+    data = cfg.data.load(train=True, progress=progress)
 
     # 1. fp32 model
     ckpt = cfg.checkpoint
     if ckpt is None:
         from .train import get_recipe, train
         _log(f"training fp32 ({cfg.preset} preset) in {out / 'train'}")
-        train(data, get_recipe(cfg.preset), out / "train", resume=cfg.resume, progress=progress)
+        train(data, get_recipe(cfg.preset, epochs=cfg.epochs), out / "train", resume=cfg.resume, progress=progress)
         ckpt = out / "train" / "best.pth"
 
-    # 2. deployment files: one fp32 "origin" per kind of file, then each flow x method
+    # 2. deployment files: one fp32 "origin" per runtime, then each flow x method
     files: list[Path] = []
-    for suffix in dict.fromkeys(get_flow(f).SUFFIX for f in cfg.flows):
-        flow = next(f for f in cfg.flows if get_flow(f).SUFFIX == suffix)
-        path = models / (("origin" if flow == "eager" else f"origin-{flow}") + suffix)
+    for suf in dict.fromkeys(suffix(f) for f in cfg.flows):
+        flow = next(f for f in cfg.flows if suffix(f) == suf)
+        path = models / (label("origin", flow) + suf)
         if not _done(path, cfg.resume):
             _log(f"exporting fp32 -> {path.name}")
             export_origin(ckpt, path, flow, data)
         files.append(path)
     for flow in cfg.flows:
         for method in cfg.methods:
-            path = models / (label(method, flow) + get_flow(flow).SUFFIX)
+            path = models / (label(method, flow) + suffix(flow))
             if not _done(path, cfg.resume):
                 _log(f"{method} ({flow}) -> {path.name}")
-                qcfg = QuantizeConfig(method=method, flow=flow, qconfig=cfg.qconfig, calib_samples=cfg.calib_samples,
-                                      qat_preset=cfg.qat_preset, work_dir=out / "qat-work" / flow, resume=cfg.resume)
+                qcfg = cfg.quantize.replace(method=method, flow=flow, work_dir=out / "qat-work" / flow,
+                                            resume=cfg.resume)
                 quantize_to_file(ckpt, path, qcfg, data, progress=progress)
             files.append(path)
 
@@ -88,54 +110,34 @@ def replicate(cfg: ReplicateConfig, data_dir=None, data_root="data", progress: b
     # 4. measure and report
     _log(f"benchmarking {len(files)} models")
     results = bench(files, cfg.bench)
-    results["replicate"] = {"checkpoint": str(ckpt), "flows": list(cfg.flows), "methods": list(cfg.methods),
-                            "qconfig": cfg.qconfig, "calib_samples": cfg.calib_samples, "qat_preset": cfg.qat_preset}
-    write_report(results, run_dir=out, markdown_path=out / "results.md")
+    q = cfg.quantize
+    results.replicate = {"checkpoint": str(ckpt), "flows": list(cfg.flows), "methods": list(cfg.methods),
+                         "qconfig": q.qconfig, "calib_samples": q.calib_samples, "qat_schedule": q.qat_schedule,
+                         "data": str(cfg.data.dir or cfg.data.root)}
+    write_report(results, run_dir=out)
     return results
 
 
 def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
     from .models import load_checkpoint
-    wanted = cfg.runtimes if cfg.runtimes is not None else tuple(EXPORTERS)
+    wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
     files: list[Path] = []
     for name in wanted:
-        if name not in EXPORTERS:
-            raise QuantbenchError(f"unknown runtime {name!r}; choose from {', '.join(EXPORTERS) or 'none'}")
-        module, fn = EXPORTERS[name].split(":")
         try:
-            mod = importlib.import_module(module)
+            mod = runtimes.get(name)
             made = [models / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
             if made and all(_done(p, cfg.resume) for p in made):
                 files += made  # resumed: the very same files are measured again
                 continue
-            exporter = getattr(mod, fn)
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes)
             calib = (x for x, _ in Batches(data.train, 100, data.mean, data.std, shuffle=True,
-                                           limit=min(cfg.calib_samples, 2000)))
+                                           limit=min(cfg.quantize.calib_samples, 2000)))
             _log(f"{name}: exporting fp32 and int8")
-            files += exporter(model, models, calib, {"source_checkpoint": str(ckpt), "classes": data.classes,
-                                                     "normalize_mean": list(data.mean), "normalize_std": list(data.std)})
+            files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), "classes": data.classes,
+                                                       "normalize_mean": list(data.mean),
+                                                       "normalize_std": list(data.std)})
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:
-                raise QuantbenchError(f"runtime {name}: {e}") from None
+                raise QuantbenchError(f"runtime {name}: {e}") from e
             _log(f"skipping {name} rows: {e}")
     return files
-
-
-def replicate_cli(args) -> int:
-    flows = tuple(f.strip() for f in args.flows.split(",") if f.strip())
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    runtimes = None if args.runtimes == "auto" else tuple(r for r in args.runtimes.split(",") if r.strip() and r != "none")
-    cfg = ReplicateConfig(
-        output=args.output, checkpoint=args.checkpoint, preset=args.preset, qat_preset=args.qat_preset,
-        flows=flows, methods=methods, runtimes=runtimes, qconfig=args.qconfig, calib_samples=args.calib_samples,
-        resume=args.resume,
-        bench=config_from_args(args))
-    if args.checkpoint is None:
-        from .train import get_recipe
-        get_recipe(args.preset)  # unknown preset: fail now, not after loading data
-    results = replicate(cfg, args.data_dir, args.data_root, progress=not args.no_progress)
-    from .report import markdown_table
-    print(markdown_table(results))
-    print(f"\nwrote {args.output / 'report.md'}, results.json, results.csv and models/ in {args.output}")
-    return 0

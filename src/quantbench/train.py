@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -29,24 +29,28 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .data import Batches, Dataset
-from .errors import QuantbenchError
+from .errors import QuantbenchError, cause
 from .evaluate import accuracy
 from .fileio import save_torch, write_text
 from .models import build, save_checkpoint, unwrap
 
 
-@dataclass
+Optimizer = Literal["sgd", "adam"]
+Schedule = Literal["onecycle", "step", "cosine", "constant"]
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     epochs: int
     batch_size: int
-    optimizer: str = "sgd"             # "sgd" | "adam"
+    optimizer: Optimizer = "sgd"
     lr: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    schedule: str = "onecycle"         # "onecycle" | "step" | "cosine" | "constant"
+    schedule: Schedule = "onecycle"
     step_size: int = 20                # epochs, for "step"
     gamma: float = 0.1
     pct_start: float = 0.25            # warm-up share, for "onecycle"
@@ -56,7 +60,21 @@ class Recipe:
     ema_decay: float = 0.9998
     channels_last: bool = True         # ~25 % faster convolutions on x86 CPUs
     train_limit: int | None = None     # images per epoch (None: all)
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .data import AUGMENTATIONS
+        if self.epochs < 1:
+            raise QuantbenchError(f"epochs must be at least 1, not {self.epochs}")
+        if self.batch_size < 2:  # batch norm cannot train on single images
+            raise QuantbenchError(f"batch size must be at least 2 for training, not {self.batch_size}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise QuantbenchError(f"learning rate must be a positive number, not {self.lr}")
+        for name, allowed in (("optimizer", get_args(Optimizer)), ("schedule", get_args(Schedule)),
+                              ("augment", AUGMENTATIONS)):
+            if getattr(self, name) not in allowed:
+                raise QuantbenchError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise QuantbenchError("train_limit must be at least 1")
 
     def replace(self, **kw) -> "Recipe":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -116,6 +134,19 @@ class TrainResult:
     output: Path
 
 
+@dataclass
+class _State:
+    """What a run carries from epoch to epoch (and what last.pth saves)."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None = None
+    start_epoch: int = 1
+    best_acc: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    elapsed0: float = 0.0
+
+
 def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = "resnet18",
           model: nn.Module | None = None, resume: bool = False, device: str = "cpu", seed: int = 0,
           epoch_hook: Callable[[int, nn.Module], None] | None = None, meta: dict | None = None,
@@ -130,14 +161,8 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     if data.train is None:
         raise QuantbenchError("training needs the train split")
     output = Path(output)
-    rank, world = _dist_info()
+    rank, world, device = _distributed(device)
     is_main = rank == 0
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise QuantbenchError("--device cuda: no CUDA GPU is available here")
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else device
     torch.manual_seed(seed)
 
     model = model if model is not None else build(arch, data.num_classes)
@@ -146,36 +171,16 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     batches = Batches(data.train, recipe.batch_size // world, data.mean, data.std,
                       augment=recipe.augment, shuffle=True, seed=seed, rank=rank, world_size=world,
                       limit=recipe.train_limit and recipe.train_limit // world, min_batch=2)
+    if len(batches) == 0:
+        raise QuantbenchError(f"the training split has {len(data.train)} images: too few for one batch")
     opt = make_optimizer(model.parameters(), recipe)
-    sched = make_scheduler(opt, recipe, len(batches))
-    ema: AveragedModel | None = None
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    st = _State(model, opt, make_scheduler(opt, recipe, len(batches)))
     meta = {"arch": arch, "num_classes": data.num_classes, "classes": data.classes,
             "normalize_mean": list(data.mean), "normalize_std": list(data.std),
             "dataset": data.source, "recipe": dataclasses.asdict(recipe), "seed": seed, **(meta or {})}
-
-    start_epoch, best_acc, history, elapsed0 = 1, -1.0, [], 0.0
     last_path = output / "last.pth"
     if resume and last_path.is_file():
-        try:
-            state = torch.load(last_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise QuantbenchError(f"cannot resume: {last_path} is unreadable ({type(e).__name__})") from None
-        if state["meta"]["recipe"] != meta["recipe"]:
-            raise QuantbenchError(f"cannot resume: {last_path} was written by another recipe "
-                                  f"({state['meta']['recipe']['name']}, {state['meta']['recipe']['epochs']} epochs)")
-        for key in ("arch", "classes", "seed"):  # else a traceback (arch) or a silently different run
-            if state["meta"].get(key) != meta.get(key):
-                raise QuantbenchError(f"cannot resume: {last_path} was written with {key} "
-                                      f"{state['meta'].get(key)!r}, not {meta.get(key)!r}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("ema") is not None:
-            ema = _make_ema(model, recipe)
-            ema.load_state_dict(state["ema"])
-        start_epoch, best_acc, history = state["epoch"] + 1, state["best_acc"], state["history"]
-        elapsed0 = history[-1]["elapsed_s"] if history else 0.0
+        _resume(st, last_path, meta, recipe)
     elif resume and is_main:
         print(f"no {last_path} to resume from; starting from scratch")
 
@@ -185,70 +190,26 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     writer = None
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(output / "metrics.jsonl", start_epoch - 1)
+        _truncate_metrics(output / "metrics.jsonl", st.start_epoch - 1)
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_epoch)
+        writer = SummaryWriter(str(output / "tensorboard"), purge_step=st.start_epoch)
 
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     t0 = time.perf_counter()
     eval_model: nn.Module = model
-    for epoch in range(start_epoch, recipe.epochs + 1):
+    for epoch in range(st.start_epoch, recipe.epochs + 1):
         if epoch_hook is not None:
             epoch_hook(epoch, model)
-        if recipe.ema_epoch is not None and epoch >= recipe.ema_epoch and ema is None:
-            ema = _make_ema(model, recipe)
-        batches.set_epoch(epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc.: a function of the epoch
-        if set_mode is None:
-            net.train()
-        else:
-            set_mode(model, True)
+        if recipe.ema_epoch is not None and epoch >= recipe.ema_epoch and st.ema is None:
+            st.ema = _make_ema(model, recipe)
         t_epoch = time.perf_counter()
-        loss_sum = correct = seen = 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", leave=False,
-                   disable=not (progress and is_main))
-        for x, y in bar:
-            x, y = x.to(device, memory_format=mf), y.to(device)
-            logits = net(x)
-            loss = criterion(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        if not math.isfinite(loss_sum):
-            raise QuantbenchError(f"training diverged at epoch {epoch} (loss is not finite); lower the learning rate")
-
-        eval_model = ema.module if ema is not None else model
+        train_row = _train_epoch(st, net, batches, criterion, epoch, recipe, seed, device, mf, set_mode,
+                                 progress and is_main)
+        eval_model = st.ema.module if st.ema is not None else model
         if is_main:
-            if set_mode is not None:
-                set_mode(eval_model, False)
-            test_acc = accuracy(eval_model, data, channels_last=recipe.channels_last, progress=progress,
-                                desc=f"eval {epoch}", set_eval=set_mode is None)
-            row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-                   "test_acc": test_acc, "lr": opt.param_groups[0]["lr"],
-                   "epoch_s": time.perf_counter() - t_epoch,
-                   "elapsed_s": elapsed0 + time.perf_counter() - t0, "ema": ema is not None}
-            history.append(row)
-            if test_acc > best_acc:
-                best_acc = test_acc
-                save_checkpoint(output / "best.pth", eval_model,
-                                {**meta, "epochs": epoch, "test_acc": test_acc, "log": history})
-            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch, "best_acc": best_acc, "history": history, "meta": meta}, last_path)
-            # The metrics line comes after the checkpoint: a resumed run rewrites any line past it.
-            with open(output / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            for k in ("train_loss", "train_acc", "test_acc", "lr"):
-                writer.add_scalar(k, row[k], epoch)
-            writer.flush()
-            print(f"epoch {epoch}/{recipe.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
-                  f"test {test_acc:.2f}%  ({row['epoch_s']:.0f} s)", flush=True)
+            train_row.update(epoch_s=time.perf_counter() - t_epoch)
+            _end_epoch(st, eval_model, train_row, data, recipe, output, meta, set_mode, writer,
+                       elapsed=st.elapsed0 + time.perf_counter() - t0, progress=progress)
         if world > 1:
             dist.barrier()
     if writer is not None:
@@ -258,7 +219,100 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
         eval_model.eval()
     else:
         set_mode(eval_model, False)
-    return TrainResult(eval_model, best_acc, history, output)
+    return TrainResult(eval_model, st.best_acc, st.history, output)
+
+
+def _distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
+    rank, world = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuantbenchError("--device cuda: no CUDA GPU is available here")
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else device
+    return rank, world, device
+
+
+def _resume(st: _State, last_path: Path, meta: dict, recipe: Recipe) -> None:
+    """Continue from last.pth, refusing one written by another run."""
+    try:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise QuantbenchError(f"cannot resume: {last_path} is unreadable ({cause(e)})") from e
+    if state["meta"]["recipe"] != meta["recipe"]:
+        raise QuantbenchError(f"cannot resume: {last_path} was written by another recipe "
+                              f"({state['meta']['recipe']['name']}, {state['meta']['recipe']['epochs']} epochs)")
+    for key in ("arch", "classes", "seed", "qat_of", "flow"):  # else a traceback or a silently different run
+        if state["meta"].get(key) != meta.get(key):
+            raise QuantbenchError(f"cannot resume: {last_path} was written with {key} "
+                                  f"{state['meta'].get(key)!r}, not {meta.get(key)!r}")
+    st.model.load_state_dict(state["model"])
+    st.opt.load_state_dict(state["optimizer"])
+    st.sched.load_state_dict(state["scheduler"])
+    if state.get("ema") is not None:
+        st.ema = _make_ema(st.model, recipe)
+        st.ema.load_state_dict(state["ema"])
+    st.start_epoch, st.best_acc, st.history = state["epoch"] + 1, state["best_acc"], state["history"]
+    st.elapsed0 = st.history[-1]["elapsed_s"] if st.history else 0.0
+
+
+def _train_epoch(st: _State, net: nn.Module, batches: Batches, criterion, epoch: int, recipe: Recipe, seed: int,
+                 device: str, mf, set_mode, progress: bool) -> dict:
+    """One pass over the training batches; returns the epoch's loss and accuracy."""
+    batches.set_epoch(epoch)
+    torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc.: a function of the epoch
+    if set_mode is None:
+        net.train()
+    else:
+        set_mode(st.model, True)
+    loss_sum = correct = seen = 0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", leave=False, disable=not progress)
+    for x, y in bar:
+        x, y = x.to(device, memory_format=mf), y.to(device)
+        logits = net(x)
+        loss = criterion(logits, y)
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        st.opt.step()
+        st.sched.step()
+        if st.ema is not None:
+            st.ema.update_parameters(st.model)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+    if not math.isfinite(loss_sum):
+        raise QuantbenchError(f"training diverged at epoch {epoch} (loss is not finite); lower the learning rate")
+    return {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
+            "lr": st.opt.param_groups[0]["lr"]}
+
+
+def _end_epoch(st: _State, eval_model: nn.Module, row: dict, data: Dataset, recipe: Recipe, output: Path,
+               meta: dict, set_mode, writer, elapsed: float, progress: bool) -> None:
+    """Evaluate, then write best.pth, last.pth, the metrics line and TensorBoard scalars."""
+    epoch = row["epoch"]
+    if set_mode is not None:
+        set_mode(eval_model, False)
+    test_acc = accuracy(eval_model, data, channels_last=recipe.channels_last, progress=progress,
+                        desc=f"eval {epoch}", set_eval=set_mode is None)
+    row.update(test_acc=test_acc, elapsed_s=elapsed, ema=st.ema is not None)
+    st.history.append(row)
+    if test_acc > st.best_acc:
+        st.best_acc = test_acc
+        save_checkpoint(output / "best.pth", eval_model,
+                        {**meta, "epochs": epoch, "test_acc": test_acc, "log": st.history})
+    save_torch({"model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
+                "scheduler": st.sched.state_dict(), "ema": st.ema.state_dict() if st.ema is not None else None,
+                "epoch": epoch, "best_acc": st.best_acc, "history": st.history, "meta": meta}, output / "last.pth")
+    # The metrics line comes after the checkpoint: a resumed run rewrites any line past it.
+    with open(output / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    for k in ("train_loss", "train_acc", "test_acc", "lr"):
+        writer.add_scalar(k, row[k], epoch)
+    writer.flush()
+    print(f"epoch {epoch}/{recipe.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
+          f"test {test_acc:.2f}%  ({row['epoch_s']:.0f} s)", flush=True)
 
 
 def _make_ema(model: nn.Module, r: Recipe) -> AveragedModel:

@@ -1,21 +1,85 @@
-"""The measuring subprocess: one per model, so that one model's caches, thread pools and
-allocator state cannot favour another. It loads one deployment file and answers commands from
-the parent (quantbench.bench), one JSON object per line on stdin/stdout:
+"""The measuring subprocess and its parent-side handle, both halves of one protocol.
 
-    {"op": "accuracy", ...}     -> {"accuracy": percent, "n": images}
+One fresh process per model, so that one model's caches, thread pools and allocator state cannot
+favour another. The child loads one deployment file and answers the parent's commands, one JSON
+object per line on stdin/stdout:
+
+    (on start)                  -> {"ready": true, "load_s": ..., "base_rss_mb": ..., "load_rss_mb": ...}
     {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K, "cpu_s": ...}
-    {"op": "ops"}               -> operator counts (quantized vs float)
+    {"op": "accuracy", "data_dir": ..., "data_root": ..., "batch_size": ...} -> {"accuracy": %, "n": images}
+    {"op": "ops"}               -> {"ops": {int8_conv: ..., ...}} (quantized vs float operators)
     {"op": "exit"}              -> {"peak_rss_mb": ..., "base_rss_mb": ...}
+    any failure                 -> {"error": "..."}
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from .errors import QuantbenchError, cause
 
 
+# ---------------------------------------------------------------- parent side
+class Worker:
+    """Parent-side handle on one measuring subprocess."""
+
+    def __init__(self, path: Path, threads: int, input_shape: tuple[int, ...]):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "PYTHONWARNINGS": "ignore"}
+        self.path = path
+        # stderr goes to a file: a chatty library must never block on a full pipe.
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "quantbench.worker", str(path), str(threads), ",".join(map(str, input_shape))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, bufsize=1)
+        hello = self._read()
+        self.load_s = hello.get("load_s")
+        self.model_rss_mb = hello["load_rss_mb"] - hello["base_rss_mb"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=30)
+            self.stderr.seek(0)
+            err = self.stderr.read().strip().splitlines()
+            raise QuantbenchError(f"measuring {self.path.name} failed: {err[-1] if err else 'worker died'}")
+        out = json.loads(line)
+        if "error" in out:
+            raise QuantbenchError(f"measuring {self.path.name} failed: {out['error']}")
+        return out
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict:
+        try:
+            out = self.ask(op="exit")
+        finally:
+            self.kill()
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.stderr):
+            f.close()
+
+
+# ---------------------------------------------------------------- child side
 def _rss_mb() -> float:
     """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -35,6 +99,7 @@ def main() -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     path, threads = sys.argv[1], int(sys.argv[2])
+    shape = tuple(int(s) for s in sys.argv[3].split(","))
     from .warn import quiet_cpp_warnings
     quiet_cpp_warnings()
     import warnings
@@ -42,17 +107,17 @@ def main() -> int:
     import torch
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
-    from .runtimes import load_deployed
+    from . import runtimes
 
     base = _current_rss_mb()
     t0 = time.perf_counter()
     try:
-        model = load_deployed(path, threads)
-        example = torch.randn(1, 3, 32, 32)
+        runtime = runtimes.for_path(path)
+        model = runtime.load(Path(path), threads)
         with torch.inference_mode():
-            model(example)  # first call: lazy init, compilation
+            model(torch.randn(1, *shape))  # first call: lazy init, compilation
     except Exception as e:
-        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        proto.write(json.dumps({"error": cause(e)}) + "\n")
         return 1
     # Memory right after loading and one call: the model's own footprint over the torch
     # baseline (accuracy runs later hold a batch of test images, which is not the model's cost).
@@ -66,29 +131,19 @@ def main() -> int:
             proto.write(json.dumps({"peak_rss_mb": _rss_mb(), "base_rss_mb": base}) + "\n")
             return 0
         try:
-            out = _run(op, cmd, model, path, gen)
+            out = _run(op, cmd, model, runtime, Path(path), shape, gen)
         except Exception as e:  # report, keep serving
-            out = {"error": f"{type(e).__name__}: {e}"}
+            out = {"error": cause(e)}
         proto.write(json.dumps(out) + "\n")
     return 0
 
 
-def time_calls(model, x, n: int) -> list[float]:
-    """Seconds per call of model(x), n calls, each timed on its own with perf_counter."""
+def _run(op: str, cmd: dict, model, runtime, path: Path, shape, gen) -> dict:
     import torch
-    times = []
-    with torch.inference_mode():
-        for _ in range(n):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return times
 
-
-def _run(op: str, cmd: dict, model, path: str, gen) -> dict:
-    import torch
+    from .timing import time_calls
     if op == "time":
-        x = torch.randn(cmd["batch"], 3, 32, 32, generator=gen)
+        x = torch.randn(cmd["batch"], *shape, generator=gen)
         time_calls(model, x, cmd.get("warmup", 0))
         cpu = time.process_time()
         times = time_calls(model, x, cmd["n"])
@@ -103,8 +158,7 @@ def _run(op: str, cmd: dict, model, path: str, gen) -> dict:
             acc = accuracy(model, data, cmd.get("batch_size", 500), progress=False, set_eval=False)
         return {"accuracy": acc, "n": len(data.test)}
     if op == "ops":
-        from .runtimes import op_counts
-        return {"ops": op_counts(path, model)}
+        return {"ops": dataclasses.asdict(runtime.op_counts(path, model))}
     return {"error": f"unknown op {op}"}
 
 

@@ -1,10 +1,15 @@
-"""A fake comparison runtime for replicate tests: export() writes two .sleep files with
-sidecars and counts its calls; FILES names them, as real runtime modules do."""
+"""A fake comparison runtime for replicate tests: export() writes two .fake files with
+sidecars and counts its calls; FILES names them, as real runtime modules do. The files hold what
+the sleepy runtime reads, so loading and op counts come from there."""
 import json
 
 from quantbench.export import write_sidecar
 
-FILES = ("fake-fp32.sleep", "fake-int8.sleep")
+from .sleepy import files, load, op_counts  # noqa: F401
+
+NAME = "fake"
+SUFFIXES = (".fake",)
+FILES = ("fake-fp32.fake", "fake-int8.fake")
 calls = []
 
 

@@ -1,9 +1,20 @@
-"""A fake runtime for benchmark tests: a `.sleep` file holds {"ms": M, "classes": K}; the
-"model" sleeps M milliseconds per call and returns zero logits. Known times, no torch work."""
+"""A fake runtime for benchmark tests, registered like any runtime (one module + one registry
+entry): a `.sleep` file holds {"ms": M, "classes": K}; the "model" sleeps M milliseconds per call
+and returns zero logits. Known times, no torch work."""
 import json
 import time
+from pathlib import Path
 
 import torch
+
+from quantbench.results import OpCounts
+
+NAME = "sleepy"
+SUFFIXES = (".sleep",)
+
+
+def files(path):
+    return [Path(path)]
 
 
 def load(path, threads=None):
@@ -14,3 +25,7 @@ def load(path, threads=None):
         return torch.zeros(x.shape[0], spec.get("classes", 3))
 
     return model
+
+
+def op_counts(path, model=None):
+    return OpCounts(**json.loads(open(path).read()).get("ops", {}))

@@ -1,24 +1,32 @@
 """Registry of quantization flows.
 
-A flow is one module in this package that turns an fp32 model into an int8 one, exposing:
+A flow is one module in this package that turns an fp32 model into an int8 one, declaring
+(see `Flow` below):
 
-    SUFFIX                                  deployment file suffix (".pt", ".pt2", ...)
+    RUNTIME                                 the runtime its files run on (quantbench.runtimes)
     METHODS                                 the methods it supports, a subset of METHODS below
     load(checkpoint, num_classes)           -> (float model ready for this flow, meta)
-    quantize_dynamic(model, qconfig)        -> int8 model                      [dynamic]
+    quantize_dynamic(model, qconfig, example) -> (int8 model, applied)        [dynamic]
     prepare(model, qconfig, qat, example)   -> model with observers/fake-quant [static, qat]
+    applied(prepared)                       -> what the observers really are   [static, qat]
     convert(prepared)                       -> int8 model                      [static, qat]
     set_mode(model, training)               train()/eval() for this flow's models
     freeze_bn(model), freeze_observers(model)                                  [qat]
     export(model, path, example)            write the deployment file
 
+"applied" is read back from the observer objects the model holds (quantbench.flows.qconfigs
+.describe_observer), so a sidecar records what was used, not what was asked for.
 quantbench.quantize drives every flow the same way (calibrate, fine-tune, export), so adding a
-flow is one module plus one entry in FLOWS; the CLI, `replicate` and `bench` pick it up.
+flow is one module plus one entry in FLOWS; tests/test_conformance.py checks it against `Flow`.
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
 
 from ..errors import QuantbenchError
 
@@ -33,6 +41,30 @@ FLOWS: dict[str, str] = {
 
 # Row names of the original's table, per method.
 LABELS = {"origin": "origin", "dynamic": "ptq-d", "static": "ptq-s", "qat": "qat"}
+
+
+@runtime_checkable
+class Flow(Protocol):
+    """What every flow module provides (modules satisfy it structurally)."""
+    RUNTIME: str
+    METHODS: Sequence[str]
+
+    def load(self, checkpoint, num_classes: int | None = None) -> tuple[nn.Module, dict]: ...
+    def quantize_dynamic(self, model: nn.Module, qconfig_name: str,
+                         example: torch.Tensor) -> tuple[nn.Module, dict]: ...
+    def prepare(self, model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module: ...
+    def applied(self, prepared: nn.Module) -> dict: ...
+    def convert(self, prepared: nn.Module) -> nn.Module: ...
+    def set_mode(self, model: nn.Module, training: bool) -> None: ...
+    def freeze_bn(self, model: nn.Module) -> None: ...
+    def freeze_observers(self, model: nn.Module) -> None: ...
+    def export(self, model: nn.Module, path, example: torch.Tensor) -> None: ...
+
+
+def suffix(flow: str) -> str:
+    """The deployment file suffix of a flow: its runtime's first."""
+    from .. import runtimes
+    return runtimes.get(get_flow(flow).RUNTIME).SUFFIXES[0]
 
 
 def get_flow(name: str) -> ModuleType:

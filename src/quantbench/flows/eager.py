@@ -15,9 +15,9 @@ from torch.ao import quantization as tq
 
 from ..export import export_torchscript
 from ..models import load_checkpoint
-from .qconfigs import qconfig
+from .qconfigs import applied_qconfig, applied_torch_ao, qconfig
 
-SUFFIX = ".pt"
+RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
 
 
@@ -26,11 +26,14 @@ def load(checkpoint, num_classes=None):
     return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=True)
 
 
-def quantize_dynamic(model: nn.Module, qconfig_name: str) -> nn.Module:
+def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:
     """ptq-d: weights of nn.Linear become int8 ahead of time; activations are quantized on the
     fly, per batch. Only ResNet's final fc is a Linear, so almost nothing changes: dynamic
-    quantization pays off for Linear/LSTM-heavy models (transformers, RNNs), not CNNs."""
-    return tq.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+    quantization pays off for Linear/LSTM-heavy models (transformers, RNNs), not CNNs.
+    torch's dynamic qconfig is used whatever `qconfig_name` says (per-tensor min/max int8
+    weights): the static qconfigs' activation observers mean nothing without calibration."""
+    qc = tq.default_dynamic_qconfig
+    return tq.quantize_dynamic(model.eval(), {nn.Linear: qc}, dtype=torch.qint8), applied_qconfig(qc)
 
 
 def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
@@ -45,6 +48,10 @@ def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tenso
     model.fuse_model()                  # folds BN into the conv weights
     model.qconfig = qconfig(qconfig_name, qat=False)
     return tq.prepare(model, inplace=True)
+
+
+def applied(prepared: nn.Module) -> dict:
+    return applied_torch_ao(prepared)
 
 
 def convert(prepared: nn.Module) -> nn.Module:

@@ -23,9 +23,9 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from ..export import export_torchscript
 from ..models import load_checkpoint
-from .qconfigs import qconfig
+from .qconfigs import applied_qconfig, applied_torch_ao, qconfig
 
-SUFFIX = ".pt"
+RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
 
 
@@ -40,16 +40,16 @@ def _backend_config():
     return get_x86_backend_config()
 
 
-def quantize_dynamic(model: nn.Module, qconfig_name: str) -> nn.Module:
+def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:
     """ptq-d: only nn.Linear gets a qconfig, a dynamic one (int8 weights ahead of time,
     activations quantized per batch at run time), as in eager's quantize_dynamic, so the two
     flows differ only in how they find the layers. No calibration data is needed: the observers
     are placeholders that just record "quantize this dynamically"."""
     model.eval()
-    mapping = QConfigMapping().set_object_type(nn.Linear, tq.default_dynamic_qconfig)
-    example = (torch.randn(1, 3, 32, 32),)
-    prepared = prepare_fx(model, mapping, example, backend_config=_backend_config())
-    return convert_fx(prepared, backend_config=_backend_config())
+    qc = tq.default_dynamic_qconfig
+    mapping = QConfigMapping().set_object_type(nn.Linear, qc)
+    prepared = prepare_fx(model, mapping, (example,), backend_config=_backend_config())
+    return convert_fx(prepared, backend_config=_backend_config()), applied_qconfig(qc)
 
 
 def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
@@ -62,6 +62,10 @@ def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tenso
         return prepare_qat_fx(model.train(), mapping, (example,), backend_config=_backend_config())
     # eval mode: prepare_fx folds BN into the conv weights before observing.
     return prepare_fx(model.eval(), mapping, (example,), backend_config=_backend_config())
+
+
+def applied(prepared: nn.Module) -> dict:
+    return applied_torch_ao(prepared)
 
 
 def convert(prepared: nn.Module) -> nn.Module:

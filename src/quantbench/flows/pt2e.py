@@ -11,7 +11,7 @@ dequantize -> conv -> quantize into oneDNN int8 convolutions. The Quantizer is t
 backend's: X86InductorQuantizer annotates exactly the patterns inductor's x86 lowering fuses.
 
 Deployment: a torch.export program (.pt2) of the converted graph, loaded with torch.export.load
-and lowered with torch.compile at load time (quantbench.inductor_rt).
+and lowered with torch.compile at load time (quantbench.runtimes.inductor).
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from ..cpu import reduce_range
 from ..errors import QuantbenchError
 from ..fileio import atomic_path
 from ..models import load_checkpoint
-from .qconfigs import QCONFIGS
+from .qconfigs import QCONFIGS, describe_observer
 
-SUFFIX = ".pt2"
+RUNTIME = "inductor"
 METHODS = ("dynamic", "static", "qat")
 
 
@@ -116,21 +116,21 @@ def _quantizer_config(name: str, qat: bool = False, dynamic: bool = False) -> Qu
 
 
 # ---------------------------------------------------------------- the flow
-def quantize_dynamic(model: nn.Module, qconfig_name: str) -> nn.Module:
+def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:
     """ptq-d: only nn.Linear (ResNet's fc) gets the quantizer's dynamic config: int8 weights,
     activations quantized per batch at run time (choose_qparams in the graph). Convolutions stay
     fp32, as in the other flows. Activations need no calibration data, but the weights' observer
     is a node of the graph like any other: it sees the weight only when the graph runs, so one
     forward pass (any input) must precede convert, else the int8 weights get garbage scales."""
     model.eval()
-    example = torch.randn(2, 3, 32, 32)
     gm = _capture(model, example)
     quantizer = X86InductorQuantizer().set_module_type_qconfig(
         nn.Linear, _quantizer_config(qconfig_name, dynamic=True))
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
-        prepared(example)
-    return convert(prepared)
+        prepared(_two(example))
+    used = applied(prepared)  # before convert, which replaces the observers
+    return convert(prepared), used
 
 
 def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
@@ -145,6 +145,28 @@ def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tenso
     # eval capture: prepare_pt2e folds BN into the conv weights before observing them.
     gm = _capture(model.eval(), example)
     return prepare_pt2e(gm, quantizer)
+
+
+_WEIGHT_USERS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.convolution")
+
+
+def applied(prepared: nn.Module) -> dict:
+    """The observers prepare_pt2e inserted, read back from the graph: an observer whose output
+    is the weight argument (position 1) of a convolution or linear observes weights."""
+    weight = act = None
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        obs = prepared.get_submodule(node.target)
+        if not hasattr(obs, "quant_min"):
+            continue
+        is_weight = any(str(u.target).rsplit(".", 1)[0] in _WEIGHT_USERS and len(u.args) > 1 and u.args[1] is node
+                        for u in node.users)
+        if is_weight and weight is None:
+            weight = obs
+        elif not is_weight and act is None:
+            act = obs
+    return {"weights": describe_observer(weight), "activations": describe_observer(act)}
 
 
 def convert(prepared: nn.Module) -> nn.Module:

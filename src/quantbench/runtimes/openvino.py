@@ -18,13 +18,21 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .cpu import has_vnni
-from .errors import QuantbenchError
-from .export import calibration_arrays as _as_arrays, write_sidecar
+from ..cpu import has_vnni
+from ..errors import QuantbenchError, cause
+from ..export import calibration_arrays as _as_arrays, write_sidecar
+from ..results import OpCounts
+
+NAME = "openvino"
+SUFFIXES = (".xml",)
 
 FP32_FILE = "openvino-fp32.xml"
 INT8_FILE = "openvino-int8.xml"
 FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
+
+
+def files(path: Path) -> list[Path]:
+    return [Path(path), Path(path).with_suffix(".bin")]
 INPUT, OUTPUT = "input", "logits"
 
 
@@ -34,8 +42,8 @@ def _require(what: str, nncf: bool = False):
         import openvino
         if nncf:
             import nncf as _nncf  # noqa: F401
-    except ImportError:
-        raise QuantbenchError(f"{what} needs the optional runtimes: pip install '.[runtimes]'") from None
+    except ImportError as e:
+        raise QuantbenchError(f"{what} needs the optional runtimes: pip install '.[runtimes]' ({e})") from e
     return openvino
 
 
@@ -97,7 +105,7 @@ def describe_int8(settings: dict) -> dict:
             if fix == "enable" else "VNNI/AMX present: full range is exact"}
 
 
-def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
+def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
            meta: dict) -> list[Path]:
     """Write openvino-fp32.xml/.bin and openvino-int8.xml/.bin (plus FILE.json sidecars).
 
@@ -110,10 +118,11 @@ def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[t
     out_dir.mkdir(parents=True, exist_ok=True)
     calib = _as_arrays(calib_batches)
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
-    common = {"flow": "openvino", "runtime": "openvino", "openvino_version": ov.__version__}
+    common = {"flow": NAME, "runtime": NAME, "openvino_version": ov.__version__,
+              "input_shape": list(calib[0].shape[1:])}
 
     with torch.no_grad():
-        ov_fp32 = convert_fp32(model_fp32, torch.from_numpy(calib[0][:1]))
+        ov_fp32 = convert_fp32(model, torch.from_numpy(calib[0][:1]))
     _save(ov_fp32, fp32_path)
 
     settings = int8_settings()
@@ -168,14 +177,14 @@ def _compile(path: Path, threads: int | None, perf_count: bool = False):
     try:
         return ov.Core().compile_model(str(path), "CPU", config)
     except Exception as e:
-        raise QuantbenchError(f"cannot load OpenVINO model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise QuantbenchError(f"cannot load OpenVINO model {path}: {cause(e)}") from e
 
 
-def profile_ops(path: Path, calls: int, threads: int, model=None) -> dict[str, tuple[float, int]]:
+def profile_ops(path: Path, calls: int, threads: int, model, input_shape) -> dict[str, tuple[float, int]]:
     """OpenVINO's per-layer performance counters (PERF_COUNT), summed by layer type and the
     kernel that ran it (exec_type, e.g. jit_avx2_I8: int8 on AVX2)."""
     request = _compile(path, threads, perf_count=True).create_infer_request()
-    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), np.float32)
+    x = np.random.default_rng(0).standard_normal((1, *input_shape), np.float32)
     for _ in range(20):
         request.infer({0: x})
     ops: dict[str, list] = {}
@@ -189,18 +198,18 @@ def profile_ops(path: Path, calls: int, threads: int, model=None) -> dict[str, t
     return {k: (v[0], v[1]) for k, v in ops.items()}
 
 
-def op_counts(path: Path, model=None) -> dict:
+def op_counts(path: Path, model=None) -> OpCounts:
     """int8 vs float convolutions and fully connected layers as the CPU plugin compiled them
     (its runtime graph gives each layer's execution precision), not as the IR asks for them."""
     compiled = getattr(model, "compiled", None)
     if compiled is None:
         compiled = _compile(path, None)
-    counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
+    counts = OpCounts()
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         kind = {"Convolution": "conv", "FullyConnected": "linear", "MatMul": "linear"}.get(
             info["layerType"].astype(str))
         if kind is not None:
             int8 = info["runtimePrecision"].astype(str) in ("u8", "i8")
-            counts[f"{'int8' if int8 else 'float'}_{kind}"] += 1
+            counts.add(kind, int8=int8)
     return counts

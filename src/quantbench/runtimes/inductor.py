@@ -20,7 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import QuantbenchError
+from ..errors import QuantbenchError, cause
+from ..results import OpCounts
+from .torchscript import profile_ops  # noqa: F401  (torch.profiler works for compiled graphs too)
+
+NAME = "inductor"
+SUFFIXES = (".pt2",)
+
+
+def files(path: Path) -> list[Path]:
+    return [Path(path)]
 
 
 def load_program(path: Path):
@@ -30,7 +39,7 @@ def load_program(path: Path):
     try:
         return torch.export.load(str(path))
     except Exception as e:
-        raise QuantbenchError(f"cannot load torch.export program {path}: {type(e).__name__}") from None
+        raise QuantbenchError(f"cannot load torch.export program {path}: {cause(e)}") from e
 
 
 class Compiled:
@@ -62,9 +71,9 @@ def register_int8_passes() -> None:
     """Register the x86 int8 passes (weight pre-packing, quantize lift-up) with inductor."""
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-    except ImportError:
+    except ImportError as e:
         raise QuantbenchError("running .pt2 int8 models needs torchao (its inductor passes make "
-                              "the int8 kernels); pip install torchao") from None
+                              f"the int8 kernels); pip install torchao ({e})") from e
 
 
 def load(path: Path, threads: int | None = None) -> Compiled:
@@ -95,12 +104,12 @@ _CONV = ("aten.conv2d", "aten.convolution", "aten._convolution", "aten.conv1d", 
 _LINEAR = ("aten.linear", "aten.addmm", "aten.mm", "aten.matmul")
 
 
-def op_counts(path: Path, model=None) -> dict:
+def op_counts(path: Path, model=None) -> OpCounts:
     """int8 vs float conv/linear in the saved QDQ graph. A conv/linear counts as int8 when both
     its activation and its weight arrive through dequantize ops: that is the pattern inductor
     fuses into one int8 kernel (the counts describe the graph, not inductor's final code)."""
     graph = load_program(Path(path)).graph
-    counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
+    counts = OpCounts()
 
     def op(node) -> str:
         return str(node.target).rsplit(".", 1)[0] if node.op == "call_function" else ""
@@ -112,7 +121,7 @@ def op_counts(path: Path, model=None) -> dict:
         # aten.addmm(bias, input, weight^T) has its operands after the bias
         operands = node.args[1:3] if op(node) == "aten.addmm" else node.args[:2]
         quantized = all(_through_dequantize(a) for a in operands)
-        counts[f"{'int8' if quantized else 'float'}_{kind}"] += 1
+        counts.add(kind, int8=quantized)
     return counts
 
 

@@ -17,13 +17,21 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .cpu import has_vnni
-from .errors import QuantbenchError
-from .export import calibration_arrays as _as_arrays, write_sidecar
+from ..cpu import has_vnni
+from ..errors import QuantbenchError, cause
+from ..export import calibration_arrays as _as_arrays, write_sidecar
+from ..results import OpCounts
+
+NAME = "onnxruntime"
+SUFFIXES = (".onnx",)
 
 FP32_FILE = "onnx-fp32.onnx"
 INT8_FILE = "onnx-int8.onnx"
 FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
+
+
+def files(path: Path) -> list[Path]:
+    return [Path(path)]
 INPUT, OUTPUT = "input", "logits"
 # 17 is what both the TorchScript exporter and ONNX Runtime's QDQ quantizer handle well
 # (per-channel QuantizeLinear needs >= 13).
@@ -37,8 +45,8 @@ def _require(what: str, quantization: bool = False):
         import onnxruntime
         if quantization:
             import onnxruntime.quantization  # noqa: F401
-    except ImportError:
-        raise QuantbenchError(f"{what} needs the optional runtimes: pip install '.[runtimes]'") from None
+    except ImportError as e:
+        raise QuantbenchError(f"{what} needs the optional runtimes: pip install '.[runtimes]' ({e})") from e
     return onnx, onnxruntime
 
 
@@ -110,7 +118,7 @@ def initializer_bytes(path: Path) -> int:
                for t in model.graph.initializer)
 
 
-def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
+def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
            meta: dict) -> list[Path]:
     """Write onnx-fp32.onnx and onnx-int8.onnx (plus FILE.json sidecars) into out_dir.
 
@@ -126,14 +134,14 @@ def export(model_fp32: torch.nn.Module, out_dir: Path, calib_batches: Iterable[t
     example = torch.from_numpy(calib[0][:1])
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
     settings = int8_settings()
-    common = {"flow": "onnxrt", "runtime": "onnxruntime", "opset": OPSET}
+    common = {"flow": NAME, "runtime": NAME, "opset": OPSET, "input_shape": list(calib[0].shape[1:])}
 
     # Build both in a scratch folder beside the outputs, then move them in: an interrupted run
     # leaves no half-written model under the final names.
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out_dir) as tmp:
         tmp_fp32, tmp_int8 = Path(tmp) / FP32_FILE, Path(tmp) / INT8_FILE
         with torch.no_grad():
-            export_fp32(model_fp32, tmp_fp32, example)
+            export_fp32(model, tmp_fp32, example)
         # ORT's recommended pre-pass (shape inference, graph clean-up) before choosing where the
         # QuantizeLinear/DequantizeLinear pairs go; it only feeds the quantizer.
         tmp_pre = Path(tmp) / "preprocessed.onnx"
@@ -183,16 +191,16 @@ def _session(path: Path, threads: int | None, profile_prefix: str | None = None)
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise QuantbenchError(f"cannot load ONNX model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise QuantbenchError(f"cannot load ONNX model {path}: {cause(e)}") from e
 
 
-def profile_ops(path: Path, calls: int, threads: int, model=None) -> dict[str, tuple[float, int]]:
+def profile_ops(path: Path, calls: int, threads: int, model, input_shape) -> dict[str, tuple[float, int]]:
     """ONNX Runtime's own profiler: a JSON trace with one event per node run; summed by op type
     (after graph optimization: QDQ groups show up as the fused QLinearConv etc. that really ran)."""
     import json
     with tempfile.TemporaryDirectory() as tmp:
         session = _session(path, threads, profile_prefix=os.path.join(tmp, "ort"))
-        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 32, 32), np.float32)}
+        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, *input_shape), np.float32)}
         for _ in range(20):
             session.run(None, feed)
         # the trace covers the warm-up too: count only the last `calls` runs' events below
@@ -211,13 +219,13 @@ def profile_ops(path: Path, calls: int, threads: int, model=None) -> dict[str, t
     return {k: (v[0], v[1]) for k, v in ops.items()}
 
 
-def op_counts(path: Path, model=None) -> dict:
+def op_counts(path: Path, model=None) -> OpCounts:
     """int8 vs float Conv/Gemm/MatMul, from the graph: in a QDQ model an op runs in int8 when both
     its input and its weight arrive through DequantizeLinear (ORT fuses that into QLinearConv)."""
     onnx, _ = _require("counting ONNX operators")
     graph = onnx.load(str(path), load_external_data=False).graph
     producer = {out: node.op_type for node in graph.node for out in node.output}
-    counts = {"int8_conv": 0, "float_conv": 0, "int8_linear": 0, "float_linear": 0}
+    counts = OpCounts()
     for node in graph.node:
         kind = {"Conv": "conv", "QLinearConv": "conv", "ConvInteger": "conv", "Gemm": "linear",
                 "MatMul": "linear", "QLinearMatMul": "linear", "MatMulInteger": "linear"}.get(node.op_type)
@@ -225,5 +233,5 @@ def op_counts(path: Path, model=None) -> dict:
             continue
         quantized = node.op_type.startswith("QLinear") or node.op_type.endswith("Integer") or all(
             producer.get(i) == "DequantizeLinear" for i in node.input[:2])
-        counts[f"{'int8' if quantized else 'float'}_{kind}"] += 1
+        counts.add(kind, int8=quantized)
     return counts

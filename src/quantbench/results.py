@@ -1,0 +1,173 @@
+"""Typed results: what `bench` measures, what `report`, the plots and benchmarks/ read.
+
+results.json is the serialized form (`BenchResults.to_dict()` / `from_dict()`); JSON object keys
+are strings, so batch sizes become "1", "32" there and ints again here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QuantStatus(str, enum.Enum):
+    """What the operator counts say about a model, so a silent no-op is never reported as int8."""
+    FLOAT = "fp32"                  # an fp32 row: nothing to check
+    INT8 = "int8"                   # int8 kernels where the model has convolutions / linears
+    LINEAR_ONLY = "int8-linear-only"  # e.g. dynamic quantization of a CNN: only the fc layer
+    NOT_QUANTIZED = "not-quantized"  # claims int8, runs no int8 operator
+    UNCHECKED = "unchecked"         # the runtime could not count its operators
+
+
+@dataclass
+class OpCounts:
+    """int8 vs float convolutions and linears in what a runtime really runs."""
+    int8_conv: int = 0
+    float_conv: int = 0
+    int8_linear: int = 0
+    float_linear: int = 0
+
+    def add(self, kind: str, int8: bool) -> None:
+        name = f"{'int8' if int8 else 'float'}_{kind}"
+        setattr(self, name, getattr(self, name) + 1)
+
+    def status(self, dtype: str) -> QuantStatus:
+        if dtype != "int8":
+            return QuantStatus.FLOAT
+        if self.int8_conv + self.int8_linear == 0:
+            return QuantStatus.NOT_QUANTIZED
+        if self.int8_conv == 0 and self.float_conv > 0:
+            return QuantStatus.LINEAR_ONLY
+        return QuantStatus.INT8
+
+
+@dataclass
+class LatencyStats:
+    """Per-call latency of one model at one batch size (milliseconds), over all its processes."""
+    n: int
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    p10_ms: float
+    p25_ms: float
+    p75_ms: float
+    p90_ms: float
+    p99_ms: float
+    std_ms: float
+    iqr_rel: float                   # (p75 - p25) / median
+    throughput_ips: float            # images per second at the median
+    rounds: int = 0
+    stable: bool = True              # the median settled before the time budget ran out
+    other_cores: float | None = None  # CPU used by other work on the machine while timing
+    processes: int = 1
+    process_medians_ms: list[float] = field(default_factory=list)
+    process_spread: float = 0.0      # (max - min) / median of the per-process medians
+    samples_ms: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, times_ms: list[float], batch: int = 1, **extra) -> "LatencyStats":
+        """Summary of per-call times in milliseconds (median, nearest-rank percentiles)."""
+        ms = sorted(times_ms)
+        n = len(ms)
+
+        def pct(p: float) -> float:
+            return ms[min(n - 1, max(0, round(p / 100 * (n - 1))))]
+
+        med = statistics.median(ms)
+        return cls(n=n, median_ms=med, mean_ms=statistics.fmean(ms), min_ms=ms[0], p10_ms=pct(10),
+                   p25_ms=pct(25), p75_ms=pct(75), p90_ms=pct(90), p99_ms=pct(99),
+                   std_ms=statistics.pstdev(ms), iqr_rel=(pct(75) - pct(25)) / med if med else 0.0,
+                   throughput_ips=batch * 1000 / med if med else 0.0, **extra)
+
+
+@dataclass
+class ModelResult:
+    """One row of the table: one deployment file, everything measured about it."""
+    label: str
+    file: str
+    method: str                      # origin | dynamic | static | qat
+    flow: str
+    runtime: str
+    dtype: str                       # fp32 | int8, as the sidecar claims
+    file_bytes: int                  # the deployment file and its companions
+    weight_bytes: int | None = None  # the weights' own bytes (from the model before export)
+    input_shape: list[int] | None = None
+    sidecar: dict = field(default_factory=dict)
+    accuracy: float | None = None
+    accuracy_n: int | None = None
+    load_s: float | None = None      # loading, and compiling where the runtime compiles
+    ops: OpCounts | None = None
+    status: QuantStatus = QuantStatus.UNCHECKED
+    latency: dict[int, LatencyStats] = field(default_factory=dict)
+    peak_rss_mb: float | None = None
+    model_rss_mb: float | None = None
+    # derived: ratios against the fp32 row of the same runtime (None when there is none)
+    baseline: str | None = None
+    speedup: float | None = None
+    size_ratio: float | None = None
+    accuracy_delta: float | None = None
+    fastest_fp32: str | None = None
+    speedup_vs_fastest_fp32: float | None = None
+
+    def median_ms(self, batch: int = 1) -> float | None:
+        lat = self.latency.get(batch)
+        return lat.median_ms if lat else None
+
+
+@dataclass
+class BenchResults:
+    machine: dict
+    config: dict
+    created: str
+    models: list[ModelResult]
+    replicate: dict | None = None    # how a replicate run made the models
+
+    def by_label(self) -> dict[str, ModelResult]:
+        return {m.label: m for m in self.models}
+
+    def batch_sizes(self) -> list[int]:
+        return sorted({b for m in self.models for b in m.latency})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for m, row in zip(self.models, d["models"]):
+            row["status"] = m.status.value
+            row["latency"] = {str(b): s for b, s in row["latency"].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchResults":
+        models = []
+        for row in d["models"]:
+            row = dict(row)
+            row["latency"] = {int(b): LatencyStats(**s) for b, s in (row.get("latency") or {}).items()}
+            row["ops"] = OpCounts(**row["ops"]) if row.get("ops") else None
+            row["status"] = QuantStatus(row.get("status", "unchecked"))
+            known = {f.name for f in dataclasses.fields(ModelResult)}
+            models.append(ModelResult(**{k: v for k, v in row.items() if k in known}))
+        return cls(machine=d.get("machine", {}), config=d.get("config", {}), created=d.get("created", ""),
+                   models=models, replicate=d.get("replicate"))
+
+
+def derive(rows: list[ModelResult]) -> list[ModelResult]:
+    """Ratios against baselines: the fp32 row of the same runtime (left empty when the run has
+    none: a ratio against another runtime's fp32 would mix two effects), and the fastest fp32 row
+    of any runtime."""
+    fp32 = [r for r in rows if r.dtype == "fp32"]
+    timed = [r for r in fp32 if r.median_ms()]
+    fastest = min(timed, key=lambda r: r.median_ms(), default=None)
+    for r in rows:
+        base = next((f for f in fp32 if f.runtime == r.runtime), None)
+        r.baseline = base.label if base else None
+        r.fastest_fp32 = fastest.label if fastest else None
+        if base and r.median_ms() and base.median_ms():
+            r.speedup = base.median_ms() / r.median_ms()
+        if fastest and r.median_ms():
+            r.speedup_vs_fastest_fp32 = fastest.median_ms() / r.median_ms()
+        if base:
+            r.size_ratio = r.file_bytes / base.file_bytes
+            if r.accuracy is not None and base.accuracy is not None:
+                r.accuracy_delta = r.accuracy - base.accuracy
+    return rows

@@ -1,0 +1,111 @@
+"""Registry of runtimes: what runs a deployment file, by its suffix.
+
+A runtime is one module in this package that declares (see `Runtime` below):
+
+    NAME                        the name in tables, sidecars and `--runtimes` ("torchscript", ...)
+    SUFFIXES                    the file suffixes it reads (".pt", ...)
+    files(path)                 every file the model consists of (OpenVINO: FILE.xml + FILE.bin)
+    load(path, threads)         -> callable: float tensor (N, C, H, W), normalized -> logits
+    op_counts(path, model)      -> OpCounts: int8 vs float conv/linear in what really runs
+and optionally
+    profile_ops(path, calls, threads, model, input_shape) -> {operator: (seconds, count)}
+    export(model, out_dir, calib_batches, meta) -> [paths]    comparison rows from an fp32 model
+    FILES                       the names export() writes (replicate --resume reuses them)
+
+A flow names the runtime its files run on (flow.RUNTIME), so quantize, bench, profile and
+replicate find everything here. Adding a runtime is one module plus one entry in RUNTIMES;
+tests/test_conformance.py checks every entry against the `Runtime` protocol.
+Outside the package: QUANTBENCH_RUNTIMES="name=package.module,other=..." (read on every lookup,
+so the measuring subprocesses see the same plug-ins).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..errors import QuantbenchError
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+# name -> module; the order is the order of comparison rows in a report.
+RUNTIMES: dict[str, str] = {
+    "torchscript": "quantbench.runtimes.torchscript",
+    "inductor": "quantbench.runtimes.inductor",
+    "onnxruntime": "quantbench.runtimes.onnxrt",
+    "openvino": "quantbench.runtimes.openvino",
+}
+# Earlier spellings accepted by --runtimes.
+ALIASES = {"onnxrt": "onnxruntime"}
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What every runtime module provides (modules satisfy it structurally)."""
+    NAME: str
+    SUFFIXES: Sequence[str]
+
+    def files(self, path: Path) -> list[Path]: ...
+    def load(self, path: Path, threads: int | None = None) -> Model: ...
+    def op_counts(self, path: Path, model=None): ...
+
+
+OPTIONAL = ("export", "FILES", "profile_ops")  # attributes a runtime may add
+
+
+def registry() -> dict[str, str]:
+    """RUNTIMES plus the plug-ins named in QUANTBENCH_RUNTIMES."""
+    reg = dict(RUNTIMES)
+    for entry in filter(None, os.environ.get("QUANTBENCH_RUNTIMES", "").split(",")):
+        name, _, module = entry.partition("=")
+        reg[name.strip()] = module.strip()
+    return reg
+
+
+def get(name: str) -> ModuleType:
+    reg = registry()
+    name = ALIASES.get(name, name)
+    if name not in reg:
+        raise QuantbenchError(f"unknown runtime {name!r}; choose from {', '.join(reg)}")
+    return importlib.import_module(reg[name])
+
+
+def for_path(path: str | os.PathLike) -> ModuleType:
+    """The runtime that reads this file (by suffix); the file must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantbenchError(f"model file not found: {path}")
+    suffixes = {}
+    for name in registry():
+        mod = get(name)
+        for s in mod.SUFFIXES:
+            suffixes.setdefault(s, mod)
+    if path.suffix not in suffixes:
+        raise QuantbenchError(f"don't know how to run {path.name}; known kinds: {', '.join(suffixes)}")
+    return suffixes[path.suffix]
+
+
+def deployment_kind(path: str | os.PathLike) -> str | None:
+    """The runtime NAME if `path` is a deployment file, else None: by content for runtimes that
+    can tell (`is_deployment`, e.g. TorchScript, whose .pt other files share), by suffix otherwise."""
+    path = Path(path)
+    for name in registry():
+        mod = get(name)
+        sniff = getattr(mod, "is_deployment", None)
+        if sniff(path) if sniff is not None else path.suffix in mod.SUFFIXES:
+            return mod.NAME
+    return None
+
+
+def load(path: str | os.PathLike, threads: int | None = None) -> Model:
+    """Load any deployment file into a callable, with the runtime its suffix names."""
+    return for_path(path).load(Path(path), threads)
+
+
+def exporters() -> list[str]:
+    """Runtimes that can make their own fp32 + int8 files from an fp32 model (comparison rows)."""
+    return [name for name in registry() if hasattr(get(name), "export")]

@@ -1,0 +1,102 @@
+"""Every registered flow and runtime provides what its Protocol declares, with the declared
+parameters. Adding a flow or runtime is one module plus one registry line; this test says what
+the new module lacks."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from pathlib import Path
+
+import pytest
+
+from quantbench import flows, runtimes
+from quantbench.flows import FLOWS, METHODS, Flow
+from quantbench.runtimes import OPTIONAL, Runtime
+
+SUPPORT = Path(__file__).parent / "support"
+# test-only runtimes, registered the way a user plugs one in (QUANTBENCH_RUNTIMES)
+PLUGINS = "sleepy=support.sleepy,fake=support.fakert"
+
+
+def problems(module, protocol) -> list[str]:
+    """What `module` lacks of `protocol`: missing members, and functions whose parameters differ."""
+    out = []
+    for name, declared in vars(protocol).items():
+        if name.startswith("_"):
+            continue
+        if not hasattr(module, name):
+            out.append(f"missing {name}")
+        elif inspect.isfunction(declared):
+            want = [p for p in inspect.signature(declared).parameters if p != "self"]
+            got = list(inspect.signature(getattr(module, name)).parameters)
+            if got[:len(want)] != want:
+                out.append(f"{name}{tuple(got)} should take {tuple(want)}")
+    for name in protocol.__annotations__:
+        if not hasattr(module, name):
+            out.append(f"missing {name}")
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_flow_conforms(name):
+    mod = flows.get_flow(name)
+    assert problems(mod, Flow) == []
+    assert isinstance(mod, Flow)
+    assert set(mod.METHODS) <= set(METHODS)
+    assert mod.RUNTIME in runtimes.registry(), f"{name} deploys to an unregistered runtime {mod.RUNTIME!r}"
+    assert flows.suffix(name) in runtimes.get(mod.RUNTIME).SUFFIXES
+
+
+def _all_runtimes(monkeypatch) -> list[str]:
+    monkeypatch.syspath_prepend(str(SUPPORT.parent))
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", PLUGINS)
+    return list(runtimes.registry())
+
+
+@pytest.mark.parametrize("name", list(runtimes.RUNTIMES) + ["sleepy", "fake"])
+def test_runtime_conforms(name, monkeypatch):
+    assert name in _all_runtimes(monkeypatch)
+    mod = runtimes.get(name)
+    assert problems(mod, Runtime) == []
+    assert isinstance(mod, Runtime)
+    assert mod.NAME == name, "the registry key is the runtime's NAME"
+    assert mod.SUFFIXES and all(s.startswith(".") for s in mod.SUFFIXES)
+    if hasattr(mod, "export"):
+        assert list(inspect.signature(mod.export).parameters)[:4] == ["model", "out_dir", "calib_batches", "meta"]
+        assert mod.FILES, "an exporter declares the FILES it writes (replicate --resume reuses them)"
+    if hasattr(mod, "profile_ops"):
+        assert list(inspect.signature(mod.profile_ops).parameters) == ["path", "calls", "threads", "model",
+                                                                       "input_shape"]
+    assert set(OPTIONAL) >= {"export", "FILES", "profile_ops"}
+
+
+def test_suffixes_are_unambiguous(monkeypatch):
+    seen: dict[str, str] = {}
+    for name in _all_runtimes(monkeypatch):
+        for s in runtimes.get(name).SUFFIXES:
+            assert s not in seen, f"{s} is read by both {seen[s]} and {name}"
+            seen[s] = name
+
+
+def test_a_plugged_in_runtime_is_found_by_suffix(monkeypatch, tmp_path):
+    _all_runtimes(monkeypatch)
+    f = tmp_path / "m.sleep"
+    f.write_text('{"ms": 0}')
+    assert runtimes.for_path(f).NAME == "sleepy"
+    assert "fake" in runtimes.exporters() and "onnxruntime" in runtimes.exporters()
+
+
+def test_the_check_names_what_is_missing():
+    """A runtime module without op_counts, and with load's parameters renamed, is reported."""
+    broken = types.ModuleType("broken")
+    broken.NAME, broken.SUFFIXES = "broken", (".b",)
+    broken.files = lambda path: [path]
+    broken.load = lambda file, n=None: None
+    assert problems(broken, Runtime) == ["load('file', 'n') should take ('path', 'threads')", "missing op_counts"]
+    assert not isinstance(broken, Runtime)
+
+
+def test_every_registered_module_imports():
+    for module in list(FLOWS.values()) + list(runtimes.RUNTIMES.values()):
+        importlib.import_module(module)
