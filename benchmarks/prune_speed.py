@@ -5,9 +5,10 @@
 
 1. exactness: max |fp32 logits unpruned - pruned| on real test images;
 2. eager static int8 (fuse_model, the "default" qconfig, calibration on training images, convert),
-   once without and once with pruning, from the same fp32 weights and calibration images:
-   top-1 on the full test split, TorchScript (trace + freeze) file size, and the batch-1,
-   single-thread latency ratio pruned / unpruned.
+   once without and once with pruning, from the same fp32 weights and calibration images, for
+   each quantized engine asked for (--engines x86 fbgemm): top-1 on the full test split,
+   TorchScript (trace + freeze) file size, and the batch-1, single-thread latency ratio
+   pruned / unpruned (and, with several engines, each model against the first engine's unpruned).
 
 The latency is measured in ONE process, in short rounds that alternate the two models (and which
 goes first), so that both see the same machine: on shared or throttling CPUs the speed drifts by
@@ -49,8 +50,8 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(b) for b in x.split(500)])
 
 
-def int8(fp32: torch.nn.Module, calib: torch.Tensor, qconfig_name: str) -> torch.nn.Module:
-    """Eager static int8, as quantbench's eager flow does it (fuse, observe, convert)."""
+def observed(fp32: torch.nn.Module, calib: torch.Tensor, qconfig_name: str) -> torch.nn.Module:
+    """Eager static int8 up to calibration, as quantbench's eager flow does it (fuse, observe)."""
     model = copy.deepcopy(fp32).eval()
     model.fuse_model()  # by module names: the pruned convs kept theirs
     model.qconfig = qconfig(qconfig_name)
@@ -58,7 +59,18 @@ def int8(fp32: torch.nn.Module, calib: torch.Tensor, qconfig_name: str) -> torch
     with torch.no_grad():
         for b in calib.split(100):
             model(b)
-    return tq.convert(model, inplace=True)
+    return model
+
+
+def int8(prepared: torch.nn.Module, engine: str) -> torch.nn.Module:
+    """Convert under `engine`: the int8 weights are packed for that engine's kernels."""
+    torch.backends.quantized.engine = engine
+    return tq.convert(copy.deepcopy(prepared), inplace=True)
+
+
+def spread(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "min": min(values), "max": max(values)}
 
 
 def interleaved(models: dict[str, torch.jit.ScriptModule], x: torch.Tensor, rounds: int, calls: int,
@@ -85,6 +97,8 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=100, help="calls per model per round")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1, help="threads while timing")
+    ap.add_argument("--engines", nargs="+", choices=torch.backends.quantized.supported_engines,
+                    help="quantized engines to compare, e.g. x86 fbgemm (default: torch's own, x86)")
     ap.add_argument("--work-dir", help="where the TorchScript files go (default: a temporary folder)")
     ap.add_argument("--output", help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -108,49 +122,54 @@ def main() -> int:
               f"padding {layer.old_padding} -> {layer.new_padding}")
     print(f"fp32 max |logit diff| on {len(real)} test images: {diff:.3g}")
 
-    # 2. eager static int8, both ways, from the same weights and calibration images.
+    # 2. eager static int8, both ways, from the same weights and calibration images, under each
+    # engine. Packed weights keep the engine they were packed for, so the models of several
+    # engines can be timed side by side in this one process.
     calib = images(data.train, data.mean, data.std, args.calib, shuffle=True)
-    quantized = {"unpruned": int8(fp32, calib, args.qconfig), "pruned": int8(pruned_fp32, calib, args.qconfig)}
+    prepared = {"unpruned": observed(fp32, calib, args.qconfig), "pruned": observed(pruned_fp32, calib, args.qconfig)}
     test = images(data.test, data.mean, data.std, len(data.test))  # in label order (no shuffle)
-    preds = {}
-    for name, model in quantized.items():
-        preds[name] = logits(model, test).argmax(1)
-        acc = (preds[name] == data.test.labels).float().mean().item() * 100
-        result[f"int8_{name}_top1"] = acc
-        print(f"int8 {name}: top-1 {acc:.2f} %")
-    agree = (preds["pruned"] == preds["unpruned"]).float().mean().item() * 100
-    result["int8_top1_agreement_percent"] = agree
-    print(f"int8 pruned vs unpruned: same top-1 on {agree:.2f} % of test images")
-
+    engines = args.engines or [torch.backends.quantized.engine]
+    loaded, preds, sizes = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work_dir or tmp)
-        files = {name: work / f"int8-{name}.pt" for name in quantized}
-        for name, model in quantized.items():
-            export_torchscript(model, files[name], torch.randn(1, *shape))
-            result[f"int8_{name}_file_bytes"] = files[name].stat().st_size
-        print("TorchScript file bytes: " + ", ".join(f"{n} {files[n].stat().st_size}" for n in files)
-              + f" (ratio {files['pruned'].stat().st_size / files['unpruned'].stat().st_size:.3f})")
-        loaded = {name: torch.jit.load(str(path)) for name, path in files.items()}
+        for engine in engines:
+            for variant, model in prepared.items():
+                name = f"{variant}@{engine}"
+                qmodel = int8(model, engine)
+                preds[name] = logits(qmodel, test).argmax(1)
+                acc = (preds[name] == data.test.labels).float().mean().item() * 100
+                path = Path(args.work_dir or tmp) / f"int8-{variant}-{engine}.pt"
+                export_torchscript(qmodel, path, torch.randn(1, *shape))
+                sizes[name] = path.stat().st_size
+                loaded[name] = torch.jit.load(str(path))  # packs the weights for `engine` again
+                result.setdefault("int8", {})[name] = {"top1": acc, "file_bytes": sizes[name]}
+                print(f"int8 {name}: top-1 {acc:.2f} %, TorchScript {sizes[name]} bytes")
+            same = (preds[f"pruned@{engine}"] == preds[f"unpruned@{engine}"]).float().mean().item() * 100
+            result["int8"][f"pruned@{engine}"]["same_top1_as_unpruned_percent"] = same
+            print(f"int8 pruned vs unpruned @{engine}: same top-1 on {same:.2f} % of test images, "
+                  f"file size ratio {sizes[f'pruned@{engine}'] / sizes[f'unpruned@{engine}']:.3f}")
 
     torch.set_num_threads(args.threads)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     per_round = interleaved(loaded, x, args.rounds, args.calls, args.warmup)
-    ratios = [p / u for p, u in zip(per_round["pruned"], per_round["unpruned"])]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    base = f"unpruned@{engines[0]}"
+    ratios = {f"pruned/unpruned @{e}": [p / u for p, u in zip(per_round[f"pruned@{e}"], per_round[f"unpruned@{e}"])]
+              for e in engines}
+    ratios.update({f"{n} / {base}": [a / b for a, b in zip(v, per_round[base])]
+                   for n, v in per_round.items() if not n.endswith(f"@{engines[0]}")})
     result["latency"] = {
         "threads": args.threads, "batch": 1, "rounds": args.rounds, "calls_per_round": args.calls,
         "median_ms": {n: statistics.median(v) for n, v in per_round.items()},
-        "per_round_median_ms": per_round, "ratio_pruned_over_unpruned": {
-            "median": statistics.median(ratios), "q1": q[0], "q3": q[2], "min": min(ratios), "max": max(ratios)},
+        "per_round_median_ms": per_round, "ratios": {n: spread(v) for n, v in ratios.items()},
         "wall_s": time.perf_counter() - t0}
     lat = result["latency"]
+    print(f"batch 1, {args.threads} thread(s), {args.rounds} alternating rounds x {args.calls} calls:")
     for n, v in per_round.items():
-        print(f"latency {n}: median of round medians {lat['median_ms'][n]:.3f} ms "
+        print(f"  latency {n}: median of round medians {lat['median_ms'][n]:.3f} ms "
               f"(rounds {min(v):.3f} .. {max(v):.3f})")
-    r = lat["ratio_pruned_over_unpruned"]
-    print(f"latency ratio pruned/unpruned: median {r['median']:.3f}, quartiles {r['q1']:.3f} .. {r['q3']:.3f}, "
-          f"range {r['min']:.3f} .. {r['max']:.3f} over {args.rounds} rounds x {args.calls} calls")
+    for n, r in lat["ratios"].items():
+        print(f"  ratio {n}: median {r['median']:.3f}, quartiles {r['q1']:.3f} .. {r['q3']:.3f}, "
+              f"range {r['min']:.3f} .. {r['max']:.3f}")
     if args.output:
         write_json(args.output, result)
     return 0

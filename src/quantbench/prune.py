@@ -88,11 +88,11 @@ def live_taps(length: int, kernel: int, stride: int, pad_before: int, pad_after:
 
 
 def _crop_axis(length: int, kernel: int, stride: int, pad_before: int, pad_after: int,
-               dilation: int) -> _AxisCrop | None:
-    """The smallest symmetric-padding crop of one axis with the same outputs (None: no tap live)."""
+               dilation: int) -> _AxisCrop | str:
+    """The smallest symmetric-padding crop of one axis with the same outputs, or why there is none."""
     live = live_taps(length, kernel, stride, pad_before, pad_after, dilation)
     if not live:
-        return None  # every output is the bias alone: a degenerate layer, left as it is
+        return "no tap reads a pixel: its output is the bias alone"  # degenerate: left as it is
     extent = length + pad_before + pad_after - dilation * (kernel - 1) - 1
     # The output length is extent // s + 1, so the padding after the map may shrink by
     # extent mod s, or grow by s-1 - (extent mod s), without changing it: that padding is never
@@ -108,6 +108,8 @@ def _crop_axis(length: int, kernel: int, stride: int, pad_before: int, pad_after
                 continue
             if best is None or b + 1 - a < best.stop - best.start:
                 best = _AxisCrop(a, b + 1, pl)
+    if best is None:  # e.g. padding="same" with an even kernel: one more row after than before
+        return f"padding {pad_before} before / {pad_after} after has no symmetric equivalent"
     return best
 
 
@@ -118,12 +120,14 @@ def _paddings(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     return (top, bottom), (left, right)
 
 
-def _plan(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[_AxisCrop, _AxisCrop] | None:
-    crops = tuple(_crop_axis(hw[i], conv.kernel_size[i], conv.stride[i], *_paddings(conv)[i],
-                             conv.dilation[i]) for i in range(2))
-    if crops[0] is None or crops[1] is None:
-        return None
-    return crops  # type: ignore[return-value]
+def _plan(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[_AxisCrop, _AxisCrop] | str:
+    """The crop of both axes for an input of size hw, or why the conv is left alone."""
+    crops = [_crop_axis(hw[i], conv.kernel_size[i], conv.stride[i], *_paddings(conv)[i],
+                        conv.dilation[i]) for i in range(2)]
+    for axis, crop in zip("HW", crops):
+        if isinstance(crop, str):
+            return f"{axis}: {crop}"
+    return crops[0], crops[1]  # type: ignore[return-value]
 
 
 def _cropped_conv(conv: nn.Conv2d, plan: tuple[_AxisCrop, _AxisCrop]) -> nn.Conv2d:
@@ -243,8 +247,8 @@ def prune_dead_taps(model: nn.Module, input_shape: tuple[int, int, int], *, veri
             report.skipped[name] = f"called on several sizes {sorted(sizes[conv])} that need different crops"
             continue
         plan = plans.pop()
-        if plan is None:
-            report.skipped[name] = "no tap reads a pixel: its output is the bias alone"
+        if isinstance(plan, str):
+            report.skipped[name] = plan
             continue
         h, w = plan
         new_kernel = (h.stop - h.start, w.stop - w.start)
