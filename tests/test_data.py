@@ -149,8 +149,9 @@ def test_missing_test_folder(tiny_data_copy):
 
 def test_class_folders_must_match(tiny_data_copy):
     (tiny_data_copy / "train" / "red").rename(tiny_data_copy / "train" / "yellow")
-    with pytest.raises(QuantbenchError, match="different class folders"):
+    with pytest.raises(QuantbenchError, match="different class folders") as e:
         load_dataset(tiny_data_copy, progress=False)
+    assert str(e.value).endswith("test/ lacks class 'yellow'; train/ lacks class 'red'")
 
 
 # ---------------------------------------------------------------- Batches

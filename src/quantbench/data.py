@@ -5,17 +5,31 @@ epoch on 2 CPU cores is spent in the model, not in JPEG decoding. Augmentation t
 whole batches of tensors.
 
 Two sources:
-- `data_dir`: an ImageFolder tree with `train/` and `test/` (or `val/`), e.g. the offline
-  CIFAR-10 JPEG copy;
+- `data_dir`: an ImageFolder tree with `train/` and `test/` (or `val/`): one folder per class,
+  any number of classes, class index = position in the sorted folder names (torchvision's
+  convention). Any image Pillow reads (JPEG, PNG, BMP, WebP, TIFF, GIF, PPM/PGM) in any mode
+  (grayscale, palette, RGBA, CMYK, 16-bit) becomes 3-channel 8-bit RGB, see `_to_rgb`;
 - otherwise `torchvision.datasets.CIFAR10(download=True)` under `data_root`.
+
+Image size: by default the data's own size, which all images of both splits must share
+(non-square (H, W) is kept as it is); `image_size=N` resizes every image to N x N instead.
+
+Normalization: a model is trained on `(pixel/255 - mean) / std`, so whoever evaluates or
+quantizes it later must use the same mean and std. `load_dataset` computes them from the
+training split (or takes them from the caller: a checkpoint's recorded values) and says where
+they came from in `Dataset.norm_source`.
 """
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
+import signal
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,11 +39,20 @@ from PIL import Image
 from .errors import QuantbenchError
 from .fileio import save_torch
 
-# The original's normalization (RECIPE.md); also used for ImageFolder data.
+# The original's normalization (RECIPE.md): used for torchvision's CIFAR-10, and for an
+# ImageFolder's test split when no train/ split exists to compute statistics from.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-CACHE_VERSION = "1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif")
+# Transparent pixels are composited onto this colour. White, because transparent images (icons,
+# product photos, scans) are made to be seen on a white page; see _to_rgb.
+ALPHA_BACKGROUND = (255, 255, 255)
+CACHE_VERSION = "2"  # 2: native image size, statistics in the cache, alpha composited
+POOL_MIN_IMAGES = 2000  # fewer images decode faster in this process than a pool starts
+POOL_MAX_WORKERS = 8
+
+# Where Dataset.mean/std came from.
+NORM_TRAIN, NORM_GIVEN, NORM_CIFAR10 = "train split", "given", "cifar10 default"
 
 
 @dataclass
@@ -50,22 +73,112 @@ class Dataset:
     std: tuple[float, ...] = CIFAR10_STD
     source: str = ""
     info: dict = field(default_factory=dict)
+    norm_source: str = NORM_CIFAR10  # NORM_TRAIN, NORM_GIVEN or NORM_CIFAR10
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of every image of both splits: what the model's input must be."""
+        return tuple(int(d) for d in self.test.images.shape[1:])
+
 
 def load_dataset(data_dir: str | os.PathLike | None = None, data_root: str | os.PathLike = "./data",
-                 train: bool = True, image_size: int = 32, progress: bool = True) -> Dataset:
-    """Load the test split (and the train split if `train`) as uint8 tensors."""
+                 train: bool = True, image_size: int | None = None, progress: bool = True, *,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Dataset:
+    """Load the test split (and the train split if `train`) as uint8 tensors.
+
+    `image_size`: None keeps the images' own size (they must all agree); N resizes to N x N.
+    `mean`/`std`: the normalization to use, e.g. a checkpoint's recorded `normalize_mean/std`
+    (evaluating, calibrating or fine-tuning a model must use the values it was trained with).
+    Without them: statistics of the train split (decoded for this if only the test split is
+    asked for and train/ exists), else CIFAR-10's constants (`norm_source` says which).
+    """
+    given = _check_norm(mean, std)
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+            raise QuantbenchError(f"image size must be a positive whole number of pixels, got {image_size!r}")
+        image_size = int(image_size)
     if data_dir is not None:
-        return _load_image_folder(Path(data_dir), train, image_size, progress)
-    return _load_cifar10(Path(data_root), train)
+        ds = _load_image_folder(Path(data_dir), train, image_size, progress, need_stats=given is None)
+    else:
+        ds = _load_cifar10(Path(data_root), train, image_size)
+    if given is not None:
+        ds.mean, ds.std, ds.norm_source = given[0], given[1], NORM_GIVEN
+    return ds
+
+
+def _check_norm(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if mean is None and std is None:
+        return None
+    try:
+        m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError) as e:
+        raise QuantbenchError(f"normalization needs both mean and std, 3 numbers each "
+                              f"(got mean={mean!r}, std={std!r}: {e})") from e
+    if len(m) != 3 or len(s) != 3 or not all(math.isfinite(v) for v in m + s) or min(s) <= 0:
+        raise QuantbenchError(f"normalization needs 3 finite means and 3 positive standard deviations "
+                              f"(one per RGB channel), got mean={list(m)}, std={list(s)}")
+    return m, s
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of uint8 images (N, C, H, W) / 255.
+
+    Sums of pixel values and of their squares are exact integers (int64), taken a bounded chunk
+    of images at a time, so memory stays small and the result does not depend on the chunking.
+    """
+    n, c = images.shape[:2]
+    per_image = max(1, images[0].numel()) if n else 1
+    step = max(1, (1 << 22) // per_image)  # about 4M values (32 MiB as int64) per chunk
+    total = torch.zeros(c, dtype=torch.int64)
+    squares = torch.zeros(c, dtype=torch.int64)
+    for i in range(0, n, step):
+        x = images[i:i + step].to(torch.int64)
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    count = n * images.shape[2] * images.shape[3] if n else 0
+    if count == 0:
+        raise QuantbenchError("cannot compute normalization statistics of an empty split")
+    mean = [t / (255 * count) for t in total.tolist()]
+    var = [q / (255 * 255 * count) - m * m for q, m in zip(squares.tolist(), mean)]
+    # A channel that never varies (say, always-black blue) would divide by zero: floor its std
+    # at one grey level.
+    std = [max(math.sqrt(max(v, 0.0)), 1 / 255) for v in var]
+    return tuple(mean), tuple(std)
+
+
+def check_classes(expected: Sequence[str], data: Dataset, what: str) -> None:
+    """Raise a one-line QuantbenchError unless `data.classes` equals `expected`, order included.
+
+    A model's output k means its class k: if a class folder was renamed, added or removed, the
+    sorted folder names shift and accuracy is silently scored against the wrong labels. `what`
+    names where `expected` came from, e.g. "checkpoint best.pth" (its recorded class names).
+    """
+    expected, actual = list(expected), list(data.classes)
+    if expected == actual:
+        return
+    exp_set, act_set = set(expected), set(actual)
+    i = next(i for i in range(max(len(expected), len(actual)))
+             if i >= len(expected) or i >= len(actual) or expected[i] != actual[i])
+    e = expected[i] if i < len(expected) else None
+    a = actual[i] if i < len(actual) else None
+    if e is not None and e not in act_set:
+        diff = f"the data lacks class {e!r} ({what}'s class {i})"
+    elif a is not None and a not in exp_set:
+        diff = f"the data has class {a!r} (its class {i}), which {what} does not know"
+    else:
+        diff = f"the order differs: {what}'s class {i} is {e!r}, the data's class {i} is {a!r}"
+    where = f" {data.source}" if data.source else ""
+    raise QuantbenchError(f"classes of {what} ({len(expected)}) and of the data{where} ({len(actual)}) "
+                          f"differ: {diff}; rename the class folders back, or use the data the model "
+                          "was trained on")
 
 
 # ---------------------------------------------------------------- torchvision CIFAR-10
-def _load_cifar10(root: Path, train: bool) -> Dataset:
+def _load_cifar10(root: Path, train: bool, image_size: int | None) -> Dataset:
     from torchvision.datasets import CIFAR10
 
     def split(is_train: bool) -> tuple[Split, list[str]]:
@@ -76,30 +189,73 @@ def _load_cifar10(root: Path, train: bool) -> Dataset:
                 f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); "
                 "offline? pass --data-dir DIR with an ImageFolder tree (DIR/train, DIR/test)") from e
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        if image_size is not None and images.shape[2:] != (image_size, image_size):
+            images = _resize(images, image_size)
         return Split(images, torch.tensor(ds.targets, dtype=torch.int64)), list(ds.classes)
 
     test, classes = split(False)
+    # The seed recipe normalizes with the original's constants: keep them for its data.
     return Dataset(classes=classes, test=test, train=split(True)[0] if train else None,
-                   source=f"torchvision CIFAR10 ({root})")
+                   source=f"torchvision CIFAR10 ({root})", norm_source=NORM_CIFAR10)
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Bilinear (antialiased, like Pillow's) resize of uint8 images, a chunk at a time."""
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=True)
+        out[i:i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 # ---------------------------------------------------------------- ImageFolder + cache
-def _load_image_folder(root: Path, train: bool, image_size: int, progress: bool) -> Dataset:
+def _load_image_folder(root: Path, train: bool, image_size: int | None, progress: bool,
+                       need_stats: bool) -> Dataset:
     if not root.is_dir():
         raise QuantbenchError(f"data directory not found: {root}")
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if test_dir is None:
         raise QuantbenchError(f"{root} has no test/ (or val/) folder; expected an ImageFolder tree "
                               "with train/<class>/*.jpg and test/<class>/*.jpg")
-    test, classes = _load_split(test_dir, image_size, progress)
-    tr = None
-    if train:
-        if not (root / "train").is_dir():
-            raise QuantbenchError(f"{root} has no train/ folder")
-        tr, train_classes = _load_split(root / "train", image_size, progress)
+    train_dir = root / "train"
+    if train and not train_dir.is_dir():
+        raise QuantbenchError(f"{root} has no train/ folder")
+    # The train split is read for training, or for the statistics to normalize a test split
+    # that was asked for alone without mean/std.
+    use_train = train_dir.is_dir() and (train or need_stats)
+    # Both splits' folders are compared before anything is decoded.
+    classes, test_samples = _scan(test_dir)
+    if use_train:
+        train_classes, train_samples = _scan(train_dir)
         if train_classes != classes:
-            raise QuantbenchError(f"train/ and {test_dir.name}/ of {root} have different class folders")
-    return Dataset(classes=classes, test=test, train=tr, source=str(root.resolve()))
+            raise QuantbenchError(f"train/ and {test_dir.name}/ of {root} have different class folders: "
+                                  + _class_difference(f"{test_dir.name}/", classes, "train/", train_classes))
+    test, _ = _load_split(test_dir, test_samples, image_size, progress)
+    ds = Dataset(classes=classes, test=test, source=str(root.resolve()))
+    if use_train:
+        # Without image_size, train/ images must have the test images' size: it is the model's input.
+        ref = None if image_size else (test_samples[0][0], tuple(test.images.shape[2:]))
+        # Statistics only: the cached tensor is memory-mapped, not read.
+        tr, stats = _load_split(train_dir, train_samples, image_size, progress, ref=ref, mmap=not train)
+        ds.train = tr if train else None
+        if need_stats:
+            ds.mean, ds.std, ds.norm_source = stats[0], stats[1], NORM_TRAIN
+    elif need_stats:
+        ds.info["norm_note"] = f"{root} has no train/ split to compute statistics from"
+    return ds
+
+
+def _class_difference(a_name: str, a: list[str], b_name: str, b: list[str]) -> str:
+    """E.g. "test/ lacks class 'cat'; train/ lacks class 'kitten'"."""
+    parts = []
+    for name, mine, other in ((a_name, a, b), (b_name, b, a)):
+        missing = [c for c in other if c not in set(mine)]
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            parts.append(f"{name} lacks class{'es' if len(missing) > 1 else ''} {shown}{more}")
+    return "; ".join(parts)
 
 
 def _scan(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -107,6 +263,9 @@ def _scan(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise QuantbenchError(f"{split_dir} has no class folders")
+    if len(classes) == 1:
+        raise QuantbenchError(f"{split_dir} has a single class folder ({classes[0]!r}); "
+                              "a classifier needs at least 2")
     samples = []
     for label, c in enumerate(classes):
         files = sorted(e.path for e in os.scandir(split_dir / c)
@@ -117,9 +276,9 @@ def _scan(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-def _cache_key(split_dir: Path, samples, image_size: int) -> str:
-    """Changes whenever a file is added, removed, renamed or rewritten."""
-    h = hashlib.sha1(f"{CACHE_VERSION}:{image_size}".encode())
+def _cache_key(split_dir: Path, samples, image_size: int | None) -> str:
+    """Changes whenever a file is added, removed, renamed or rewritten, or the size asked for."""
+    h = hashlib.sha1(f"{CACHE_VERSION}:{image_size or 'native'}".encode())
     for path, label in samples:
         st = path.stat()
         h.update(f"{path.relative_to(split_dir)}:{label}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -140,41 +299,103 @@ def _cache_dir(split_dir: Path) -> Path:
     return base / tag
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit RGB.
+
+    - 16-bit grayscale ("I;16*", and "I", which is how Pillow opens PGMs deeper than 8 bits):
+      scaled from 0..65535 to 0..255; Pillow's own convert would clip them to white.
+    - Alpha (RGBA, LA, PA, palette or RGB/L with a transparent colour): composited onto
+      ALPHA_BACKGROUND, so transparent areas are white, not whatever colour the file stored there.
+    - Grayscale, 1-bit, palette, CMYK, YCbCr: Pillow's conversion. (16-bit RGB(A) PNGs are
+      already opened as 8-bit by Pillow.)
+    - 32-bit float ("F"): refused, its range (0..1? 0..255?) is not knowable from the file.
+    """
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no agreed range; save the image as 8- or 16-bit")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode(args) -> np.ndarray:
+    """(path, size) -> uint8 (3, H, W); size None keeps the image's own size."""
     path, size = args
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
+            im = _to_rgb(im)
+            if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except Exception as e:
         raise QuantbenchError(f"cannot read image {path}: {e}") from e
 
 
-def _load_split(split_dir: Path, image_size: int, progress: bool) -> tuple[Split, list[str]]:
-    classes, samples = _scan(split_dir)
+def _ignore_sigint() -> None:
+    """Pool initializer. Ctrl-C reaches every process of the terminal's foreground group: the
+    workers ignore it, so only the parent reacts (KeyboardInterrupt, then the pool is terminated)
+    instead of every worker printing its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _size_error(root: Path, first: tuple[Path, tuple], other: tuple[Path, tuple]) -> QuantbenchError:
+    (p, (h, w)), (q, (h2, w2)) = first, other
+    rel = lambda x: x.relative_to(root) if x.is_relative_to(root) else x
+    return QuantbenchError(f"images differ in size: {rel(p)} is {w}x{h} but {rel(q)} is {w2}x{h2} "
+                           "(width x height); pass --image-size N to resize every image to N x N")
+
+
+def _load_split(split_dir: Path, samples: list[tuple[Path, int]], image_size: int | None, progress: bool,
+                ref: tuple[Path, tuple] | None = None, mmap: bool = False
+                ) -> tuple[Split, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Decode (or read from the cache) one split and its normalization statistics.
+
+    `ref`: (an image, its (H, W)) that every image must match when `image_size` is None.
+    """
     key = _cache_key(split_dir, samples, image_size)
     cache = _cache_dir(split_dir) / f"{split_dir.name}-{key}.pt"
     if cache.is_file():
         try:
-            blob = torch.load(cache, weights_only=True)
-            return Split(blob["images"], blob["labels"]), blob["classes"]
+            blob = torch.load(cache, weights_only=True, mmap=mmap)
+            split = Split(blob["images"], blob["labels"])
+            stats = (tuple(blob["mean"]), tuple(blob["std"]))
         except Exception:
-            pass  # unreadable cache: decode again and overwrite it
+            split = None  # unreadable cache: decode again and overwrite it
+        if split is not None:
+            hw = tuple(split.images.shape[2:])
+            if ref is not None and hw != ref[1]:
+                raise _size_error(split_dir.parent, ref, (samples[0][0], hw))
+            return split, stats
     from tqdm import tqdm
 
     jobs = [(p, image_size) for p, _ in samples]
-    workers = min(os.cpu_count() or 1, 8)
-    with Pool(workers) if workers > 1 and len(jobs) > 2000 else _Serial() as pool:
-        it = pool.imap(_decode, jobs, chunksize=256)
-        arrays = list(tqdm(it, total=len(jobs), desc=f"decoding {split_dir.name}/", unit="img",
-                           disable=not progress, leave=False))
+    workers = min(os.cpu_count() or 1, POOL_MAX_WORKERS)
+    use_pool = workers > 1 and len(jobs) > POOL_MIN_IMAGES
+    arrays = []
+    # Leaving the with block on an error or Ctrl-C terminates the pool's workers.
+    with (Pool(workers, initializer=_ignore_sigint) if use_pool else _Serial()) as pool, \
+            tqdm(total=len(jobs), desc=f"decoding {split_dir.name}/", unit="img",
+                 disable=not progress, leave=False) as bar:
+        chunksize = max(1, min(256, len(jobs) // (4 * workers)))
+        for (path, _), a in zip(samples, pool.imap(_decode, jobs, chunksize=chunksize)):
+            if image_size is None:  # the size comes with the decoded image: no separate scan
+                if ref is None:
+                    ref = (path, a.shape[1:])
+                elif a.shape[1:] != ref[1]:
+                    raise _size_error(split_dir.parent, ref, (path, a.shape[1:]))
+            arrays.append(a)
+            bar.update()
     split = Split(torch.from_numpy(np.stack(arrays)), torch.tensor([l for _, l in samples]))
+    stats = channel_stats(split.images)
     for old in cache.parent.glob(f"{split_dir.name}-*.pt"):  # drop stale caches of this split
         old.unlink(missing_ok=True)
-    save_torch({"images": split.images, "labels": split.labels, "classes": classes}, cache)
-    return split, classes
+    save_torch({"images": split.images, "labels": split.labels, "classes": sorted({p.parent.name for p, _ in samples}),
+                "mean": list(stats[0]), "std": list(stats[1])}, cache)
+    return split, stats
 
 
 class _Serial:
@@ -206,10 +427,12 @@ def augment_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> to
     return out
 
 
-def _seed_transform():
-    """The original's training transforms (RECIPE.md), on uint8 tensors, one image at a time."""
+def _seed_transform(size: tuple[int, int] = (32, 32)):
+    """The original's training transforms (RECIPE.md), on uint8 tensors, one image at a time.
+
+    The crop is resized back to the images' own (H, W), 32x32 for CIFAR-10."""
     from torchvision.transforms import v2
-    return v2.Compose([v2.RandomResizedCrop(32, scale=(0.8, 1.0), antialias=True),
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True),
                        v2.RandomRotation(30), v2.RandomHorizontalFlip(),
                        v2.ColorJitter(0.4, 0.2, 0.2, 0.2)])
 
@@ -236,7 +459,7 @@ class Batches:
         self.sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
                                           shuffle=shuffle, seed=seed, drop_last=False)
         self.epoch = 0
-        self._seed_tf = _seed_transform() if augment == "seed" else None
+        self._seed_tf = _seed_transform(tuple(split.images.shape[2:])) if augment == "seed" else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
