@@ -151,14 +151,16 @@ def test_unusable_files_rejected(tmp_path, tiny_checkpoint):
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    """A disk that fills up while a checkpoint is written: one line, the old file intact, no temp."""
+    import errno
+    import os
     path = tmp_path / "model.pth"
     path.write_bytes(tiny_checkpoint.read_bytes())
 
-    def broken_save(obj, f, *args, **kwargs):
-        open(f, "wb").write(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(QuantbenchError, match="cannot write .*model.pth: No space left on device"):
         models.save_checkpoint(path, models.build("resnet10", 3), meta={"arch": "resnet10"})
     assert path.read_bytes() == tiny_checkpoint.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temporary file left behind

@@ -139,7 +139,8 @@ def test_ddp_two_processes(tiny_data_dir, tmp_path):
     assert [r["epoch"] for r in _metrics(out)] == [1, 2]
     assert proc.stdout.count("epoch 1/2") == 1 and proc.stdout.count("best test accuracy") == 1
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth", "metrics.jsonl", "tensorboard"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantbench.lock", "best.pth", "last.pth", "metrics.jsonl",
+                                                     "tensorboard"]
     last = torch.load(out / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and not any(k.startswith("module.") for k in last["model"])
     model, _ = models.load_checkpoint(out / "best.pth")

@@ -192,7 +192,7 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
             if k == 0 and cfg.accuracy:
                 for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
                     a = workers[row.label].ask(op="accuracy", data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
-                                               batch_size=cfg.accuracy_batch_size)
+                                               image_size=cfg.data.image_size, batch_size=cfg.accuracy_batch_size)
                     row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
             for b in cfg.batch_sizes:
                 with tqdm(desc=f"timing batch {b}, process {k + 1}/{processes}", unit="round", leave=False,

@@ -3,6 +3,7 @@ thin call into the Python API (quantbench/__init__.py lists it). All argparse li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import QuantbenchError
+from .fileio import check_writable, run_lock
 from .warn import quiet_cpp_warnings
 
 quiet_cpp_warnings()  # before anything imports torch
@@ -24,6 +26,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", type=Path, help="ImageFolder tree with train/ and test/ (or val/)")
     g.add_argument("--data-root", type=Path, default=Path("data"),
                    help="where torchvision's CIFAR-10 is downloaded when --data-dir is not given (default: ./data)")
+    g.add_argument("--image-size", type=int,
+                   help="resize images to N x N (default: the images' own size when they all agree; for a "
+                        "trained model, the size it was trained at)")
 
 
 def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
@@ -87,7 +92,7 @@ def _list(s: str) -> tuple[str, ...]:
 
 def _data_source(args):
     from .data import DataSource
-    return DataSource(args.data_dir, args.data_root)
+    return DataSource(args.data_dir, args.data_root, getattr(args, "image_size", None))
 
 
 def _bench_config(args):
@@ -123,10 +128,12 @@ def train_args(p: argparse.ArgumentParser) -> None:
 def train_cmd(args) -> int:
     from .train import get_recipe, train
     recipe = get_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-    result = train(_data_source(args).load(train=True, progress=not args.no_progress), recipe, args.output,
-                   arch=args.arch, resume=args.resume, device=args.device, seed=args.seed,
-                   progress=not args.no_progress)
-    if result.history and os.environ.get("RANK", "0") == "0":
+    data = _data_source(args).load(train=True, progress=not args.no_progress)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes (and holds the lock)
+    with run_lock(args.output) if main_rank else contextlib.nullcontext():  # before any training
+        result = train(data, recipe, args.output, arch=args.arch, resume=args.resume, device=args.device,
+                       seed=args.seed, progress=not args.no_progress)
+    if result.history and main_rank:
         print(f"best test accuracy {result.best_acc:.2f}% -> {args.output / 'best.pth'}")
     return 0
 
@@ -143,8 +150,7 @@ def eval_cmd(args) -> int:
     from .evaluate import evaluate_file
     if args.batch_size < 1:
         raise QuantbenchError("--batch-size must be at least 1")
-    acc = evaluate_file(args.model, _data_source(args).load(train=False, progress=not args.no_progress),
-                        batch_size=args.batch_size, progress=not args.no_progress)
+    acc = evaluate_file(args.model, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{args.model}: top-1 {acc:.2f}%")
     return 0
 
@@ -168,11 +174,16 @@ def quantize_cmd(args) -> int:
     from .quantize import check_output, quantize_to_file
     cfg = _quantize_config(args, method=args.method, flow=args.flow, qat_epochs=args.epochs, resume=args.resume,
                            work_dir=args.work_dir or args.output.parent / "qat-work")
+    from .models import read_checkpoint
     check_output(args.output, cfg.flow)  # fail on bad options before loading any data
+    check_writable(args.output)
+    _, meta = read_checkpoint(args.checkpoint)
     data = None
     if cfg.method != "dynamic" or args.data_dir is not None:
-        data = _data_source(args).load(train=cfg.method != "dynamic", progress=not args.no_progress)
-    rec = quantize_to_file(args.checkpoint, args.output, cfg, data, progress=not args.no_progress)
+        data = _data_source(args).load_for(meta, f"checkpoint {args.checkpoint}", train=cfg.method != "dynamic",
+                                           progress=not args.no_progress)
+    with run_lock(cfg.work_dir) if cfg.method == "qat" else contextlib.nullcontext():  # one QAT run per folder
+        rec = quantize_to_file(args.checkpoint, args.output, cfg, data, progress=not args.no_progress)
     print(f"{rec['label']}: wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) "
           f"in {rec['quantize_s']:.0f} s")
     return 0
@@ -192,6 +203,9 @@ def bench_args(p: argparse.ArgumentParser) -> None:
 def bench_cmd(args) -> int:
     from .bench import bench
     from .report import write_report
+    for out in (args.json, args.markdown):  # before minutes of measuring, not after
+        if out is not None:
+            check_writable(out)
     results = bench(args.models, _bench_config(args))
     print(write_report(results, json_path=args.json, markdown_path=args.markdown))
     return 0
@@ -226,7 +240,8 @@ def replicate_cmd(args) -> int:
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
                           methods=_list(args.methods), runtimes=runtimes, quantize=_quantize_config(args),
                           resume=args.resume, bench=_bench_config(args))
-    results = replicate(cfg, progress=not args.no_progress)
+    with run_lock(args.output):
+        results = replicate(cfg, progress=not args.no_progress)
     print(markdown_table(results))
     print(f"\nwrote {args.output / 'report.md'}, results.json, results.csv and models/ in {args.output}")
     return 0
@@ -245,6 +260,8 @@ def profile_args(p: argparse.ArgumentParser) -> None:
 def profile_cmd(args) -> int:
     from .fileio import write_json
     from .profiling import profile_model, render_profile
+    if args.json is not None:
+        check_writable(args.json)
     prof = profile_model(args.model, calls=args.calls, threads=parse_threads(args.bench_threads))
     if args.json:
         write_json(args.json, prof)
@@ -261,6 +278,7 @@ def report_args(p: argparse.ArgumentParser) -> None:
 
 def report_cmd(args) -> int:
     from .report import report_runs
+    check_writable(args.output or args.runs[0], is_dir=True)
     print(f"wrote {report_runs(args.runs, args.output)}")
     return 0
 

@@ -21,6 +21,8 @@ they came from in `Dataset.norm_source`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import math
 import numbers
@@ -107,6 +109,7 @@ def load_dataset(data_dir: str | os.PathLike | None = None, data_root: str | os.
         ds = _load_cifar10(Path(data_root), train, image_size)
     if given is not None:
         ds.mean, ds.std, ds.norm_source = given[0], given[1], NORM_GIVEN
+    ds.info["image_size"] = image_size  # None: the images' own size
     return ds
 
 
@@ -494,14 +497,43 @@ class Batches:
 @dataclass(frozen=True)
 class DataSource:
     """Where the images come from: an ImageFolder tree (`dir`), else torchvision's CIFAR-10
-    downloaded under `root`. One value, passed down to every stage that reads images (training,
-    calibration, and the measuring workers' accuracy runs), so they all see the same data."""
+    downloaded under `root`; `image_size` resizes (None: the images' own size). One value, passed
+    down to every stage that reads images (training, calibration, and the measuring workers'
+    accuracy runs), so they all see the same data."""
     dir: Path | None = None
     root: Path = Path("data")
+    image_size: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dir", Path(self.dir) if self.dir is not None else None)
         object.__setattr__(self, "root", Path(self.root))
 
     def load(self, train: bool = True, progress: bool = True) -> Dataset:
-        return load_dataset(self.dir, self.root, train=train, progress=progress)
+        """The data as it is (normalization statistics of the train split, see load_dataset)."""
+        return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress)
+
+    def load_for(self, meta: dict, what: str, train: bool = False, progress: bool = True) -> Dataset:
+        """The data as the model that `meta` (checkpoint meta or sidecar) describes expects it:
+        its image size and normalization, checked against its classes and input shape."""
+        size = self.image_size or meta.get("image_size")
+        mean, std = meta.get("normalize_mean"), meta.get("normalize_std")
+        data = load_dataset(self.dir, self.root, train=train, image_size=size, progress=progress,
+                            mean=mean if mean and std else None, std=std if mean and std else None)
+        return for_model(data, meta, what)
+
+
+def for_model(data: Dataset, meta: dict, what: str) -> Dataset:
+    """The same images, normalized the way the model described by `meta` was trained; fails in
+    one line when the data's classes or image shape are not the model's."""
+    if meta.get("classes"):
+        check_classes(meta["classes"], data, what)
+    elif meta.get("num_classes") is not None and int(meta["num_classes"]) != data.num_classes:
+        raise QuantbenchError(f"{what} has {meta['num_classes']} output classes but the data has {data.num_classes}")
+    shape = meta.get("input_shape")
+    if shape and tuple(shape) != tuple(data.input_shape):
+        raise QuantbenchError(f"{what} takes inputs of shape {tuple(shape)}, the data's images are "
+                              f"{tuple(data.input_shape)}; pass --image-size {shape[-1]}")
+    mean, std = meta.get("normalize_mean"), meta.get("normalize_std")
+    if mean and std and (tuple(mean), tuple(std)) != (tuple(data.mean), tuple(data.std)):
+        data = dataclasses.replace(data, mean=tuple(mean), std=tuple(std), norm_source=NORM_GIVEN)
+    return data

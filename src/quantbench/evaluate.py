@@ -27,15 +27,22 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: Dataset, batch
     return 100.0 * correct / max(total, 1)
 
 
-def evaluate_file(path, data: Dataset, batch_size: int = 500, progress: bool = True) -> float:
-    """Accuracy of an fp32 checkpoint (.pth) or of a deployment file."""
+def evaluate_file(path, source, batch_size: int = 500, progress: bool = True) -> float:
+    """Accuracy of an fp32 checkpoint (.pth) or of a deployment file, on `source`'s test split
+    (a quantbench.data.DataSource) loaded as the model expects it: its image size and
+    normalization, checked against its classes."""
     from pathlib import Path
 
-    from .models import load_checkpoint
     from . import runtimes
+    from .export import read_sidecar
+    from .models import load_checkpoint, read_checkpoint
 
     path = Path(path)
-    if path.suffix == ".pth":
+    if runtimes.deployment_kind(path) is None:  # an fp32 checkpoint
+        _, meta = read_checkpoint(path)
+        data = source.load_for(meta, f"checkpoint {path}", train=False, progress=progress)
         model, _ = load_checkpoint(path, num_classes=data.num_classes)
         return accuracy(model, data, batch_size, progress=progress)
-    return accuracy(runtimes.load(path), data, batch_size, progress=progress)
+    model = runtimes.load(path)
+    data = source.load_for(read_sidecar(path), str(path), train=False, progress=progress)
+    return accuracy(model, data, batch_size, progress=progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fileio import atomic_path, read_json, write_json
+from .fileio import read_json, save_torchscript, write_json
 
 
 # The input shape of a model is data: recorded in checkpoint meta and every sidecar, read back
@@ -43,8 +43,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
         frozen = torch.jit.freeze(traced)
-    with atomic_path(path) as tmp:
-        torch.jit.save(frozen, str(tmp))
+    save_torchscript(frozen, path)  # via memory: a full disk is an error, not a C++ abort
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import Batches, Dataset
+from .data import Batches, Dataset, for_model
 from .errors import QuantbenchError
 from .export import example_input, input_shape, weight_bytes, write_sidecar
 from .flows import LABELS, check_method, get_flow, suffix
@@ -108,6 +108,8 @@ def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
     if cfg.method in ("static", "qat") and (data is None or data.train is None):
         raise QuantbenchError(f"{cfg.method} quantization needs training data (--data-dir)")
     model, meta = flow.load(checkpoint, num_classes=data.num_classes if data else None)
+    if data is not None:  # calibrate and fine-tune on images normalized as in training
+        data = for_model(data, meta, f"checkpoint {checkpoint}")
     shape = input_shape(meta)
     example = example_input(shape)
     record: dict = {"method": cfg.method, "flow": cfg.flow, "label": label(cfg.method, cfg.flow),
@@ -150,7 +152,7 @@ def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
     record.update(classes=meta.get("classes") or (data.classes if data else None),
                   normalize_mean=meta.get("normalize_mean") or (list(data.mean) if data else None),
                   normalize_std=meta.get("normalize_std") or (list(data.std) if data else None),
-                  arch=meta.get("arch"))
+                  image_size=meta.get("image_size"), arch=meta.get("arch"))
     return qmodel, record
 
 
@@ -178,7 +180,8 @@ def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = 
               "dtype": "fp32", "source_checkpoint": str(checkpoint), "arch": meta.get("arch"),
               "input_shape": list(input_shape(meta)),
               "classes": meta.get("classes") or (data.classes if data else None),
-              "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std")}
+              "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std"),
+              "image_size": meta.get("image_size")}
     return export_model(model, path, record, flow)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import runtimes
 from .bench import BenchConfig, bench
-from .data import Batches, DataSource
+from .data import Batches, DataSource, for_model
 from .errors import QuantbenchError
 from .export import sidecar_path
 from .flows import METHODS, check_method, suffix
@@ -130,12 +130,13 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
                 files += made  # resumed: the very same files are measured again
                 continue
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes)
-            calib = (x for x, _ in Batches(data.train, 100, data.mean, data.std, shuffle=True,
+            d = for_model(data, meta, f"checkpoint {ckpt}")
+            calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True,
                                            limit=min(cfg.quantize.calib_samples, 2000)))
             _log(f"{name}: exporting fp32 and int8")
-            files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), "classes": data.classes,
-                                                       "normalize_mean": list(data.mean),
-                                                       "normalize_std": list(data.std)})
+            files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), "classes": d.classes,
+                                                       "normalize_mean": list(d.mean), "normalize_std": list(d.std),
+                                                       "image_size": meta.get("image_size")})
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:
                 raise QuantbenchError(f"runtime {name}: {e}") from e

@@ -176,7 +176,8 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     opt = make_optimizer(model.parameters(), recipe)
     st = _State(model, opt, make_scheduler(opt, recipe, len(batches)))
     meta = {"arch": arch, "num_classes": data.num_classes, "classes": data.classes,
-            "normalize_mean": list(data.mean), "normalize_std": list(data.std),
+            "normalize_mean": list(data.mean), "normalize_std": list(data.std), "norm_source": data.norm_source,
+            "input_shape": list(data.input_shape), "image_size": data.info.get("image_size"),
             "dataset": data.source, "recipe": dataclasses.asdict(recipe), "seed": seed, **(meta or {})}
     last_path = output / "last.pth"
     if resume and last_path.is_file():

@@ -6,7 +6,8 @@ object per line on stdin/stdout:
 
     (on start)                  -> {"ready": true, "load_s": ..., "base_rss_mb": ..., "load_rss_mb": ...}
     {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K, "cpu_s": ...}
-    {"op": "accuracy", "data_dir": ..., "data_root": ..., "batch_size": ...} -> {"accuracy": %, "n": images}
+    {"op": "accuracy", "data_dir": ..., "data_root": ..., "image_size": ..., "batch_size": ...}
+                                -> {"accuracy": %, "n": images} (normalized as the sidecar says)
     {"op": "ops"}               -> {"ops": {int8_conv: ..., ...}} (quantized vs float operators)
     {"op": "exit"}              -> {"peak_rss_mb": ..., "base_rss_mb": ...}
     any failure                 -> {"error": "..."}
@@ -151,9 +152,11 @@ def _run(op: str, cmd: dict, model, runtime, path: Path, shape, gen) -> dict:
         # to see how much OTHER work ran while we timed.
         return {"times": times, "cpu_s": time.process_time() - cpu}
     if op == "accuracy":
-        from .data import load_dataset
+        from .data import DataSource
         from .evaluate import accuracy
-        data = load_dataset(cmd.get("data_dir"), cmd.get("data_root", "data"), train=False, progress=False)
+        from .export import read_sidecar
+        source = DataSource(cmd.get("data_dir"), cmd.get("data_root", "data"), cmd.get("image_size"))
+        data = source.load_for(read_sidecar(path), path.name, train=False, progress=False)
         with torch.inference_mode():
             acc = accuracy(model, data, cmd.get("batch_size", 500), progress=False, set_eval=False)
         return {"accuracy": acc, "n": len(data.test)}

@@ -30,7 +30,7 @@ from torchvision.models.resnet import BasicBlock
 
 from ..cpu import reduce_range
 from ..errors import QuantbenchError
-from ..fileio import atomic_path
+from ..pt2_archive import save_program
 from ..models import load_checkpoint
 from .qconfigs import QCONFIGS, describe_observer
 
@@ -242,5 +242,4 @@ def export(model: nn.Module, path, example: torch.Tensor) -> None:
     The file holds the int8 weights and the graph; torch.export.load needs no quantbench."""
     with torch.no_grad():
         program = torch.export.export(model, (_two(example),), dynamic_shapes=(_batch_dim(),))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.export.save(program, f)
+    save_program(program, path)  # atomic, and the same bytes for the same program

@@ -33,13 +33,14 @@ def files(path: Path) -> list[Path]:
 
 
 def load_program(path: Path):
-    # The quantize/dequantize ops live in torch's "quantized_decomposed" library, which plain
-    # `import torch` does not register; torch.export.load needs them to rebuild the graph.
+    """The ExportedProgram in a .pt2 file, refused if it carries anything that could run code
+    when loaded (pickled payloads, shared libraries, shape expressions beyond arithmetic):
+    quantbench.pt2_archive says why. torch.export.load needs the quantize/dequantize ops of
+    torch's "quantized_decomposed" library, which plain `import torch` does not register."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401
-    try:
-        return torch.export.load(str(path))
-    except Exception as e:
-        raise QuantbenchError(f"cannot load torch.export program {path}: {cause(e)}") from e
+
+    from ..pt2_archive import load_program as safe_load
+    return safe_load(path)
 
 
 class Compiled:
