@@ -225,3 +225,13 @@ def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
             os.ftruncate(fd, 0)  # still locked: the next holder never reads our details as its own
     finally:
         os.close(fd)  # releases the flock
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Content hash of a file: what a model was made from, whatever its name or path."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

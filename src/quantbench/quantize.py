@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .data import Batches, Dataset, for_model
 from .errors import QuantbenchError
 from .export import example_input, input_shape, weight_bytes, write_sidecar
+from .fileio import sha256
 from .flows import LABELS, check_method, get_flow, suffix
 from .flows.qconfigs import QCONFIGS, why
 from .train import Recipe, train
@@ -90,6 +91,14 @@ class QuantizeConfig:
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
 
+    def shaping(self) -> dict:
+        """The choices that shape the deployment file (recorded in its sidecar; a resumed
+        replicate remakes a file whose record differs)."""
+        d = dataclasses.asdict(self)
+        for k in ("work_dir", "resume"):
+            d.pop(k)
+        return d
+
 
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Dataset, samples: int, batch_size: int, seed: int = 0,
@@ -112,8 +121,10 @@ def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
         data = for_model(data, meta, f"checkpoint {checkpoint}")
     shape = input_shape(meta)
     example = example_input(shape)
+    source_sha = sha256(checkpoint)
     record: dict = {"method": cfg.method, "flow": cfg.flow, "label": label(cfg.method, cfg.flow),
-                    "dtype": "int8", "source_checkpoint": str(checkpoint), "input_shape": list(shape)}
+                    "dtype": "int8", "source_checkpoint": str(checkpoint), "source_sha256": source_sha,
+                    "config": cfg.shaping(), "input_shape": list(shape)}
     t0 = time.perf_counter()
     if cfg.method == "dynamic":
         qmodel, applied = flow.quantize_dynamic(model, cfg.qconfig, example)
@@ -141,7 +152,8 @@ def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
         work = cfg.work_dir or Path("runs") / "qat-work"
         result = train(data, recipe, work, model=prepared, resume=cfg.resume, seed=cfg.seed,
                        epoch_hook=hook, set_mode=flow.set_mode, progress=progress,
-                       meta={"arch": meta.get("arch"), "qat_of": str(checkpoint), "flow": cfg.flow})
+                       meta={"arch": meta.get("arch"), "qat_of": str(checkpoint), "source_sha256": source_sha,
+                             "flow": cfg.flow, "qconfig": record["qconfig"]})
         prepared = result.model.to(memory_format=torch.contiguous_format)
         record["qat"] = {"schedule": cfg.qat_schedule, "recipe": dataclasses.asdict(recipe),
                          "freeze_bn_epoch": sched.freeze_bn_epoch,
@@ -176,8 +188,8 @@ def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = 
     """The fp32 model, exported the same way as the int8 ones (the table's "origin" row)."""
     from .models import load_checkpoint
     model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes if data else None)
-    record = {"method": "origin", "flow": flow, "label": label("origin", flow),
-              "dtype": "fp32", "source_checkpoint": str(checkpoint), "arch": meta.get("arch"),
+    record = {"method": "origin", "flow": flow, "label": label("origin", flow), "dtype": "fp32",
+              "source_checkpoint": str(checkpoint), "source_sha256": sha256(checkpoint), "arch": meta.get("arch"),
               "input_shape": list(input_shape(meta)),
               "classes": meta.get("classes") or (data.classes if data else None),
               "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std"),

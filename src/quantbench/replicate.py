@@ -10,6 +10,7 @@ With resume=True, deployment files that already exist (with their sidecar) are k
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from . import runtimes
 from .bench import BenchConfig, bench
 from .data import Batches, DataSource, for_model
 from .errors import QuantbenchError
-from .export import sidecar_path
+from .export import read_sidecar, sidecar_path
+from .fileio import sha256
 from .flows import METHODS, check_method, suffix
 from .quantize import QuantizeConfig, export_origin, label, quantize_to_file
 from .report import write_report
@@ -68,8 +70,16 @@ def _log(msg: str) -> None:
     print(f"[replicate] {msg}", file=sys.stderr, flush=True)
 
 
-def _done(path: Path, resume: bool) -> bool:
-    return resume and path.is_file() and sidecar_path(path).is_file()
+def _reusable(path: Path, resume: bool, expect: dict) -> bool:
+    """With --resume, a file already made is measured again only if its sidecar says it was made
+    the way this run would make it (same checkpoint by content, same configuration)."""
+    if not (resume and path.is_file() and sidecar_path(path).is_file()):
+        return False
+    side = read_sidecar(path)
+    differ = [k for k, v in expect.items() if side.get(k) != json.loads(json.dumps(v, default=str))]
+    if differ:
+        _log(f"remaking {path.name}: it was made with another {' and '.join(differ)}")
+    return not differ
 
 
 def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
@@ -86,26 +96,27 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
         ckpt = out / "train" / "best.pth"
 
     # 2. deployment files: one fp32 "origin" per runtime, then each flow x method
+    source = {"source_sha256": sha256(ckpt)}
     files: list[Path] = []
     for suf in dict.fromkeys(suffix(f) for f in cfg.flows):
         flow = next(f for f in cfg.flows if suffix(f) == suf)
         path = models / (label("origin", flow) + suf)
-        if not _done(path, cfg.resume):
+        if not _reusable(path, cfg.resume, source):
             _log(f"exporting fp32 -> {path.name}")
             export_origin(ckpt, path, flow, data)
         files.append(path)
     for flow in cfg.flows:
         for method in cfg.methods:
             path = models / (label(method, flow) + suffix(flow))
-            if not _done(path, cfg.resume):
+            qcfg = cfg.quantize.replace(method=method, flow=flow, work_dir=out / "qat-work" / flow,
+                                        resume=cfg.resume)
+            if not _reusable(path, cfg.resume, {**source, "config": qcfg.shaping()}):
                 _log(f"{method} ({flow}) -> {path.name}")
-                qcfg = cfg.quantize.replace(method=method, flow=flow, work_dir=out / "qat-work" / flow,
-                                            resume=cfg.resume)
                 quantize_to_file(ckpt, path, qcfg, data, progress=progress)
             files.append(path)
 
     # 3. other runtimes as comparison rows
-    files += _runtime_rows(cfg, ckpt, data, models)
+    files += _runtime_rows(cfg, ckpt, data, models, source)
 
     # 4. measure and report
     _log(f"benchmarking {len(files)} models")
@@ -118,23 +129,25 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     return results
 
 
-def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
+def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict | None = None) -> list[Path]:
     from .models import load_checkpoint
     wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
+    source = source if source is not None else {"source_sha256": sha256(ckpt)}
+    calib_samples = min(cfg.quantize.calib_samples, 2000)
     files: list[Path] = []
     for name in wanted:
         try:
             mod = runtimes.get(name)
             made = [models / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
-            if made and all(_done(p, cfg.resume) for p in made):
+            expect = {**source, "calib_limit": calib_samples}
+            if made and all(_reusable(p, cfg.resume, expect) for p in made):
                 files += made  # resumed: the very same files are measured again
                 continue
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes)
             d = for_model(data, meta, f"checkpoint {ckpt}")
-            calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True,
-                                           limit=min(cfg.quantize.calib_samples, 2000)))
+            calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=calib_samples))
             _log(f"{name}: exporting fp32 and int8")
-            files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), "classes": d.classes,
+            files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
                                                        "normalize_mean": list(d.mean), "normalize_std": list(d.std),
                                                        "image_size": meta.get("image_size")})
         except (QuantbenchError, ImportError) as e:

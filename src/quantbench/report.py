@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 from .errors import QuantbenchError, cause
-from .fileio import read_json, write_json, write_text
+from .fileio import read_json, sha256, write_json, write_text
 from .results import BenchResults, ModelResult, QuantStatus
 
 MiB = 2 ** 20
@@ -154,7 +155,8 @@ def write_report(results: BenchResults, json_path=None, markdown_path=None, run_
         write_text(run_dir / "results.csv", to_csv(results))
         write_text(run_dir / "results.md", markdown_table(results, seed_format=True) + "\n")
         figures = plot_all(results, run_dir)
-        write_text(run_dir / "report.md", render(results, figures))
+        # report.md names the results.json it was made from, so a stale one can be told apart
+        write_text(run_dir / "report.md", render(results, figures) + f"\n{_STAMP}{sha256(json_path)} -->\n")
     if markdown_path:
         write_text(markdown_path, markdown_table(results, seed_format=True) + "\n")
     return markdown_table(results)
@@ -191,12 +193,27 @@ def compare_table(runs: list[BenchResults], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+_STAMP = "<!-- made from results.json sha256 "
+
+
+def stale_report(run_dir: Path) -> bool:
+    """True when report.md is missing or was made from another results.json than the one there
+    (e.g. a run killed between writing the two)."""
+    report = Path(run_dir) / "report.md"
+    if not report.is_file():
+        return True
+    stamp = [line for line in report.read_text().splitlines() if line.startswith(_STAMP)]
+    return not stamp or stamp[-1][len(_STAMP):].split()[0] != sha256(Path(run_dir) / "results.json")
+
+
 def report_runs(runs: list[Path], output: Path | None = None) -> Path:
     """One run: rebuild its report from results.json. Several: medians side by side (with the
     change against the first run), then each run's table, in compare.md. Returns the file."""
     results = [load_results(r) for r in runs]
     if len(results) == 1:
         out = Path(output or runs[0])
+        if Path(runs[0]).is_dir() and out == Path(runs[0]) and (out / "report.md").is_file() and stale_report(out):
+            print(f"{out / 'report.md'} did not match {out / 'results.json'}: rebuilt", file=sys.stderr)
         write_report(results[0], run_dir=out)
         return out / "report.md"
     out = Path(output or runs[0])

@@ -191,7 +191,7 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     writer = None
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(output / "metrics.jsonl", st.start_epoch - 1)
+        _write_metrics(output / "metrics.jsonl", st.history)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(output / "tensorboard"), purge_step=st.start_epoch)
 
@@ -244,10 +244,18 @@ def _resume(st: _State, last_path: Path, meta: dict, recipe: Recipe) -> None:
     if state["meta"]["recipe"] != meta["recipe"]:
         raise QuantbenchError(f"cannot resume: {last_path} was written by another recipe "
                               f"({state['meta']['recipe']['name']}, {state['meta']['recipe']['epochs']} epochs)")
-    for key in ("arch", "classes", "seed", "qat_of", "flow"):  # else a traceback or a silently different run
+    # else a traceback, or a run that silently continues another one
+    for key, what in (("arch", "architecture"), ("classes", "classes"), ("seed", "seed"),
+                      ("source_sha256", "source checkpoint (by content)"), ("flow", "flow"),
+                      ("qconfig", "quantization configuration")):
         if state["meta"].get(key) != meta.get(key):
-            raise QuantbenchError(f"cannot resume: {last_path} was written with {key} "
-                                  f"{state['meta'].get(key)!r}, not {meta.get(key)!r}")
+            was, now = state["meta"].get(key), meta.get(key)
+            if key == "source_sha256":
+                was, now = f"{state['meta'].get('qat_of')} ({str(was)[:12]})", f"{meta.get('qat_of')} ({str(now)[:12]})"
+            elif key == "qconfig":
+                was, now = (was or {}).get("name"), (now or {}).get("name")
+            raise QuantbenchError(f"cannot resume: {last_path} was written with another {what}: {was!r}, "
+                                  f"not {now!r}; use another --work-dir or drop --resume")
     st.model.load_state_dict(state["model"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])
@@ -321,11 +329,8 @@ def _make_ema(model: nn.Module, r: Recipe) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.ema_decay), use_buffers=True)
 
 
-def _truncate_metrics(path: Path, keep_epochs: int) -> None:
-    """Drop metrics lines past the checkpoint we resume from (written after it, then interrupted)."""
-    if not path.is_file():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    kept = [l for l in lines if json.loads(l)["epoch"] <= keep_epochs]
-    if len(kept) != len(lines):
-        write_text(path, "".join(l + "\n" for l in kept))
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.jsonl as the checkpoint we continue from knows it: its history holds every epoch,
+    whereas the file may lack the last one (killed between the checkpoint and the append) or
+    end in a half-written line. A fresh run starts it empty."""
+    write_text(path, "".join(json.dumps(row) + "\n" for row in history))

@@ -19,7 +19,7 @@ def export(model, out_dir, calib_batches, meta):
     for name, dtype in zip(FILES, ("fp32", "int8")):
         path = out_dir / name
         path.write_text(json.dumps({"ms": 1}))
-        write_sidecar(path, label=name.split(".")[0], method="origin" if dtype == "fp32" else "static",
+        write_sidecar(path, **meta, label=name.split(".")[0], method="origin" if dtype == "fp32" else "static",
                       flow="fake", runtime="fake", dtype=dtype)
         paths.append(path)
     return paths
