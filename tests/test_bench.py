@@ -242,3 +242,34 @@ def test_bench_cli_latency_only(tmp_path, monkeypatch, capsys):
     row = json.loads(out.read_text())["models"][0]
     assert row.get("accuracy") is None and row["latency"]["1"]["median_ms"] >= 5
     assert "| m |" in capsys.readouterr().out
+
+
+def test_recommendation_is_the_fastest_int8_within_budget():
+    from quantbench.results import recommend
+    rows = derive([_row("origin", "torchscript", "fp32", 4, 80.0, 8.0, OpCounts(0, 20, 0, 1)),
+                   _row("ptq-s", "torchscript", "int8", 1, 79.8, 2.0, OpCounts(20, 0, 1, 0)),
+                   _row("fast-bad", "torchscript", "int8", 1, 79.0, 1.0, OpCounts(20, 0, 1, 0)),
+                   _row("noop", "torchscript", "int8", 4, 80.0, 0.5, OpCounts(0, 20, 0, 1))])
+    res = BenchResults(machine={}, config={}, created="now", models=rows)
+    rec = recommend(res, budget=0.3)
+    assert rec.label == "ptq-s" and rec.accuracy_delta == pytest.approx(-0.2)  # fast-bad loses 1 point
+    assert rec.speedup_vs_fastest_fp32 == pytest.approx(4.0)                    # noop is NOT QUANTIZED
+    assert recommend(res, budget=1.5).label == "fast-bad"
+    assert recommend(res, budget=0.1) is None
+    text = render(res)
+    assert "## Ship this" in text and "**ptq-s**" in text and 'torch.jit.load("ptq-s.pt")' in text
+
+
+def test_measuring_processes_are_pinned_to_one_core(tmp_path, monkeypatch):
+    from quantbench.worker import Worker
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this system")
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    core = B.pinned_cpus(1)
+    assert core is not None and len(core) == 1
+    w = Worker(_sleep_model(tmp_path, "m", 1), 1, (3, 32, 32), core)
+    try:
+        assert os.sched_getaffinity(w.proc.pid) == core
+    finally:
+        w.kill()

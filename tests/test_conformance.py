@@ -93,6 +93,7 @@ def test_the_check_names_what_is_missing():
     broken.NAME, broken.SUFFIXES = "broken", (".b",)
     broken.files = lambda path: [path]
     broken.load = lambda file, n=None: None
+    broken.how_to_load = lambda name: ""
     assert problems(broken, Runtime) == ["load('file', 'n') should take ('path', 'threads')", "missing op_counts"]
     assert not isinstance(broken, Runtime)
 

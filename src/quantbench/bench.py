@@ -46,6 +46,7 @@ class BenchConfig:
     accuracy_batch_size: int = 500
     data: DataSource = field(default_factory=DataSource)  # test images for the accuracy column
     progress: bool = True
+    pin: bool = True                      # run every measuring process on the same core(s)
 
     def __post_init__(self):
         self.batch_sizes = tuple(self.batch_sizes)
@@ -178,13 +179,14 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
         seen.add(row.label)
 
     processes = cfg.processes
+    cpus = pinned_cpus(cfg.threads) if cfg.pin else None
     per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), budget_s=cfg.budget_s / processes)
     timed: dict[str, dict[int, list[LatencyStats]]] = {r.label: {b: [] for b in cfg.batch_sizes} for r in rows}
     for k in range(processes):
         workers: dict[str, Worker] = {}
         try:
             for row, p in zip(rows, paths):
-                workers[row.label] = w = Worker(p, cfg.threads, tuple(row.input_shape))
+                workers[row.label] = w = Worker(p, cfg.threads, tuple(row.input_shape), cpus)
                 if k == 0:  # what does not depend on the process is measured once
                     row.load_s = w.load_s
                     row.ops = OpCounts(**w.ask(op="ops")["ops"])
@@ -210,8 +212,20 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                 w.kill()
     for row in rows:
         row.latency = {b: combine_processes(timed[row.label][b], b) for b in cfg.batch_sizes}
-    return BenchResults(machine=machine_record(cfg.threads), config=asdict(cfg),
+    config = asdict(cfg)
+    config["pinned_cpus"] = sorted(cpus) if cpus else None
+    return BenchResults(machine=machine_record(cfg.threads), config=config,
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows))
+
+
+def pinned_cpus(threads: int) -> set[int] | None:
+    """The cores every measuring process is pinned to: the last `threads` of those this process
+    may use (the first core is where the system's own interrupts tend to land). None where the
+    OS cannot pin, or when fewer cores are allowed than threads asked for."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return set(allowed[-threads:]) if len(allowed) >= threads else None
 
 
 def _str(p) -> str | None:

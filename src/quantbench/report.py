@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import QuantbenchError, cause
 from .fileio import read_json, sha256, write_json, write_text
-from .results import BenchResults, ModelResult, QuantStatus
+from .results import BenchResults, ModelResult, QuantStatus, recommend
 
 MiB = 2 ** 20
 
@@ -94,6 +94,27 @@ def machine_line(m: dict) -> str:
             + f", quantized engine {m.get('quantized_engine')}")
 
 
+def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str]:
+    """"Ship this", for batch 1 and for every throughput batch size measured."""
+    from . import runtimes
+    lines = []
+    for b in results.batch_sizes():
+        rec = recommend(results, budget, b)
+        if rec is None:
+            lines.append(f"- batch {b}: no int8 model is within {budget} point of fp32 accuracy; ship the fp32 model.")
+            continue
+        vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({rec.fastest_fp32})"
+              if rec.speedup_vs_fastest_fp32 else "")
+        try:
+            hint = runtimes.get(rec.runtime).how_to_load(Path(rec.file).name)
+        except (QuantbenchError, AttributeError):
+            hint = None
+        lines.append(f"- batch {b}: **{rec.label}** ({rec.runtime}, `{Path(rec.file).name}`): "
+                     f"{rec.median_ms:.2f} ms per batch{vs}; accuracy {rec.accuracy_delta:+.2f} point vs fp32"
+                     + (f". Load it with `{hint}`" if hint else "") + ".")
+    return lines
+
+
 def render(results: BenchResults, figures: list[Path] = ()) -> str:
     cfg = results.config
     fastest = next((r.fastest_fp32 for r in results.models if r.fastest_fp32), None)
@@ -106,7 +127,11 @@ def render(results: BenchResults, figures: list[Path] = ()) -> str:
              "Accuracy: top-1 on the whole test split. File size: the deployment file and its companions. "
              "Speed-up, size ratio and accuracy delta: against the fp32 row of the same runtime"
              + (f"; \"vs fastest fp32\": against {fastest}" if fastest else "") + ".", "",
-             markdown_table(results), "", "## Details", "", detail_table(results), ""]
+             markdown_table(results), "",
+             "## Ship this", "",
+             "The fastest int8 model whose top-1 is within 0.3 point of the fp32 model's, measured in this run "
+             "(ties within the process spread are ties):", ""] + recommendation_lines(results) + [
+             "", "## Details", "", detail_table(results), ""]
     tp = throughput_table(results)
     if tp:
         parts += ["## Throughput", "", tp, ""]

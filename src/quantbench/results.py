@@ -171,3 +171,42 @@ def derive(rows: list[ModelResult]) -> list[ModelResult]:
             if r.accuracy is not None and base.accuracy is not None:
                 r.accuracy_delta = r.accuracy - base.accuracy
     return rows
+
+
+@dataclass
+class Recommendation:
+    """"Ship this": the fastest int8 row within an accuracy budget, at one batch size."""
+    label: str
+    file: str
+    runtime: str
+    batch: int
+    median_ms: float
+    accuracy_delta: float          # against the fp32 model's accuracy
+    budget: float
+    speedup_vs_fastest_fp32: float | None
+    fastest_fp32: str | None
+
+
+def recommend(results: BenchResults, budget: float = 0.3, batch: int = 1) -> Recommendation | None:
+    """The fastest int8 model at `batch` whose top-1 is at most `budget` points below the fp32
+    model's (its own runtime's fp32 row, else the most accurate fp32 row); None when no int8
+    row qualifies (or nothing was measured at that batch size)."""
+    fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
+    best_fp32_acc = max((m.accuracy for m in fp32), default=None)
+    timed_fp32 = [m for m in results.models if m.dtype == "fp32" and m.median_ms(batch)]
+    fastest = min(timed_fp32, key=lambda m: m.median_ms(batch), default=None)
+    picks = []
+    for m in results.models:
+        if m.dtype != "int8" or m.status is QuantStatus.NOT_QUANTIZED or m.accuracy is None or not m.median_ms(batch):
+            continue
+        delta = m.accuracy_delta if m.accuracy_delta is not None else (
+            m.accuracy - best_fp32_acc if best_fp32_acc is not None else None)
+        if delta is not None and delta >= -budget:
+            picks.append((m.median_ms(batch), m, delta))
+    if not picks:
+        return None
+    ms, m, delta = min(picks, key=lambda p: p[0])
+    return Recommendation(label=m.label, file=m.file, runtime=m.runtime, batch=batch, median_ms=ms,
+                          accuracy_delta=delta, budget=budget,
+                          speedup_vs_fastest_fp32=fastest.median_ms(batch) / ms if fastest else None,
+                          fastest_fp32=fastest.label if fastest else None)

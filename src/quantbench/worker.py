@@ -31,15 +31,19 @@ from .errors import QuantbenchError, cause
 class Worker:
     """Parent-side handle on one measuring subprocess."""
 
-    def __init__(self, path: Path, threads: int, input_shape: tuple[int, ...]):
+    def __init__(self, path: Path, threads: int, input_shape: tuple[int, ...], cpus: set[int] | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "PYTHONWARNINGS": "ignore"}
+        # Pinned to `cpus`: every model's process runs on the same core(s), so all contenders see
+        # that core's speed changes alike and their ratios hold (set before the child starts).
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
         self.path = path
         # stderr goes to a file: a chatty library must never block on a full pipe.
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "quantbench.worker", str(path), str(threads), ",".join(map(str, input_shape))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, bufsize=1,
+            preexec_fn=pin)
         hello = self._read()
         self.load_s = hello.get("load_s")
         self.model_rss_mb = hello["load_rss_mb"] - hello["base_rss_mb"]

@@ -5,7 +5,7 @@ import json
 
 from quantbench.export import write_sidecar
 
-from .sleepy import files, load, op_counts  # noqa: F401
+from .sleepy import files, how_to_load, load, op_counts  # noqa: F401
 
 NAME = "fake"
 SUFFIXES = (".fake",)

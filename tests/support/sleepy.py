@@ -17,6 +17,10 @@ def files(path):
     return [Path(path)]
 
 
+def how_to_load(name):
+    return f"json.load(open({name!r}))"
+
+
 def load(path, threads=None):
     spec = json.loads(open(path).read())
 

@@ -7,6 +7,7 @@ A runtime is one module in this package that declares (see `Runtime` below):
     files(path)                 every file the model consists of (OpenVINO: FILE.xml + FILE.bin)
     load(path, threads)         -> callable: float tensor (N, C, H, W), normalized -> logits
     op_counts(path, model)      -> OpCounts: int8 vs float conv/linear in what really runs
+    how_to_load(name)           -> the line of code that loads such a file without quantbench
 and optionally
     profile_ops(path, calls, threads, model, input_shape) -> {operator: (seconds, count)}
     export(model, out_dir, calib_batches, meta) -> [paths]    comparison rows from an fp32 model
@@ -52,6 +53,7 @@ class Runtime(Protocol):
     def files(self, path: Path) -> list[Path]: ...
     def load(self, path: Path, threads: int | None = None) -> Model: ...
     def op_counts(self, path: Path, model=None): ...
+    def how_to_load(self, name: str) -> str: ...
 
 
 OPTIONAL = ("export", "FILES", "profile_ops")  # attributes a runtime may add

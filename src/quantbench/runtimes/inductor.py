@@ -32,6 +32,13 @@ def files(path: Path) -> list[Path]:
     return [Path(path)]
 
 
+def how_to_load(name: str) -> str:
+    # what load() below does, for a user without quantbench (torchao registers the int8 passes)
+    return (f'import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer; '
+            f'torch._inductor.config.freezing = True; '
+            f'torch.compile(torch.export.load("{name}").module())')
+
+
 def load_program(path: Path):
     """The ExportedProgram in a .pt2 file, refused if it carries anything that could run code
     when loaded (pickled payloads, shared libraries, shape expressions beyond arithmetic):

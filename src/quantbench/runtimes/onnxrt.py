@@ -32,6 +32,10 @@ FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuse
 
 def files(path: Path) -> list[Path]:
     return [Path(path)]
+
+
+def how_to_load(name: str) -> str:
+    return f'onnxruntime.InferenceSession("{name}", providers=["CPUExecutionProvider"])'
 INPUT, OUTPUT = "input", "logits"
 # 17 is what both the TorchScript exporter and ONNX Runtime's QDQ quantizer handle well
 # (per-channel QuantizeLinear needs >= 13).

@@ -33,6 +33,10 @@ FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuse
 
 def files(path: Path) -> list[Path]:
     return [Path(path), Path(path).with_suffix(".bin")]
+
+
+def how_to_load(name: str) -> str:
+    return f'openvino.Core().compile_model("{name}", "CPU", {{"PERFORMANCE_HINT": "LATENCY"}})'
 INPUT, OUTPUT = "input", "logits"
 
 

@@ -20,6 +20,10 @@ def files(path: Path) -> list[Path]:
     return [Path(path)]
 
 
+def how_to_load(name: str) -> str:
+    return f'torch.jit.load("{name}")'
+
+
 def is_deployment(path: Path) -> bool:
     """.pt is also a common name for checkpoints: a TorchScript archive holds code/ and constants."""
     import zipfile
