@@ -15,8 +15,6 @@ and lowered with torch.compile at load time (quantbench.runtimes.inductor).
 """
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.export import Dim
@@ -26,7 +24,6 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, 
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-from torchvision.models.resnet import BasicBlock
 
 from ..cpu import reduce_range
 from ..errors import QuantbenchError
@@ -39,31 +36,40 @@ METHODS = ("dynamic", "static", "qat")
 
 
 def load(checkpoint, num_classes=None):
-    # The plain float model: torch.export traces it as it is (but see _one_relu_per_call).
+    # The plain float model: torch.export traces it as it is (but see _one_partition_per_call).
     return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False)
 
 
 # ---------------------------------------------------------------- capture
-def _one_relu_per_call(model: nn.Module) -> None:
-    """torchvision's BasicBlock calls ONE nn.ReLU module twice (after bn1, and after the residual
-    add). torch.export records which module each op came from, and the quantizer groups a
-    module's ops into one "partition"; a module called twice becomes one partition with two
+def _one_partition_per_call(gm: torch.fx.GraphModule) -> None:
+    """Give each call of a module that runs more than once its own name in the graph's metadata.
+
+    The quantizer finds its patterns (conv -> bn -> relu, conv -> bn -> add -> relu, ...) in
+    "partitions": the ops that came from one module, grouped by the module's qualified name in
+    each node's nn_module_stack. A module CALLED TWICE thus becomes one partition with two
     outputs, and X86InductorQuantizer gives up ("Input partition has more than one output
-    node"). So each call site gets its own ReLU module: ReLU has no weights, the arithmetic is
-    unchanged, and both ReLUs are now fused like any other (conv+bn+relu, conv+bn+add+relu)."""
-    for block in model.modules():
-        if isinstance(block, BasicBlock) and not hasattr(block, "relu_out"):
-            block.relu_out = nn.ReLU(inplace=True)
-            block.forward = types.MethodType(_basic_block_forward, block)
+    node"). torchvision's ResNet blocks do this: BasicBlock calls its one nn.ReLU twice (after
+    bn1 and after the residual add), Bottleneck three times; so can any model.
 
-
-def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
-    # torchvision's BasicBlock.forward, with the second ReLU call going to relu_out.
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    out += identity
-    return self.relu_out(out)
+    torch.export already tells the calls apart in the stack's KEYS ("L__self__relu",
+    "L__self__relu@1", ...), not in the names the quantizer groups by. So rename the second and
+    later calls "relu@1", "relu@2", ...: each call is its own partition and is fused like any
+    other. Only metadata changes, never the graph or the model, and it works whatever the module
+    is (activation, a shared conv, a whole block called twice). A module-NAME quantizer filter
+    for such a module would then see only its first call; we configure by type or globally."""
+    calls: dict[str, list[str]] = {}  # module name -> keys of its calls, in order
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (name, cls) = list(stack.items())[-1]
+        seen = calls.setdefault(name, [])
+        if key not in seen:
+            seen.append(key)
+        i = seen.index(key)
+        if i:
+            # A copy: stacks may be shared between nodes.
+            node.meta["nn_module_stack"] = {**stack, key: (f"{name}@{i}", cls)}
 
 
 def _batch_dim() -> dict:
@@ -79,8 +85,9 @@ def _two(example: torch.Tensor) -> torch.Tensor:
 def _capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """torch.export the float model with a dynamic batch dimension; .module() gives the graph
     (aten ops, weights as attributes) that prepare_pt2e annotates."""
-    _one_relu_per_call(model)
-    return torch.export.export(model, (_two(example),), dynamic_shapes=(_batch_dim(),)).module()
+    gm = torch.export.export(model, (_two(example),), dynamic_shapes=(_batch_dim(),)).module()
+    _one_partition_per_call(gm)
+    return gm
 
 
 # ---------------------------------------------------------------- quantizer configuration
