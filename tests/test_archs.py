@@ -380,8 +380,8 @@ def test_pt2e_vit_tiny_static_and_dynamic():
     model = _vit_with_head()
     with torch.no_grad():
         expected = model(x)
-        dq = pt2e.quantize_dynamic(model, "default")
+        dq, applied = pt2e.quantize_dynamic(model, "default", x[:1])
         got = dq(x)
     # Dynamic: the activations' scales are computed per batch in the graph.
-    assert any("choose_qparams" in str(n.target) for n in dq.graph.nodes)
+    assert any("choose_qparams" in str(n.target) for n in dq.graph.nodes) and applied["activations"]["dynamic"]
     assert 0 < (got - expected).norm() / expected.norm() < 0.1

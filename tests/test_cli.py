@@ -159,7 +159,7 @@ def test_resume_with_another_arch(capsys, tiny_data_dir, tiny_train_run, tmp_pat
     shutil.copy(tiny_train_run / "last.pth", tmp_path / "last.pth")
     rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke", "--epochs", "2",
                          "--arch", "resnet18", "--output", tmp_path, "--resume", "--no-progress")
-    assert_one_line_error(rc, err, "cannot resume", "arch 'resnet10', not 'resnet18'")
+    assert_one_line_error(rc, err, "cannot resume", "another architecture: 'resnet10', not 'resnet18'")
 
 
 def test_debug_raises(capsys, tiny_data_dir, tmp_path):

@@ -110,7 +110,7 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
 
     with pytest.raises(QuantbenchError, match="another recipe"):
         train(tiny_dataset, recipe.replace(lr=0.5), cut, arch="resnet10", resume=True, progress=False)
-    with pytest.raises(QuantbenchError, match="written with seed 0, not 1"):
+    with pytest.raises(QuantbenchError, match="written with another seed: 0, not 1"):
         train(tiny_dataset, recipe, cut, arch="resnet10", seed=1, resume=True, progress=False)
 
 

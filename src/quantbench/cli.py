@@ -86,6 +86,15 @@ def parse_batch_sizes(s: str) -> tuple[int, ...]:
     return sizes
 
 
+def _model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
+    if arch:
+        p.add_argument("--arch", help="architecture: any torchvision classifier (resnet18, mobilenet_v2, "
+                                      "efficientnet_b0, ...), resnet10 or vit_tiny (default: resnet18)")
+    p.add_argument("--model", metavar="SPEC",
+                   help="your own model instead: FILE.py:FUNCTION or package.module:FUNCTION, a function "
+                        "that takes num_classes and returns an nn.Module (its code runs only because you name it)")
+
+
 def _list(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
@@ -114,7 +123,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     from .train import PRESETS
     _data_args(p)
     p.add_argument("--preset", default="fast", help=f"fp32 training recipe: {', '.join(PRESETS)} (default: fast)")
-    p.add_argument("--arch", default="resnet18", help="model architecture (default: resnet18)")
+    _model_args(p)
     p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's global batch size")
     p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
@@ -125,14 +134,20 @@ def train_args(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+def _arch(args) -> str | None:
+    if args.arch and args.model:
+        raise QuantbenchError("give an architecture (--arch) or your own model (--model), not both")
+    return None if args.model else (args.arch or "resnet18")
+
+
 def train_cmd(args) -> int:
     from .train import get_recipe, train
     recipe = get_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     data = _data_source(args).load(train=True, progress=not args.no_progress)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes (and holds the lock)
     with run_lock(args.output) if main_rank else contextlib.nullcontext():  # before any training
-        result = train(data, recipe, args.output, arch=args.arch, resume=args.resume, device=args.device,
-                       seed=args.seed, progress=not args.no_progress)
+        result = train(data, recipe, args.output, arch=_arch(args), model_spec=args.model, resume=args.resume,
+                       device=args.device, seed=args.seed, progress=not args.no_progress)
     if result.history and main_rank:
         print(f"best test accuracy {result.best_acc:.2f}% -> {args.output / 'best.pth'}")
     return 0
@@ -140,8 +155,9 @@ def train_cmd(args) -> int:
 
 # ------------------------------------------------------------------ eval
 def eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, .onnx, .xml)")
+    p.add_argument("file", type=Path, help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, .onnx, .xml)")
     _data_args(p)
+    _model_args(p, arch=False)
     p.add_argument("--batch-size", type=int, default=500)
     _common(p)
 
@@ -150,8 +166,9 @@ def eval_cmd(args) -> int:
     from .evaluate import evaluate_file
     if args.batch_size < 1:
         raise QuantbenchError("--batch-size must be at least 1")
-    acc = evaluate_file(args.model, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress)
-    print(f"{args.model}: top-1 {acc:.2f}%")
+    acc = evaluate_file(args.file, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress,
+                        model_spec=args.model)
+    print(f"{args.file}: top-1 {acc:.2f}%")
     return 0
 
 
@@ -166,6 +183,7 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override the QAT schedule's epochs")
     p.add_argument("--work-dir", type=Path, help="QAT checkpoints (default: OUTPUT's folder/qat-work)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted QAT run")
+    _model_args(p, arch=False)
     _data_args(p)
     _common(p)
 
@@ -173,7 +191,7 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
 def quantize_cmd(args) -> int:
     from .quantize import check_output, quantize_to_file
     cfg = _quantize_config(args, method=args.method, flow=args.flow, qat_epochs=args.epochs, resume=args.resume,
-                           work_dir=args.work_dir or args.output.parent / "qat-work")
+                           work_dir=args.work_dir or args.output.parent / "qat-work", model=args.model)
     from .models import read_checkpoint
     check_output(args.output, cfg.flow)  # fail on bad options before loading any data
     check_writable(args.output)
@@ -220,6 +238,7 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", help=f"fp32 training recipe if no --checkpoint: {', '.join(PRESETS)} "
                                                     "(default: fast)")
     p.add_argument("--epochs", type=int, help="override the fp32 recipe's number of epochs")
+    _model_args(p)
     p.add_argument("--flows", default="eager", help=f"comma list of {', '.join(FLOWS)} (default: eager)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
     p.add_argument("--runtimes", default="auto",
@@ -238,7 +257,8 @@ def replicate_cmd(args) -> int:
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
     cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
-                          methods=_list(args.methods), runtimes=runtimes, quantize=_quantize_config(args),
+                          methods=_list(args.methods), runtimes=runtimes, arch=_arch(args),
+                          quantize=_quantize_config(args, model=args.model),
                           resume=args.resume, bench=_bench_config(args))
     with run_lock(args.output):
         results = replicate(cfg, progress=not args.no_progress)

@@ -27,7 +27,7 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], data: Dataset, batch
     return 100.0 * correct / max(total, 1)
 
 
-def evaluate_file(path, source, batch_size: int = 500, progress: bool = True) -> float:
+def evaluate_file(path, source, batch_size: int = 500, progress: bool = True, model_spec: str | None = None) -> float:
     """Accuracy of an fp32 checkpoint (.pth) or of a deployment file, on `source`'s test split
     (a quantbench.data.DataSource) loaded as the model expects it: its image size and
     normalization, checked against its classes."""
@@ -41,7 +41,7 @@ def evaluate_file(path, source, batch_size: int = 500, progress: bool = True) ->
     if runtimes.deployment_kind(path) is None:  # an fp32 checkpoint
         _, meta = read_checkpoint(path)
         data = source.load_for(meta, f"checkpoint {path}", train=False, progress=progress)
-        model, _ = load_checkpoint(path, num_classes=data.num_classes)
+        model, _ = load_checkpoint(path, num_classes=data.num_classes, model=model_spec)
         return accuracy(model, data, batch_size, progress=progress)
     model = runtimes.load(path)
     data = source.load_for(read_sidecar(path), str(path), train=False, progress=progress)

@@ -16,16 +16,9 @@ import torch
 from torch import nn
 
 from .fileio import read_json, save_torchscript, write_json
-
-
-# The input shape of a model is data: recorded in checkpoint meta and every sidecar, read back
-# from there. This default is for files made before that (the reference CIFAR-10 checkpoint).
-CIFAR10_INPUT_SHAPE = (3, 32, 32)
-
-
-def input_shape(meta: dict) -> tuple[int, ...]:
-    """(C, H, W) from checkpoint meta or a sidecar."""
-    return tuple(meta.get("input_shape") or CIFAR10_INPUT_SHAPE)
+# The input shape of a model is data, recorded in checkpoint meta and every sidecar and read back
+# with this (its default is for files made before that: the CIFAR-10 reference checkpoint).
+from .models import input_shape_of as input_shape  # noqa: F401
 
 
 def example_input(shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:

@@ -9,6 +9,7 @@ then flow.export writes the deployment file and a FILE.json sidecar records how 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class QuantizeConfig:
     work_dir: Path | None = None      # QAT checkpoints (resumable)
     resume: bool = False
     seed: int = 0
+    model: str | None = None          # the user's builder (FILE.py:FUNCTION) a checkpoint was made with
 
     def __post_init__(self):
         if self.method not in get_args(Method):
@@ -110,18 +112,24 @@ def calibrate(model: nn.Module, data: Dataset, samples: int, batch_size: int, se
         model(x)
 
 
-def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
+def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, data: Dataset | None = None,
              progress: bool = True) -> tuple[nn.Module, dict]:
-    """Quantize an fp32 checkpoint; returns (int8 model, record of how it was made)."""
+    """Quantize an fp32 checkpoint file, or an nn.Module in hand (a notebook's model: it is
+    copied, not changed); returns (int8 model, record of how it was made)."""
     flow = get_flow(cfg.flow)
     if cfg.method in ("static", "qat") and (data is None or data.train is None):
         raise QuantbenchError(f"{cfg.method} quantization needs training data (--data-dir)")
-    model, meta = flow.load(checkpoint, num_classes=data.num_classes if data else None)
+    if isinstance(checkpoint, nn.Module):
+        model, meta = _from_module(checkpoint, cfg, data)
+        source_sha, checkpoint = None, f"<{type(checkpoint).__name__} object>"
+    else:
+        model, meta = flow.load(checkpoint, num_classes=data.num_classes if data else None, model=cfg.model,
+                                method=cfg.method)
+        source_sha = sha256(checkpoint)
     if data is not None:  # calibrate and fine-tune on images normalized as in training
         data = for_model(data, meta, f"checkpoint {checkpoint}")
     shape = input_shape(meta)
     example = example_input(shape)
-    source_sha = sha256(checkpoint)
     record: dict = {"method": cfg.method, "flow": cfg.flow, "label": label(cfg.method, cfg.flow),
                     "dtype": "int8", "source_checkpoint": str(checkpoint), "source_sha256": source_sha,
                     "config": cfg.shaping(), "input_shape": list(shape)}
@@ -152,7 +160,8 @@ def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
         work = cfg.work_dir or Path("runs") / "qat-work"
         result = train(data, recipe, work, model=prepared, resume=cfg.resume, seed=cfg.seed,
                        epoch_hook=hook, set_mode=flow.set_mode, progress=progress,
-                       meta={"arch": meta.get("arch"), "qat_of": str(checkpoint), "source_sha256": source_sha,
+                       meta={"arch": meta.get("arch"), "model": meta.get("model"), "input_shape": list(shape),
+                             "qat_of": str(checkpoint), "source_sha256": source_sha,
                              "flow": cfg.flow, "qconfig": record["qconfig"]})
         prepared = result.model.to(memory_format=torch.contiguous_format)
         record["qat"] = {"schedule": cfg.qat_schedule, "recipe": dataclasses.asdict(recipe),
@@ -164,8 +173,23 @@ def quantize(checkpoint, cfg: QuantizeConfig, data: Dataset | None = None,
     record.update(classes=meta.get("classes") or (data.classes if data else None),
                   normalize_mean=meta.get("normalize_mean") or (list(data.mean) if data else None),
                   normalize_std=meta.get("normalize_std") or (list(data.std) if data else None),
-                  image_size=meta.get("image_size"), arch=meta.get("arch"))
+                  image_size=meta.get("image_size"), arch=meta.get("arch"), model=meta.get("model"))
     return qmodel, record
+
+
+def _from_module(module: nn.Module, cfg: QuantizeConfig, data: Dataset | None) -> tuple[nn.Module, dict]:
+    """A user's nn.Module, as a flow's load() would give it: a copy in eval mode, and the meta
+    a checkpoint would carry (from the data it will be calibrated on)."""
+    import copy
+    model = copy.deepcopy(module).eval()
+    if cfg.flow == "eager" and cfg.method != "dynamic" and not hasattr(model, "fuse_model"):
+        raise QuantbenchError(f"eager mode needs a model written for it (QuantStub/DeQuantStub, fuse_model()); "
+                              f"{type(module).__name__} is not: use flow='fx' or flow='pt2e'")
+    meta = {"model": f"{type(module).__module__}.{type(module).__name__} (an nn.Module passed to quantize)"}
+    if data is not None:
+        meta.update(num_classes=data.num_classes, classes=data.classes, input_shape=list(data.input_shape),
+                    normalize_mean=list(data.mean), normalize_std=list(data.std))
+    return model, meta
 
 
 def label(method: str, flow: str) -> str:
@@ -184,16 +208,17 @@ def export_model(model: nn.Module, path, record: dict, flow: str = "eager") -> d
                          export_s=round(time.perf_counter() - t0, 2))
 
 
-def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = None) -> dict:
+def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = None,
+                  model_spec: str | None = None) -> dict:
     """The fp32 model, exported the same way as the int8 ones (the table's "origin" row)."""
     from .models import load_checkpoint
-    model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes if data else None)
+    model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes if data else None, model=model_spec)
     record = {"method": "origin", "flow": flow, "label": label("origin", flow), "dtype": "fp32",
               "source_checkpoint": str(checkpoint), "source_sha256": sha256(checkpoint), "arch": meta.get("arch"),
               "input_shape": list(input_shape(meta)),
               "classes": meta.get("classes") or (data.classes if data else None),
               "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std"),
-              "image_size": meta.get("image_size")}
+              "image_size": meta.get("image_size"), "model": meta.get("model")}
     return export_model(model, path, record, flow)
 
 

@@ -37,6 +37,7 @@ class ReplicateConfig:
     checkpoint: Path | None = None        # skip training, start from this fp32 checkpoint
     preset: str = "fast"                  # fp32 training recipe when there is no checkpoint
     epochs: int | None = None             # override the recipe's epochs
+    arch: str | None = "resnet18"         # what to train (or quantize.model, the user's builder)
     flows: tuple[str, ...] = ("eager",)
     methods: tuple[str, ...] = METHODS
     runtimes: tuple[str, ...] | None = None   # comparison rows; None: every installed one
@@ -92,7 +93,8 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     if ckpt is None:
         from .train import get_recipe, train
         _log(f"training fp32 ({cfg.preset} preset) in {out / 'train'}")
-        train(data, get_recipe(cfg.preset, epochs=cfg.epochs), out / "train", resume=cfg.resume, progress=progress)
+        train(data, get_recipe(cfg.preset, epochs=cfg.epochs), out / "train", arch=cfg.arch,
+              model_spec=cfg.quantize.model, resume=cfg.resume, progress=progress)
         ckpt = out / "train" / "best.pth"
 
     # 2. deployment files: one fp32 "origin" per runtime, then each flow x method
@@ -103,7 +105,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
         path = models / (label("origin", flow) + suf)
         if not _reusable(path, cfg.resume, source):
             _log(f"exporting fp32 -> {path.name}")
-            export_origin(ckpt, path, flow, data)
+            export_origin(ckpt, path, flow, data, model_spec=cfg.quantize.model)
         files.append(path)
     for flow in cfg.flows:
         for method in cfg.methods:
@@ -143,7 +145,7 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict |
             if made and all(_reusable(p, cfg.resume, expect) for p in made):
                 files += made  # resumed: the very same files are measured again
                 continue
-            model, meta = load_checkpoint(ckpt, num_classes=data.num_classes)
+            model, meta = load_checkpoint(ckpt, num_classes=data.num_classes, model=cfg.quantize.model)
             d = for_model(data, meta, f"checkpoint {ckpt}")
             calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=calib_samples))
             _log(f"{name}: exporting fp32 and int8")

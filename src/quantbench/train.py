@@ -32,7 +32,7 @@ from .data import Batches, Dataset
 from .errors import QuantbenchError, cause
 from .evaluate import accuracy
 from .fileio import save_torch, write_text
-from .models import build, save_checkpoint, unwrap
+from .models import build_model, model_meta, save_checkpoint, unwrap
 
 
 Optimizer = Literal["sgd", "adam"]
@@ -147,12 +147,13 @@ class _State:
     elapsed0: float = 0.0
 
 
-def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = "resnet18",
+def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str | None = "resnet18",
           model: nn.Module | None = None, resume: bool = False, device: str = "cpu", seed: int = 0,
           epoch_hook: Callable[[int, nn.Module], None] | None = None, meta: dict | None = None,
           set_mode: Callable[[nn.Module, bool], None] | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train `model` (default: a fresh `arch`) on `data` with `recipe`; see the module doc.
+          progress: bool = True, model_spec: str | None = None) -> TrainResult:
+    """Train `model` (default: a fresh `arch`, or the user's builder `model_spec`, FILE.py:FUNCTION)
+    on `data` with `recipe`; see the module doc.
 
     `epoch_hook(epoch, model)` runs before each epoch (1-based): QAT uses it to freeze
     batch-norm statistics and observers on schedule. `set_mode(model, training)` replaces
@@ -165,7 +166,10 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
     is_main = rank == 0
     torch.manual_seed(seed)
 
-    model = model if model is not None else build(arch, data.num_classes)
+    if model_spec:
+        arch = None
+    if model is None:
+        model = build_model(arch=arch, model=model_spec, num_classes=data.num_classes, input_shape=data.input_shape)
     mf = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=mf)
     batches = Batches(data.train, recipe.batch_size // world, data.mean, data.std,
@@ -175,7 +179,7 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str = 
         raise QuantbenchError(f"the training split has {len(data.train)} images: too few for one batch")
     opt = make_optimizer(model.parameters(), recipe)
     st = _State(model, opt, make_scheduler(opt, recipe, len(batches)))
-    meta = {"arch": arch, "num_classes": data.num_classes, "classes": data.classes,
+    meta = {**model_meta(arch, model_spec, data.input_shape), "num_classes": data.num_classes, "classes": data.classes,
             "normalize_mean": list(data.mean), "normalize_std": list(data.std), "norm_source": data.norm_source,
             "input_shape": list(data.input_shape), "image_size": data.info.get("image_size"),
             "dataset": data.source, "recipe": dataclasses.asdict(recipe), "seed": seed, **(meta or {})}
@@ -245,7 +249,7 @@ def _resume(st: _State, last_path: Path, meta: dict, recipe: Recipe) -> None:
         raise QuantbenchError(f"cannot resume: {last_path} was written by another recipe "
                               f"({state['meta']['recipe']['name']}, {state['meta']['recipe']['epochs']} epochs)")
     # else a traceback, or a run that silently continues another one
-    for key, what in (("arch", "architecture"), ("classes", "classes"), ("seed", "seed"),
+    for key, what in (("arch", "architecture"), ("model", "model"), ("classes", "classes"), ("seed", "seed"),
                       ("source_sha256", "source checkpoint (by content)"), ("flow", "flow"),
                       ("qconfig", "quantization configuration")):
         if state["meta"].get(key) != meta.get(key):
@@ -255,7 +259,7 @@ def _resume(st: _State, last_path: Path, meta: dict, recipe: Recipe) -> None:
             elif key == "qconfig":
                 was, now = (was or {}).get("name"), (now or {}).get("name")
             raise QuantbenchError(f"cannot resume: {last_path} was written with another {what}: {was!r}, "
-                                  f"not {now!r}; use another --work-dir or drop --resume")
+                                  f"not {now!r}; use another output folder or drop --resume")
     st.model.load_state_dict(state["model"])
     st.opt.load_state_dict(state["optimizer"])
     st.sched.load_state_dict(state["scheduler"])

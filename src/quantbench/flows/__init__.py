@@ -5,7 +5,7 @@ A flow is one module in this package that turns an fp32 model into an int8 one, 
 
     RUNTIME                                 the runtime its files run on (quantbench.runtimes)
     METHODS                                 the methods it supports, a subset of METHODS below
-    load(checkpoint, num_classes)           -> (float model ready for this flow, meta)
+    load(checkpoint, num_classes, model, method) -> (float model ready for this flow, meta)
     quantize_dynamic(model, qconfig, example) -> (int8 model, applied)        [dynamic]
     prepare(model, qconfig, qat, example)   -> model with observers/fake-quant [static, qat]
     applied(prepared)                       -> what the observers really are   [static, qat]
@@ -49,7 +49,8 @@ class Flow(Protocol):
     RUNTIME: str
     METHODS: Sequence[str]
 
-    def load(self, checkpoint, num_classes: int | None = None) -> tuple[nn.Module, dict]: ...
+    def load(self, checkpoint, num_classes: int | None = None, model: str | None = None,
+             method: str = "static") -> tuple[nn.Module, dict]: ...
     def quantize_dynamic(self, model: nn.Module, qconfig_name: str,
                          example: torch.Tensor) -> tuple[nn.Module, dict]: ...
     def prepare(self, model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module: ...

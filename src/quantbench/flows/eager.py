@@ -21,9 +21,11 @@ RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
 
 
-def load(checkpoint, num_classes=None):
+def load(checkpoint, num_classes=None, model=None, method="static"):
     # The quantizable twin: QuantStub at the input, DeQuantStub at the output, fuse_model().
-    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=True)
+    # Dynamic quantization only swaps nn.Linear modules, so the plain float model does (and
+    # models without a twin, a vision transformer say, get ptq-d too).
+    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=method != "dynamic", model=model)
 
 
 def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:

@@ -29,9 +29,9 @@ RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
 
 
-def load(checkpoint, num_classes=None):
+def load(checkpoint, num_classes=None, model=None, method="static"):
     # The plain float model: FX traces it as it is.
-    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False)
+    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False, model=model)
 
 
 def _backend_config():

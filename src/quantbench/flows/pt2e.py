@@ -35,9 +35,9 @@ RUNTIME = "inductor"
 METHODS = ("dynamic", "static", "qat")
 
 
-def load(checkpoint, num_classes=None):
+def load(checkpoint, num_classes=None, model=None, method="static"):
     # The plain float model: torch.export traces it as it is (but see _one_partition_per_call).
-    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False)
+    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False, model=model)
 
 
 # ---------------------------------------------------------------- capture

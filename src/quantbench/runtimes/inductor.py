@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import QuantbenchError, cause
+from ..errors import QuantbenchError
 from ..results import OpCounts
 from .torchscript import profile_ops  # noqa: F401  (torch.profiler works for compiled graphs too)
 
