@@ -252,7 +252,7 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
 
 
 def replicate_cmd(args) -> int:
-    from .report import markdown_table
+    from .report import markdown_table, model_warnings
     from .replicate import ReplicateConfig, replicate
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
     cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
@@ -263,6 +263,8 @@ def replicate_cmd(args) -> int:
     with run_lock(args.output):
         results = replicate(cfg, progress=not args.no_progress)
     print(markdown_table(results))
+    for w in model_warnings(results):
+        print(w.replace("**", ""), file=sys.stderr)
     print(f"\nwrote {args.output / 'report.md'}, results.json, results.csv and models/ in {args.output}")
     return 0
 

@@ -53,7 +53,7 @@ QAT_SCHEDULES: dict[str, QATSchedule] = {
     # the converted model folds them), observers for the last epoch.
     "fast": QATSchedule(Recipe("qat-fast", epochs=2, batch_size=128, optimizer="sgd", lr=2e-3, momentum=0.9,
                                weight_decay=5e-5, schedule="cosine", label_smoothing=0.1, augment="crop-flip",
-                               train_limit=25_000), 1, 2),
+                               train_limit=25_000, min_steps=200), 1, 2),
     "smoke": QATSchedule(Recipe("qat-smoke", epochs=1, batch_size=32, optimizer="sgd", lr=1e-3, momentum=0.9,
                                 schedule="constant", augment="none", channels_last=False, train_limit=128), 1, 2),
 }
@@ -164,12 +164,15 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
                              "qat_of": str(checkpoint), "source_sha256": source_sha,
                              "flow": cfg.flow, "qconfig": record["qconfig"]})
         prepared = result.model.to(memory_format=torch.contiguous_format)
-        record["qat"] = {"schedule": cfg.qat_schedule, "recipe": dataclasses.asdict(recipe),
+        record["warnings"] = result.warnings
+        record["qat"] = {"schedule": cfg.qat_schedule, "recipe": dataclasses.asdict(recipe.fit(len(data.train))),
                          "freeze_bn_epoch": sched.freeze_bn_epoch,
                          "freeze_observer_epoch": sched.freeze_observer_epoch, "work_dir": str(work),
                          "fake_quant_test_acc": [h["test_acc"] for h in result.history]}
         qmodel = flow.convert(prepared)
     record["quantize_s"] = round(time.perf_counter() - t0, 2)
+    # the fp32 model's own warnings (diverged, near chance) travel with everything made from it
+    record["warnings"] = list(meta.get("warnings") or []) + record.get("warnings", [])
     record.update(classes=meta.get("classes") or (data.classes if data else None),
                   normalize_mean=meta.get("normalize_mean") or (list(data.mean) if data else None),
                   normalize_std=meta.get("normalize_std") or (list(data.std) if data else None),
@@ -218,7 +221,8 @@ def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = 
               "input_shape": list(input_shape(meta)),
               "classes": meta.get("classes") or (data.classes if data else None),
               "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std"),
-              "image_size": meta.get("image_size"), "model": meta.get("model")}
+              "image_size": meta.get("image_size"), "model": meta.get("model"),
+              "warnings": list(meta.get("warnings") or [])}
     return export_model(model, path, record, flow)
 
 

@@ -151,7 +151,8 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict |
             _log(f"{name}: exporting fp32 and int8")
             files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
                                                        "normalize_mean": list(d.mean), "normalize_std": list(d.std),
-                                                       "image_size": meta.get("image_size")})
+                                                       "image_size": meta.get("image_size"),
+                                                       "warnings": list(meta.get("warnings") or [])})
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:
                 raise QuantbenchError(f"runtime {name}: {e}") from e

@@ -115,6 +115,16 @@ def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str
     return lines
 
 
+def model_warnings(results: BenchResults) -> list[str]:
+    """Warnings recorded with the models (an fp32 model that diverged or stayed near chance, a
+    QAT fine-tune that did), once each, with the rows they concern."""
+    seen: dict[str, list[str]] = {}
+    for r in results.models:
+        for w in r.sidecar.get("warnings") or []:
+            seen.setdefault(w, []).append(r.label)
+    return [f"**Warning:** {w} ({', '.join(labels)})" for w, labels in seen.items()]
+
+
 def render(results: BenchResults, figures: list[Path] = ()) -> str:
     cfg = results.config
     fastest = next((r.fastest_fp32 for r in results.models if r.fastest_fp32), None)
@@ -126,8 +136,12 @@ def render(results: BenchResults, figures: list[Path] = ()) -> str:
              "(process spread: (max - min) / median of those). "
              "Accuracy: top-1 on the whole test split. File size: the deployment file and its companions. "
              "Speed-up, size ratio and accuracy delta: against the fp32 row of the same runtime"
-             + (f"; \"vs fastest fp32\": against {fastest}" if fastest else "") + ".", "",
-             markdown_table(results), "",
+             + (f"; \"vs fastest fp32\": against {fastest}" if fastest else "") + ".", ""]
+    warned = model_warnings(results)
+    if warned:  # before the table: its figures describe a model that did not learn
+        parts += warned + ["", "The table below measures these models as they are; their int8 rows say little "
+                                "about quantization until the fp32 model trains properly.", ""]
+    parts += [markdown_table(results), "",
              "## Ship this", "",
              "The fastest int8 model whose top-1 is within 0.3 point of the fp32 model's, measured in this run "
              "(ties within the process spread are ties):", ""] + recommendation_lines(results) + [

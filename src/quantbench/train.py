@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class Recipe:
     ema_decay: float = 0.9998
     channels_last: bool = True         # ~25 % faster convolutions on x86 CPUs
     train_limit: int | None = None     # images per epoch (None: all)
+    min_steps: int | None = None       # scale to the data, to at least this many optimizer steps (fit)
+    fixed: tuple[str, ...] = ()        # the fields a user set, which fit() leaves alone
 
     def __post_init__(self):
         from .data import AUGMENTATIONS
@@ -79,6 +82,26 @@ class Recipe:
     def replace(self, **kw) -> "Recipe":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    def fit(self, n_images: int) -> "Recipe":
+        """This recipe for a training split of `n_images`. Presets are tuned for CIFAR-10's
+        50,000 images; on a few hundred, batch 256 makes 2 steps an epoch at a learning rate
+        that then diverges. So, for recipes with `min_steps`: the batch halves until an epoch has
+        at least 16 steps, the learning rate follows the batch linearly (the linear scaling
+        rule), and the epochs grow until the run makes `min_steps` optimizer steps. Warm-up is a
+        share of the run (OneCycle's pct_start), so it scales too. On CIFAR-10 nothing changes."""
+        if self.min_steps is None:
+            return self
+        n = min(n_images, self.train_limit or n_images)
+        bs = self.batch_size
+        if "batch_size" not in self.fixed:
+            while bs > 16 and n // bs < 16:
+                bs //= 2
+        lr = self.lr if "lr" in self.fixed else self.lr * bs / self.batch_size
+        epochs = self.epochs
+        if "epochs" not in self.fixed:
+            epochs = max(epochs, math.ceil(self.min_steps / max(1, n // bs)))
+        return dataclasses.replace(self, batch_size=bs, lr=lr, epochs=epochs)
+
 
 PRESETS: dict[str, Recipe] = {
     # The original's recipe (RECIPE.md): hours on 2 CPU cores.
@@ -86,9 +109,10 @@ PRESETS: dict[str, Recipe] = {
                    schedule="step", step_size=20, gamma=0.1, augment="seed", ema_epoch=40),
     # Ours for 2 CPU cores: SGD + OneCycle + label smoothing, light batched augmentation,
     # channels_last, batch 256 (the CPU's best throughput per image).
+    # On smaller datasets it scales (Recipe.fit): smaller batches, learning rate and more epochs.
     "fast": Recipe("fast", epochs=15, batch_size=256, optimizer="sgd", lr=0.4, momentum=0.9,
                    nesterov=True, weight_decay=5e-4, schedule="onecycle", pct_start=0.25,
-                   label_smoothing=0.1, augment="crop-flip"),
+                   label_smoothing=0.1, augment="crop-flip", min_steps=1000),
     # Seconds, for tests and for checking an installation.
     "smoke": Recipe("smoke", epochs=2, batch_size=32, optimizer="sgd", lr=0.02, momentum=0.9,
                     schedule="constant", augment="crop-flip", channels_last=False, train_limit=512),
@@ -96,9 +120,11 @@ PRESETS: dict[str, Recipe] = {
 
 
 def get_recipe(preset: str, **overrides) -> Recipe:
+    """A preset with the user's overrides (None: not set), which Recipe.fit then leaves alone."""
     if preset not in PRESETS:
         raise QuantbenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[preset].replace(**overrides)
+    fixed = tuple(k for k, v in overrides.items() if v is not None)
+    return PRESETS[preset].replace(**overrides, fixed=fixed or None)
 
 
 def make_optimizer(params, r: Recipe) -> torch.optim.Optimizer:
@@ -132,6 +158,24 @@ class TrainResult:
     best_acc: float
     history: list[dict]
     output: Path
+    warnings: list[str] = field(default_factory=list)  # diverging, or ended near chance level
+
+
+def health_warnings(history: list[dict], num_classes: int) -> list[str]:
+    """What a user must hear about a run before trusting its model: a training loss that grew
+    (diverging: the learning rate is too high for this data), or a test accuracy that stayed
+    near chance (1 / classes), which makes every int8 row built on it meaningless."""
+    out = []
+    losses = [h["train_loss"] for h in history]
+    if len(losses) >= 2 and losses[-1] > 1.5 * min(losses) and losses[-1] > math.log(max(num_classes, 2)):
+        out.append(f"training loss grew from {min(losses):.3g} to {losses[-1]:.3g}: the run is diverging; "
+                   "lower the learning rate (--lr)")
+    chance = 100.0 / max(num_classes, 1)
+    best = max((h["test_acc"] for h in history), default=None)
+    if best is not None and best < chance + 0.3 * (100 - chance):
+        out.append(f"best test accuracy {best:.1f}% is near chance level ({chance:.1f}% for {num_classes} "
+                   "classes): this model has not learned its task")
+    return out
 
 
 @dataclass
@@ -162,6 +206,7 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str | 
     if data.train is None:
         raise QuantbenchError("training needs the train split")
     output = Path(output)
+    recipe = recipe.fit(len(data.train))
     rank, world, device = _distributed(device)
     is_main = rank == 0
     torch.manual_seed(seed)
@@ -219,12 +264,19 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str | 
             dist.barrier()
     if writer is not None:
         writer.close()
+    warnings = health_warnings(st.history, data.num_classes) if is_main else []
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr, flush=True)
+    if warnings and (output / "best.pth").is_file():  # the checkpoint carries them to quantize/replicate
+        blob = torch.load(output / "best.pth", map_location="cpu", weights_only=True)
+        blob["meta"]["warnings"] = warnings
+        save_torch(blob, output / "best.pth")
     eval_model = unwrap(eval_model)
     if set_mode is None:
         eval_model.eval()
     else:
         set_mode(eval_model, False)
-    return TrainResult(eval_model, st.best_acc, st.history, output)
+    return TrainResult(eval_model, st.best_acc, st.history, output, warnings)
 
 
 def _distributed(device: str) -> tuple[int, int, str]:
