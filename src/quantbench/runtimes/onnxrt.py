@@ -28,6 +28,10 @@ SUFFIXES = (".onnx",)
 FP32_FILE = "onnx-fp32.onnx"
 INT8_FILE = "onnx-int8.onnx"
 FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
+INPUT, OUTPUT = "input", "logits"
+# 17 is what both the TorchScript exporter and ONNX Runtime's QDQ quantizer handle well
+# (per-channel QuantizeLinear needs >= 13).
+OPSET = 17
 
 
 def files(path: Path) -> list[Path]:
@@ -36,10 +40,6 @@ def files(path: Path) -> list[Path]:
 
 def how_to_load(name: str) -> str:
     return f'onnxruntime.InferenceSession("{name}", providers=["CPUExecutionProvider"])'
-INPUT, OUTPUT = "input", "logits"
-# 17 is what both the TorchScript exporter and ONNX Runtime's QDQ quantizer handle well
-# (per-channel QuantizeLinear needs >= 13).
-OPSET = 17
 
 
 def _require(what: str, quantization: bool = False):

@@ -29,6 +29,7 @@ SUFFIXES = (".xml",)
 FP32_FILE = "openvino-fp32.xml"
 INT8_FILE = "openvino-int8.xml"
 FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
+INPUT, OUTPUT = "input", "logits"
 
 
 def files(path: Path) -> list[Path]:
@@ -37,7 +38,6 @@ def files(path: Path) -> list[Path]:
 
 def how_to_load(name: str) -> str:
     return f'openvino.Core().compile_model("{name}", "CPU", {{"PERFORMANCE_HINT": "LATENCY"}})'
-INPUT, OUTPUT = "input", "logits"
 
 
 def _require(what: str, nncf: bool = False):
