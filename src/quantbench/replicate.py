@@ -119,6 +119,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
 
 
 def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
+    from .export import prune_for_export
     from .models import load_checkpoint
     wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
     files: list[Path] = []
@@ -131,12 +132,14 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
                 continue
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes)
             d = for_model(data, meta, f"checkpoint {ckpt}")
+            # the same fp32 graph as the torch rows start from (recorded in both sidecars)
+            pruning = prune_for_export(model, d.input_shape, cfg.quantize.prune, d, cfg.quantize.seed)
             calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True,
                                            limit=min(cfg.quantize.calib_samples, 2000)))
             _log(f"{name}: exporting fp32 and int8")
             files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), "classes": d.classes,
                                                        "normalize_mean": list(d.mean), "normalize_std": list(d.std),
-                                                       "image_size": meta.get("image_size")})
+                                                       "image_size": meta.get("image_size"), "pruning": pruning})
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:
                 raise QuantbenchError(f"runtime {name}: {e}") from e
