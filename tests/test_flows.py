@@ -116,11 +116,14 @@ def test_sidecar_records_what_the_model_holds(quantized, flow, method):
 
 # Loads every file with plain torch, in a process that never imports quantbench (nor torchao).
 FRESH = r"""
-import sys, torch
+import json, sys, torch
 import torch.ao.quantization.fx._decomposed  # registers the quantize/dequantize ops of .pt2 graphs
 x = torch.load(sys.argv[1])
 outputs = {}
 for path in sys.argv[3:]:
+    # torch.jit.load packs int8 weights for the process's quantized engine: the sidecar's
+    with open(path + ".json") as f:
+        torch.backends.quantized.engine = json.load(f).get("engine") or torch.backends.quantized.engine
     model = torch.export.load(path).module() if path.endswith(".pt2") else torch.jit.load(path)
     with torch.no_grad():
         outputs[path] = model(x)

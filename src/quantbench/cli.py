@@ -50,6 +50,12 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-batch-size", type=int, default=100, help="(default: 100)")
     g.add_argument("--qat-preset", default="fast",
                    help=f"QAT fine-tune schedule: {', '.join(QAT_SCHEDULES)} (default: fast)")
+    g.add_argument("--no-prune", action="store_true",
+                   help="keep convolution taps that only ever see zero padding (default: drop them; exact, "
+                        "verified on every file, recorded in its sidecar)")
+    g.add_argument("--engine", help="quantized engine of TorchScript int8 files: x86, fbgemm, onednn, qnnpack "
+                                    "(default: the fastest measured for this CPU; recorded in the sidecar, set "
+                                    "when the file is loaded)")
 
 
 def _timing_args(p: argparse.ArgumentParser) -> None:
@@ -115,7 +121,8 @@ def _bench_config(args):
 def _quantize_config(args, method: str = "static", flow: str = "eager", **extra):
     from .quantize import QuantizeConfig
     return QuantizeConfig(method=method, flow=flow, qconfig=args.qconfig, calib_samples=args.calib_samples,
-                          calib_batch_size=args.calib_batch_size, qat_schedule=args.qat_preset, **extra)
+                          calib_batch_size=args.calib_batch_size, qat_schedule=args.qat_preset,
+                          prune=not args.no_prune, engine=args.engine, **extra)
 
 
 # ------------------------------------------------------------------ train

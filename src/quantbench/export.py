@@ -7,6 +7,7 @@ runtime, qconfig, calibration, source checkpoint, normalization, class names, we
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import warnings
@@ -37,6 +38,36 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch
         traced = torch.jit.trace(model, example, check_trace=False)
         frozen = torch.jit.freeze(traced)
     save_torchscript(frozen, path)  # via memory: a full disk is an error, not a C++ abort
+
+
+PRUNE_CHECK_IMAGES = 256  # real images the pruned model is checked on (besides random ones)
+
+
+def prune_for_export(model: nn.Module, shape: tuple[int, ...], enabled: bool = True, data=None,
+                     seed: int = 0) -> dict:
+    """Dead-tap pruning (quantbench.prune) of an fp32 model about to be quantized or exported, in
+    place; returns the sidecar's "pruning" record. The pruned model must give the unpruned one's
+    outputs on random inputs and, when `data` (a quantbench.data.Dataset, normalized for this
+    model) is given, on real training (else test) images: a difference is a QuantbenchError and
+    the model is left as it was. The file it makes is valid for inputs of `shape` only, which
+    the sidecar's input_shape already pins."""
+    if not enabled:
+        return {"applied": False, "why": "turned off (--no-prune)"}
+    from .data import Batches
+    from .prune import VERIFY_BATCH, prune_dead_taps
+    real = None
+    if data is not None:
+        split = data.train if data.train is not None and len(data.train) else data.test
+        if len(split):
+            real, _ = next(iter(Batches(split, min(PRUNE_CHECK_IMAGES, VERIFY_BATCH), data.mean, data.std,
+                                        shuffle=True, seed=seed, limit=PRUNE_CHECK_IMAGES)))
+    report = prune_dead_taps(model, tuple(shape), verify=True, inputs=real, seed=seed)
+    # through JSON: lists where the report has tuples, so the record equals the sidecar read back
+    record = {"applied": bool(report.layers), **json.loads(json.dumps(report.to_dict())),
+              "verified_on": f"random inputs{f' and {len(real)} real images' if real is not None else ''}"}
+    if not report.layers:
+        record["why"] = "no convolution reads only padding with some taps at this input size"
+    return record
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import Batches, Dataset, for_model
 from .errors import QuantbenchError
-from .export import example_input, input_shape, weight_bytes, write_sidecar
+from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
 from .fileio import sha256
 from .flows import LABELS, check_method, get_flow, suffix
 from .flows.qconfigs import QCONFIGS, why
@@ -73,6 +73,10 @@ class QuantizeConfig:
     resume: bool = False
     seed: int = 0
     model: str | None = None          # the user's builder (FILE.py:FUNCTION) a checkpoint was made with
+    prune: bool = True                # dead-tap pruning before quantizing (quantbench.prune)
+    # quantized engine of the TorchScript flows (eager, fx); None: runtimes.torchscript.best_engine()
+    # pt2e ignores it: inductor picks its own kernels (so one template serves every flow).
+    engine: str | None = None
 
     def __post_init__(self):
         if self.method not in get_args(Method):
@@ -89,6 +93,9 @@ class QuantizeConfig:
                                   f"choose from {', '.join(QAT_SCHEDULES)}")
         if self.qat_epochs is not None and self.qat_epochs < 1:
             raise QuantbenchError("QAT --epochs must be at least 1")
+        if self.engine is not None:
+            from .runtimes import torchscript
+            torchscript.check_engine(self.engine)
 
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
@@ -116,6 +123,7 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
              progress: bool = True) -> tuple[nn.Module, dict]:
     """Quantize an fp32 checkpoint file, or an nn.Module in hand (a notebook's model: it is
     copied, not changed); returns (int8 model, record of how it was made)."""
+    from .runtimes import torchscript
     flow = get_flow(cfg.flow)
     if cfg.method in ("static", "qat") and (data is None or data.train is None):
         raise QuantbenchError(f"{cfg.method} quantization needs training data (--data-dir)")
@@ -128,12 +136,33 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
         source_sha = sha256(checkpoint)
     if data is not None:  # calibrate and fine-tune on images normalized as in training
         data = for_model(data, meta, f"checkpoint {checkpoint}")
-    shape = input_shape(meta)
+    # The images' shape where there are images (for_model checked it against the checkpoint's).
+    shape = tuple(data.input_shape) if data is not None else input_shape(meta)
     example = example_input(shape)
     record: dict = {"method": cfg.method, "flow": cfg.flow, "label": label(cfg.method, cfg.flow),
                     "dtype": "int8", "source_checkpoint": str(checkpoint), "source_sha256": source_sha,
                     "config": cfg.shaping(), "input_shape": list(shape)}
     t0 = time.perf_counter()
+    # Before any observer or fusion: the flows then see ordinary (smaller) convolutions.
+    record["pruning"] = prune_for_export(model, shape, cfg.prune, data, cfg.seed)
+    # The TorchScript flows' int8 weights are packed for a quantized engine (the fastest one
+    # depends on whether pruning cropped convolutions); other runtimes choose their own kernels.
+    engine = None
+    if flow.RUNTIME == torchscript.NAME:
+        record["engine"] = engine = cfg.engine or torchscript.best_engine(pruned=record["pruning"]["applied"])
+    with torchscript.quantized_engine(engine):
+        qmodel = _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progress)
+    record["quantize_s"] = round(time.perf_counter() - t0, 2)
+    record.update(classes=meta.get("classes") or (data.classes if data else None),
+                  normalize_mean=meta.get("normalize_mean") or (list(data.mean) if data else None),
+                  normalize_std=meta.get("normalize_std") or (list(data.std) if data else None),
+                  image_size=meta.get("image_size"), arch=meta.get("arch"), model=meta.get("model"))
+    # the fp32 model's own warnings (diverged, near chance) travel with everything made from it
+    record["warnings"] = list(meta.get("warnings") or []) + record.get("warnings", [])
+    return qmodel, record
+
+
+def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progress) -> nn.Module:
     if cfg.method == "dynamic":
         qmodel, applied = flow.quantize_dynamic(model, cfg.qconfig, example)
         # the static qconfig names do not apply: record torch's dynamic one, which was used
@@ -160,8 +189,8 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
         work = cfg.work_dir or Path("runs") / "qat-work"
         result = train(data, recipe, work, model=prepared, resume=cfg.resume, seed=cfg.seed,
                        epoch_hook=hook, set_mode=flow.set_mode, progress=progress,
-                       meta={"arch": meta.get("arch"), "model": meta.get("model"), "input_shape": list(shape),
-                             "qat_of": str(checkpoint), "source_sha256": source_sha,
+                       meta={"arch": meta.get("arch"), "model": meta.get("model"), "input_shape": record["input_shape"],
+                             "qat_of": str(checkpoint), "source_sha256": record["source_sha256"],
                              "flow": cfg.flow, "qconfig": record["qconfig"]})
         prepared = result.model.to(memory_format=torch.contiguous_format)
         record["warnings"] = result.warnings
@@ -170,14 +199,7 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
                          "freeze_observer_epoch": sched.freeze_observer_epoch, "work_dir": str(work),
                          "fake_quant_test_acc": [h["test_acc"] for h in result.history]}
         qmodel = flow.convert(prepared)
-    record["quantize_s"] = round(time.perf_counter() - t0, 2)
-    # the fp32 model's own warnings (diverged, near chance) travel with everything made from it
-    record["warnings"] = list(meta.get("warnings") or []) + record.get("warnings", [])
-    record.update(classes=meta.get("classes") or (data.classes if data else None),
-                  normalize_mean=meta.get("normalize_mean") or (list(data.mean) if data else None),
-                  normalize_std=meta.get("normalize_std") or (list(data.std) if data else None),
-                  image_size=meta.get("image_size"), arch=meta.get("arch"), model=meta.get("model"))
-    return qmodel, record
+    return qmodel
 
 
 def _from_module(module: nn.Module, cfg: QuantizeConfig, data: Dataset | None) -> tuple[nn.Module, dict]:
@@ -206,23 +228,30 @@ def export_model(model: nn.Module, path, record: dict, flow: str = "eager") -> d
     t0 = time.perf_counter()
     wb = weight_bytes(model)
     mod = get_flow(flow)
-    mod.export(model, path, example_input(input_shape(record)))
+    from .runtimes.torchscript import quantized_engine
+    with quantized_engine(record.get("engine")):  # trace and freeze with the weights' own engine
+        mod.export(model, path, example_input(input_shape(record)))
     return write_sidecar(path, **record, runtime=mod.RUNTIME, weight_bytes=wb,
                          export_s=round(time.perf_counter() - t0, 2))
 
 
 def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = None,
-                  model_spec: str | None = None) -> dict:
-    """The fp32 model, exported the same way as the int8 ones (the table's "origin" row)."""
+                  model_spec: str | None = None, prune: bool = True) -> dict:
+    """The fp32 model, exported the same way as the int8 ones (the table's "origin" row), pruned
+    as they are, so that the row measures int8 against the same graph."""
     from .models import load_checkpoint
     model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes if data else None, model=model_spec)
+    if data is not None:
+        data = for_model(data, meta, f"checkpoint {checkpoint}")
+    shape = tuple(data.input_shape) if data is not None else input_shape(meta)
     record = {"method": "origin", "flow": flow, "label": label("origin", flow), "dtype": "fp32",
               "source_checkpoint": str(checkpoint), "source_sha256": sha256(checkpoint), "arch": meta.get("arch"),
-              "input_shape": list(input_shape(meta)),
+              "input_shape": list(shape),
               "classes": meta.get("classes") or (data.classes if data else None),
               "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std"),
               "image_size": meta.get("image_size"), "model": meta.get("model"),
-              "warnings": list(meta.get("warnings") or [])}
+              "warnings": list(meta.get("warnings") or []), "pruned": prune}
+    record["pruning"] = prune_for_export(model, shape, prune, data)
     return export_model(model, path, record, flow)
 
 

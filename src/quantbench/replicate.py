@@ -103,9 +103,9 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     for suf in dict.fromkeys(suffix(f) for f in cfg.flows):
         flow = next(f for f in cfg.flows if suffix(f) == suf)
         path = models / (label("origin", flow) + suf)
-        if not _reusable(path, cfg.resume, source):
+        if not _reusable(path, cfg.resume, {**source, "pruned": cfg.quantize.prune}):
             _log(f"exporting fp32 -> {path.name}")
-            export_origin(ckpt, path, flow, data, model_spec=cfg.quantize.model)
+            export_origin(ckpt, path, flow, data, model_spec=cfg.quantize.model, prune=cfg.quantize.prune)
         files.append(path)
     for flow in cfg.flows:
         for method in cfg.methods:
@@ -132,6 +132,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
 
 
 def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict | None = None) -> list[Path]:
+    from .export import prune_for_export
     from .models import load_checkpoint
     wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
     source = source if source is not None else {"source_sha256": sha256(ckpt)}
@@ -141,17 +142,19 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict |
         try:
             mod = runtimes.get(name)
             made = [models / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
-            expect = {**source, "calib_limit": calib_samples}
+            expect = {**source, "calib_limit": calib_samples, "pruned": cfg.quantize.prune}
             if made and all(_reusable(p, cfg.resume, expect) for p in made):
                 files += made  # resumed: the very same files are measured again
                 continue
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes, model=cfg.quantize.model)
             d = for_model(data, meta, f"checkpoint {ckpt}")
+            # the same fp32 graph as the torch rows start from (recorded in both sidecars)
+            pruning = prune_for_export(model, d.input_shape, cfg.quantize.prune, d, cfg.quantize.seed)
             calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=calib_samples))
             _log(f"{name}: exporting fp32 and int8")
             files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
                                                        "normalize_mean": list(d.mean), "normalize_std": list(d.std),
-                                                       "image_size": meta.get("image_size"),
+                                                       "image_size": meta.get("image_size"), "pruning": pruning,
                                                        "warnings": list(meta.get("warnings") or [])})
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:

@@ -54,8 +54,9 @@ def detail_table(results: BenchResults) -> str:
         lat, ops = r.latency.get(1), r.ops
         op_cell = (f"{ops.int8_conv}+{ops.int8_linear} / {ops.float_conv}+{ops.float_linear}") if ops else "n/a"
         wb = r.weight_bytes
+        runtime = r.runtime + (f" ({r.sidecar['engine']})" if r.sidecar.get("engine") else "")
         lines.append(
-            f"| {r.label} | {r.runtime} | {_fmt(r.accuracy_delta, '+.2f', '', '')} | "
+            f"| {r.label} | {runtime} | {_fmt(r.accuracy_delta, '+.2f', '', '')} | "
             f"{_fmt(lat and lat.median_ms, '.3f')} | {_fmt(lat and lat.p90_ms, '.3f')} | "
             f"{_fmt(lat and lat.p99_ms, '.3f')} | {_fmt(lat and lat.iqr_rel, '.1%')} | "
             f"{_fmt(lat and lat.process_spread, '.1%')} | {_fmt(r.speedup_vs_fastest_fp32, '.2f', 'x')} | "
@@ -91,7 +92,7 @@ def machine_line(m: dict) -> str:
     return (f"{m.get('cpu')} ({m.get('cores')} cores; ISA: {isa}; VNNI: {'yes' if m.get('vnni') else 'no'}), "
             f"{m.get('threads')} thread(s), {m.get('os')}, Python {m.get('python')}, "
             + ", ".join(f"{k} {x}" for k, x in v.items())
-            + f", quantized engine {m.get('quantized_engine')}")
+            + f", default quantized engine {m.get('quantized_engine')} (a TorchScript file's own: see Runtime)")
 
 
 def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str]:
@@ -109,6 +110,9 @@ def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str
             hint = runtimes.get(rec.runtime).how_to_load(Path(rec.file).name)
         except (QuantbenchError, AttributeError):
             hint = None
+        engine = next((m.sidecar.get("engine") for m in results.models if m.label == rec.label), None)
+        if hint and engine:  # int8 TorchScript runs the kernels of the engine current at load
+            hint = f"torch.backends.quantized.engine = '{engine}'; {hint}"
         lines.append(f"- batch {b}: **{rec.label}** ({rec.runtime}, `{Path(rec.file).name}`): "
                      f"{rec.median_ms:.2f} ms per batch{vs}; accuracy {rec.accuracy_delta:+.2f} point vs fp32"
                      + (f". Load it with `{hint}`" if hint else "") + ".")

@@ -1,5 +1,12 @@
 """TorchScript (.pt): what the eager and FX flows deploy. A frozen TorchScript file runs in any
-process with plain `torch.jit.load`, without quantbench or the model's Python class."""
+process with plain `torch.jit.load`, without quantbench or the model's Python class.
+
+The quantized engine (torch.backends.quantized.engine) chooses the int8 kernels: "fbgemm",
+"onednn", "qnnpack", or "x86", which picks between fbgemm and oneDNN per layer. A file stores
+its int8 weights unpacked; torch.jit.load packs them for the engine current AT LOAD TIME (the
+engine at convert time does not survive the save). So the engine is a property of the loading
+process: the flows record theirs in the sidecar ("engine") and `load` sets it from there.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QuantbenchError, cause
+from ..export import read_sidecar
 from ..results import OpCounts
 
 NAME = "torchscript"
@@ -34,8 +42,62 @@ def is_deployment(path: Path) -> bool:
         return False
 
 
+def engines() -> list[str]:
+    """The quantized engines this torch build offers ("none" is not one)."""
+    return [e for e in torch.backends.quantized.supported_engines if e != "none"]
+
+
+def check_engine(name: str) -> str:
+    if name not in engines():
+        raise QuantbenchError(f"unknown quantized engine {name!r}; this torch offers {', '.join(engines())}")
+    return name
+
+
+def best_engine(pruned: bool = True) -> str:
+    """The engine the eager and FX flows quantize for when none is asked for; `pruned`: whether
+    dead-tap pruning cropped some convolutions of the model (quantbench.prune).
+
+    Measured with benchmarks/engines.py (ResNet-18 at 32x32, batch 1, one thread, on an AVX-512
+    VNNI CPU). There "x86" sends every conv with symmetric int8 weights to oneDNN, which was a
+    little faster than fbgemm on the unpruned model but ran the cropped 1x1 layer4 convs hardly
+    faster than the 3x3 ones they replace; fbgemm's time follows the kernel size, so with pruning
+    it was clearly the fastest of all engines (qnnpack, ARM's, was far slower on x86). Without
+    VNNI, "x86" runs fbgemm anyway. Where there is no fbgemm (ARM), torch's default stays.
+    """
+    if pruned and "fbgemm" in engines():
+        return "fbgemm"
+    return "x86" if "x86" in engines() else torch.backends.quantized.engine
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str | None):
+    """Run the block under quantized engine `name` (None: leave it), then restore the old one."""
+    if name is None:
+        yield
+        return
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = check_engine(name)
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
 def load(path: Path, threads: int | None = None):
-    """torch threads are set per process (torch.set_num_threads) by the caller."""
+    """torch threads are set per process (torch.set_num_threads) by the caller.
+
+    The quantized engine recorded in the sidecar is set first, and stays set: the int8 weights
+    are packed for it while loading, and some int8 ops (quantized max_pool2d, for one) look at the
+    process's engine on every call. Measuring workers run one model per process, so this is
+    their engine."""
+    engine = read_sidecar(path).get("engine")
+    if engine is not None:
+        try:
+            check_engine(engine)
+        except QuantbenchError as e:
+            raise QuantbenchError(f"{path} was made for quantized engine {engine!r}, which this torch "
+                                  f"lacks ({', '.join(engines())}); make the file again here") from e
+        torch.backends.quantized.engine = engine
     try:
         m = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
