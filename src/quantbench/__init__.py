@@ -34,6 +34,8 @@ _API = {
     "QuantStatus": "results",
     "write_report": "report", "load_results": "report", "report_runs": "report",
     "profile_model": "profiling",
+    "sensitivity": "sensitivity", "SensitivityResult": "sensitivity", "validation_split": "sensitivity",
+    "Scheme": "flows.qconfigs", "prune_dead_taps": "prune",
     "ReplicateConfig": "replicate", "run_replicate": "replicate:replicate",
     "QuantbenchError": "errors",
 }

@@ -50,6 +50,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-batch-size", type=int, default=100, help="(default: 100)")
     g.add_argument("--qat-preset", default="fast",
                    help=f"QAT fine-tune schedule: {', '.join(QAT_SCHEDULES)} (default: fast)")
+    _calibration_args(g)
+    _fp32_layers_arg(g)
     g.add_argument("--no-prune", action="store_true",
                    help="keep convolution taps that only ever see zero padding (default: drop them; exact, "
                         "verified on every file, recorded in its sidecar)")
@@ -122,7 +124,7 @@ def _quantize_config(args, method: str = "static", flow: str = "eager", **extra)
     from .quantize import QuantizeConfig
     return QuantizeConfig(method=method, flow=flow, qconfig=args.qconfig, calib_samples=args.calib_samples,
                           calib_batch_size=args.calib_batch_size, qat_schedule=args.qat_preset,
-                          prune=not args.no_prune, engine=args.engine, **extra)
+                          prune=not args.no_prune, engine=args.engine, **_calibration_options(args), **extra)
 
 
 # ------------------------------------------------------------------ train
@@ -312,6 +314,86 @@ def report_cmd(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ sensitivity
+def _calibration_args(g) -> None:
+    """Options choosing observers, calibration images and fp32 layers (QuantizeConfig's fields);
+    `quantize` and `replicate` take the same ones, see calibration_options."""
+    g.add_argument("--observer", help="activation observer: minmax, moving-average, histogram or percentile "
+                                      "(default: the qconfig's: histogram for default, moving-average for seed)")
+    g.add_argument("--percentile", type=float, default=99.99,
+                   help="with --observer percentile: clip activations at this percentile of |x| (default: 99.99)")
+    g.add_argument("--weight-scheme", help="per-channel or per-tensor (default: per-channel)")
+    g.add_argument("--act-scheme", help="affine or symmetric activations (default: affine)")
+    g.add_argument("--calib-transform", default="test",
+                   help="test: calibrate on clean training images (default); train: through the original's "
+                        "training augmentation, as the original did")
+
+
+def _fp32_layers_arg(g) -> None:
+    g.add_argument("--fp32-layers", default="",
+                   help="comma list of conv/linear layers to keep fp32 (e.g. conv1,fc); "
+                        "`quantbench sensitivity` ranks the candidates")
+
+
+def _calibration_options(args) -> dict:
+    """QuantizeConfig keyword arguments from calibration_args' (and fp32_layers_arg's) options."""
+    out = dict(observer=args.observer, percentile=args.percentile, weight_scheme=args.weight_scheme,
+               act_scheme=args.act_scheme, calib_transform=args.calib_transform)
+    if hasattr(args, "fp32_layers"):
+        out["fp32_layers"] = tuple(x.strip() for x in args.fp32_layers.split(",") if x.strip())
+    return out
+
+
+def sensitivity_args(p) -> None:
+    from .flows import FLOWS
+    from .flows.qconfigs import QCONFIGS
+    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
+    p.add_argument("--flow", default="fx", help=f"one of: {', '.join(FLOWS)} (default: fx)")
+    p.add_argument("--output", type=Path, default=Path("runs/sensitivity"),
+                   help="folder for sensitivity.md, .json and .png (default: runs/sensitivity)")
+    p.add_argument("--val-samples", type=int, default=1000,
+                   help="validation images, held out of the training split (default: 1000)")
+    p.add_argument("--layers", default="", help="comma list: analyse only these layers (default: every conv/linear)")
+    p.add_argument("--top", type=int, help="rows to print (default: all; the files hold all)")
+    p.add_argument("--seed", type=int, default=0, help="picks the validation and calibration images (default: 0)")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--qconfig", default="default", help=f"one of {', '.join(QCONFIGS)} (default: default)")
+    g.add_argument("--calib-samples", type=int, default=1000,
+                   help="training images for calibration, apart from the validation ones (default: 1000)")
+    g.add_argument("--calib-batch-size", type=int, default=100, help="(default: 100)")
+    _calibration_args(g)
+    _data_args(p)
+    _common(p)
+
+
+def sensitivity_cmd(args) -> int:
+    from .flows.qconfigs import Scheme
+    from .models import read_checkpoint
+    from .quantize import QuantizeConfig
+    from .sensitivity import render_sensitivity, sensitivity, write_sensitivity
+    if args.top is not None and args.top < 1:
+        raise QuantbenchError("--top must be at least 1")
+    opts = _calibration_options(args)
+    scheme = Scheme(args.qconfig, opts["observer"], opts["weight_scheme"], opts["act_scheme"], opts["percentile"])
+    # every option checked before any data is read
+    QuantizeConfig(method="static", flow=args.flow, calib_samples=args.calib_samples,
+                   calib_batch_size=args.calib_batch_size, calib_transform=opts["calib_transform"])
+    check_writable(args.output, is_dir=True)
+    _, meta = read_checkpoint(args.checkpoint)
+    data = _data_source(args).load_for(meta, f"checkpoint {args.checkpoint}", train=True,
+                                       progress=not args.no_progress)
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip()) or None
+    with run_lock(args.output):
+        result = sensitivity(args.checkpoint, data, args.flow, scheme=scheme, val_samples=args.val_samples,
+                             val_seed=args.seed, calib_samples=args.calib_samples,
+                             calib_batch_size=args.calib_batch_size, calib_transform=opts["calib_transform"],
+                             layers=layers, progress=not args.no_progress)
+        paths = write_sensitivity(result, args.output)
+    print(render_sensitivity(result, top=args.top))
+    print(f"wrote {', '.join(str(p) for p in paths)} in {result.seconds:.0f} s")
+    return 0
+
+
 # ------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class Command:
@@ -339,6 +421,10 @@ COMMANDS: dict[str, Command] = {
                        "where the time goes: one model's operators under its runtime's profiler",
                        "The table sums each operator type's time per call (batch 1). The gap between the wall "
                        "time and the operators' total is the runtime's own overhead."),
+    "sensitivity": Command(sensitivity_args, sensitivity_cmd, "which layers int8 hurts: per-layer error and accuracy",
+                           "For every conv/linear layer: the int8 error at its output (SQNR, PyTorch's numeric "
+                           "tools), and the accuracy on a validation subset of the training split with only that "
+                           "layer int8, and with only that layer fp32. Ranked table (.md, .json) and a chart."),
     "report": Command(report_args, report_cmd, "rebuild report.md and plots from run directories, or compare runs"),
 }
 

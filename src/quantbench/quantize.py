@@ -5,10 +5,13 @@
     qat:      load -> flow.prepare(qat) -> fine-tune with the trainer -> flow.convert
 
 then flow.export writes the deployment file and a FILE.json sidecar records how it was made.
+QuantizeConfig holds every choice: the flow, the observers (a qconfig name plus overrides, see
+quantbench.flows.qconfigs.Scheme), the calibration images, and the layers kept fp32.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -24,10 +27,11 @@ from .errors import QuantbenchError
 from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
 from .fileio import sha256
 from .flows import LABELS, check_method, get_flow, suffix
-from .flows.qconfigs import QCONFIGS, why
+from .flows.qconfigs import QCONFIGS, ActScheme, Observer, Scheme, WeightScheme, why
 from .train import Recipe, train
 
 Method = Literal["dynamic", "static", "qat"]
+CalibTransform = Literal["test", "train"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,17 @@ class QuantizeConfig:
     method: Method
     flow: str = "eager"               # see quantbench.flows.FLOWS
     qconfig: str = "default"          # see quantbench.flows.qconfigs.QCONFIGS
+    # Overrides of the qconfig's choices (None: the qconfig's own; see qconfigs.Scheme):
+    observer: Observer | None = None              # activations: "histogram" for "default"
+    weight_scheme: WeightScheme | None = None     # "per-channel" for both qconfigs
+    act_scheme: ActScheme | None = None           # "affine" for both qconfigs
+    percentile: float = 99.99                     # of |x|, for observer="percentile"
     calib_samples: int = 10_000       # training images used to calibrate static quantization
     calib_batch_size: int = 100
+    # "test": calibrate on clean images, as the deployed model sees them; "train": with the
+    # original's training augmentation (data.Batches(augment="seed")), as the original did
+    calib_transform: CalibTransform = "test"
+    fp32_layers: tuple[str, ...] = ()  # conv/linear module names kept fp32 (quantbench.flows.quantizable_layers)
     qat_schedule: str = "fast"        # see QAT_SCHEDULES
     qat_epochs: int | None = None     # override the schedule's epochs
     work_dir: Path | None = None      # QAT checkpoints (resumable)
@@ -84,6 +97,14 @@ class QuantizeConfig:
         check_method(self.flow, self.method)
         if self.qconfig not in QCONFIGS:
             raise QuantbenchError(f"unknown qconfig {self.qconfig!r}; choose from {', '.join(QCONFIGS)}")
+        _ = self.scheme  # making it checks observer, weight_scheme, act_scheme and percentile
+        if self.calib_transform not in get_args(CalibTransform):
+            raise QuantbenchError(f"unknown calibration transform {self.calib_transform!r}; "
+                                  f"choose from {', '.join(get_args(CalibTransform))}")
+        names = self.fp32_layers
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise QuantbenchError(f"fp32_layers must be a sequence of layer names, not {self.fp32_layers!r}")
+        object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))  # hashable, whatever was given
         if self.method == "static" and self.calib_samples < 1:
             raise QuantbenchError("static quantization needs calibration images: --calib-samples must be > 0")
         if self.calib_batch_size < 1:
@@ -106,15 +127,26 @@ class QuantizeConfig:
         d = dataclasses.asdict(self)
         for k in ("work_dir", "resume"):
             d.pop(k)
-        return d
+        return json.loads(json.dumps(d))  # as the sidecar will hold it (tuples become lists)
+
+    @property
+    def scheme(self) -> Scheme:
+        """The observer choices every flow's prepare takes."""
+        return Scheme(self.qconfig, self.observer, self.weight_scheme, self.act_scheme, self.percentile)
+
+
+# calib_transform -> the data.Batches augmentation it calibrates with
+CALIB_AUGMENT = {"test": "none", "train": "seed"}
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Dataset, samples: int, batch_size: int, seed: int = 0,
-              progress: bool = True) -> None:
-    """Run training images (no augmentation: the deployed model sees clean images) through the
-    observers so they record activation ranges."""
-    batches = Batches(data.train, batch_size, data.mean, data.std, shuffle=True, seed=seed, limit=samples)
+              progress: bool = True, transform: CalibTransform = "test") -> None:
+    """Run training images through the observers so they record activation ranges: clean ones
+    by default ("test": the deployed model sees clean images), or as the original did, through
+    its training augmentation ("train": crops, rotations and colour jitter widen the ranges)."""
+    batches = Batches(data.train, batch_size, data.mean, data.std, augment=CALIB_AUGMENT[transform],
+                      shuffle=True, seed=seed, limit=samples)
     for x, _ in tqdm(batches, desc="calibrating", unit="batch", leave=False, disable=not progress):
         model(x)
 
@@ -141,7 +173,7 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
     example = example_input(shape)
     record: dict = {"method": cfg.method, "flow": cfg.flow, "label": label(cfg.method, cfg.flow),
                     "dtype": "int8", "source_checkpoint": str(checkpoint), "source_sha256": source_sha,
-                    "config": cfg.shaping(), "input_shape": list(shape)}
+                    "config": cfg.shaping(), "input_shape": list(shape), "fp32_layers": list(cfg.fp32_layers)}
     t0 = time.perf_counter()
     # Before any observer or fusion: the flows then see ordinary (smaller) convolutions.
     record["pruning"] = prune_for_export(model, shape, cfg.prune, data, cfg.seed)
@@ -164,21 +196,22 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
 
 def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progress) -> nn.Module:
     if cfg.method == "dynamic":
-        qmodel, applied = flow.quantize_dynamic(model, cfg.qconfig, example)
+        qmodel, applied = flow.quantize_dynamic(model, cfg.scheme, example, fp32_layers=cfg.fp32_layers)
         # the static qconfig names do not apply: record torch's dynamic one, which was used
         record["qconfig"] = {"name": "dynamic", **applied}
     elif cfg.method == "static":
-        prepared = flow.prepare(model, cfg.qconfig, qat=False, example=example)
-        record["qconfig"] = {"name": cfg.qconfig, **flow.applied(prepared), "why": why(cfg.qconfig)}
-        calibrate(prepared, data, cfg.calib_samples, cfg.calib_batch_size, cfg.seed, progress)
+        prepared = flow.prepare(model, cfg.scheme, qat=False, example=example, fp32_layers=cfg.fp32_layers)
+        record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
+        calibrate(prepared, data, cfg.calib_samples, cfg.calib_batch_size, cfg.seed, progress, cfg.calib_transform)
         record["calibration"] = {"samples": min(cfg.calib_samples, len(data.train)),
-                                 "batch_size": cfg.calib_batch_size, "augmentation": "none"}
+                                 "batch_size": cfg.calib_batch_size, "transform": cfg.calib_transform,
+                                 "augmentation": CALIB_AUGMENT[cfg.calib_transform]}
         qmodel = flow.convert(prepared)
     else:
         sched = QAT_SCHEDULES[cfg.qat_schedule]
         recipe = sched.recipe.replace(epochs=cfg.qat_epochs)
-        prepared = flow.prepare(model, cfg.qconfig, qat=True, example=example)
-        record["qconfig"] = {"name": cfg.qconfig, **flow.applied(prepared), "why": why(cfg.qconfig)}
+        prepared = flow.prepare(model, cfg.scheme, qat=True, example=example, fp32_layers=cfg.fp32_layers)
+        record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
 
         def hook(epoch: int, m: nn.Module) -> None:
             if epoch >= sched.freeze_bn_epoch:
@@ -215,6 +248,11 @@ def _from_module(module: nn.Module, cfg: QuantizeConfig, data: Dataset | None) -
         meta.update(num_classes=data.num_classes, classes=data.classes, input_shape=list(data.input_shape),
                     normalize_mean=list(data.mean), normalize_std=list(data.std))
     return model, meta
+
+
+def _qconfig_record(cfg: QuantizeConfig, applied: dict) -> dict:
+    """The qconfig name, the overrides asked for, and the observers really used."""
+    return {"name": cfg.qconfig, "overrides": cfg.scheme.overrides(), **applied, "why": why(cfg.qconfig)}
 
 
 def label(method: str, flow: str) -> str:

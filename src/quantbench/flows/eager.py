@@ -5,9 +5,21 @@ leave int8 (QuantStub / DeQuantStub), which modules to fuse, and route the resid
 a FloatFunctional. torchvision ships such a twin of ResNet (torchvision.models.quantization),
 with the same parameter names, so the fp32 checkpoint loads into it unchanged.
 
+fp32 layers (mixed precision): a module left without a qconfig stays float, but in eager mode
+nothing converts the int8 tensor its quantized neighbour hands it: it would fail at run time. So
+each fp32 layer is wrapped in an island, DeQuantStub -> layer -> QuantStub, the stubs becoming
+dequantize / quantize ops (with their own observed scale) at convert. Wrapping happens after
+fuse_model, so the island holds the fused conv+bn(+relu) under the conv's name. At the model's
+edges a stub would only add a round trip, so a float stem conv takes the float input (the
+model's QuantStub is switched off) and a float last linear gives float logits. What eager mode
+cannot do: keep the activations between float layers float, since the residual adds
+(FloatFunctional) stay int8 whatever the layers are; FX and PT2E place quantize ops by the graph.
+
 Deployment: TorchScript (trace + freeze), loadable with plain torch.jit.load.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -15,7 +27,8 @@ from torch.ao import quantization as tq
 
 from ..export import export_torchscript
 from ..models import load_checkpoint
-from .qconfigs import applied_qconfig, applied_torch_ao, qconfig
+from . import check_layers
+from .qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
 
 RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
@@ -28,28 +41,68 @@ def load(checkpoint, num_classes=None, model=None, method="static"):
     return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=method != "dynamic", model=model)
 
 
-def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:
+def quantize_dynamic(model: nn.Module, scheme: Scheme | str, example: torch.Tensor,
+                     fp32_layers: Sequence[str] = ()) -> tuple[nn.Module, dict]:
     """ptq-d: weights of nn.Linear become int8 ahead of time; activations are quantized on the
     fly, per batch. Only ResNet's final fc is a Linear, so almost nothing changes: dynamic
     quantization pays off for Linear/LSTM-heavy models (transformers, RNNs), not CNNs.
-    torch's dynamic qconfig is used whatever `qconfig_name` says (per-tensor min/max int8
-    weights): the static qconfigs' activation observers mean nothing without calibration."""
+    torch's dynamic qconfig is used whatever `scheme` says (per-tensor min/max int8 weights):
+    the static qconfigs' activation observers mean nothing without calibration. A dynamic layer
+    takes and returns float tensors, so fp32 layers need no stubs: a name maps to no qconfig
+    (names win over types in torch.ao's qconfig dict)."""
     qc = tq.default_dynamic_qconfig
-    return tq.quantize_dynamic(model.eval(), {nn.Linear: qc}, dtype=torch.qint8), applied_qconfig(qc)
+    spec = {nn.Linear: qc, **{name: None for name in check_layers(model, fp32_layers)}}
+    return tq.quantize_dynamic(model.eval(), spec, dtype=torch.qint8), applied_qconfig(qc)
 
 
-def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
+def prepare(model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Tensor,
+            fp32_layers: Sequence[str] = ()) -> nn.Module:
     """Fuse conv+bn(+relu) so each becomes one int8 kernel, then insert observers (static) or
-    fake-quantize modules (QAT) according to the qconfig."""
+    fake-quantize modules (QAT) according to the qconfig; `fp32_layers` become float islands."""
+    fp32_layers = check_layers(model, fp32_layers)
+    qc = qconfig(scheme, qat=qat)       # a bad scheme fails before the model changes
     if qat:
         model.train()
         model.fuse_model(is_qat=True)   # keeps BN as a separate, trainable part of ConvBn(ReLU)2d
-        model.qconfig = qconfig(qconfig_name, qat=True)
-        return tq.prepare_qat(model, inplace=True)
-    model.eval()
-    model.fuse_model()                  # folds BN into the conv weights
-    model.qconfig = qconfig(qconfig_name, qat=False)
-    return tq.prepare(model, inplace=True)
+    else:
+        model.eval()
+        model.fuse_model()              # folds BN into the conv weights
+    _float_islands(model, fp32_layers)
+    model.qconfig = qc
+    return tq.prepare_qat(model, inplace=True) if qat else tq.prepare(model, inplace=True)
+
+
+class FloatIsland(nn.Module):
+    """A float layer inside an int8 eager model: dequantize its input, run it in fp32, quantize
+    its output again (a stub is nn.Identity where the island sits at the model's edge)."""
+
+    def __init__(self, module: nn.Module, dequant: nn.Module, quant: nn.Module):
+        super().__init__()
+        module.qconfig = None           # prepare and convert leave it, and what it holds, alone
+        self.dequant, self.module, self.quant = dequant, module, quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.module(self.dequant(x)))
+
+
+def _float_islands(model: nn.Module, names: Sequence[str]) -> None:
+    first, last = _edges(model)
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        dequant, quant = tq.DeQuantStub(), tq.QuantStub()
+        if name == first:               # it reads the model's float input: nothing to quantize
+            model.quant, dequant = nn.Identity(), nn.Identity()
+        if name == last:                # its output is the model's: float logits
+            model.dequant, quant = nn.Identity(), nn.Identity()
+        setattr(owner, attr, FloatIsland(getattr(owner, attr), dequant, quant))
+
+
+def _edges(model: nn.Module) -> tuple[str | None, str | None]:
+    """The layers fed by the model's QuantStub and feeding its DeQuantStub directly, where the
+    architecture is known to have them (torchvision's quantizable ResNets: conv1 and fc)."""
+    from torchvision.models.quantization.resnet import QuantizableResNet
+    return ("conv1", "fc") if isinstance(model, QuantizableResNet) else (None, None)
 
 
 def applied(prepared: nn.Module) -> dict:

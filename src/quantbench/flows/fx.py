@@ -10,9 +10,15 @@ What to quantize, and how, comes from two tables:
   QConfigMapping   which observers to put where (the same QConfigs as eager, quantbench.flows.qconfigs)
   BackendConfig    which patterns the int8 backend can run fused (x86 / fbgemm here)
 
+fp32 layers: QConfigMapping.set_module_name(name, None) keeps a module (after fusion: the fused
+conv+bn+relu, which takes the conv's name) float; FX then quantizes and dequantizes around it
+where its neighbours are int8.
+
 Deployment: TorchScript, exactly like eager (trace + freeze), loadable with plain torch.jit.load.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -23,7 +29,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from ..export import export_torchscript
 from ..models import load_checkpoint
-from .qconfigs import applied_qconfig, applied_torch_ao, qconfig
+from . import check_layers
+from .qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
 
 RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
@@ -40,22 +47,32 @@ def _backend_config():
     return get_x86_backend_config()
 
 
-def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:
+def quantize_dynamic(model: nn.Module, scheme: Scheme | str, example: torch.Tensor,
+                     fp32_layers: Sequence[str] = ()) -> tuple[nn.Module, dict]:
     """ptq-d: only nn.Linear gets a qconfig, a dynamic one (int8 weights ahead of time,
     activations quantized per batch at run time), as in eager's quantize_dynamic, so the two
     flows differ only in how they find the layers. No calibration data is needed: the observers
     are placeholders that just record "quantize this dynamically"."""
     model.eval()
     qc = tq.default_dynamic_qconfig
-    mapping = QConfigMapping().set_object_type(nn.Linear, qc)
+    mapping = _fp32(QConfigMapping().set_object_type(nn.Linear, qc), check_layers(model, fp32_layers))
     prepared = prepare_fx(model, mapping, (example,), backend_config=_backend_config())
     return convert_fx(prepared, backend_config=_backend_config()), applied_qconfig(qc)
 
 
-def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
+def _fp32(mapping: QConfigMapping, names: Sequence[str]) -> QConfigMapping:
+    # module names win over object types and the global qconfig in a QConfigMapping
+    for name in names:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def prepare(model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Tensor,
+            fp32_layers: Sequence[str] = ()) -> nn.Module:
     """Trace, fuse and insert observers (static) or fake-quantize modules (QAT) everywhere the
-    backend can run int8: one global qconfig, the BackendConfig decides the patterns."""
-    mapping = QConfigMapping().set_global(qconfig(qconfig_name, qat=qat))
+    backend can run int8: one global qconfig, the BackendConfig decides the patterns, except
+    the `fp32_layers`, which get none."""
+    mapping = _fp32(QConfigMapping().set_global(qconfig(scheme, qat=qat)), check_layers(model, fp32_layers))
     if qat:
         # prepare_qat_fx fuses conv+bn into ConvBn(ReLU)2d QAT modules that keep BN trainable
         # (it is folded at convert), so it must see the model in train mode.

@@ -15,10 +15,15 @@ and lowered with torch.compile at load time (quantbench.runtimes.inductor).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from torch.export import Dim
-from torchao.quantization.pt2e import (disable_observer, move_exported_model_to_eval,
+from torchao.quantization.pt2e import (FakeQuantize, FusedMovingAvgObsFakeQuantize, HistogramObserver,
+                                       MinMaxObserver, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
+                                       disable_observer, move_exported_model_to_eval,
                                        move_exported_model_to_train)
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
@@ -26,10 +31,10 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
 from ..cpu import reduce_range
-from ..errors import QuantbenchError
 from ..pt2_archive import save_program
 from ..models import load_checkpoint
-from .qconfigs import QCONFIGS, describe_observer
+from . import check_layers
+from .qconfigs import PercentileMixin, Scheme, SharedScaleMixin, describe_observer
 
 RUNTIME = "inductor"
 METHODS = ("dynamic", "static", "qat")
@@ -91,48 +96,118 @@ def _capture(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
 
 
 # ---------------------------------------------------------------- quantizer configuration
-def _quantizer_config(name: str, qat: bool = False, dynamic: bool = False) -> QuantizationConfig:
-    """Our qconfigs (quantbench.flows.qconfigs) expressed as PT2E QuantizationConfigs.
+class PercentileObserver(PercentileMixin, HistogramObserver):
+    """torchao's HistogramObserver, clipping at a percentile of |x| (see qconfigs.PercentileMixin)."""
 
-    "default": X86InductorQuantizer's own recipe (per-channel symmetric int8 weights, uint8
-    per-tensor activations from a histogram observer) with reduce_range() from quantbench.cpu.
-    That argument matters: without VNNI, oneDNN's int8 convolutions multiply u8 x s8 pairs into
-    a SATURATING int16 (vpmaddubsw); with full-range activations (0..255) two products overflow
-    and the deployed model silently loses accuracy (about 3.6 points top-1 on our ResNet-18),
-    although the QDQ graph, which computes in fp32, looks fine. Activations in [0, 127] keep
-    every pair below 2^15. On VNNI/AMX CPUs reduce_range() is False and the full range is used.
+
+class SharedScalePerChannelObserver(SharedScaleMixin, PerChannelMinMaxObserver):
+    """Per-tensor weights in a per-channel layout, static (see qconfigs.SharedScaleMixin)."""
+
+
+class SharedScaleMovingAveragePerChannelObserver(SharedScaleMixin, MovingAveragePerChannelMinMaxObserver):
+    """Per-tensor weights in a per-channel layout, QAT."""
+
+
+_ACT_OBSERVERS = {"minmax": MinMaxObserver, "moving-average": MovingAverageMinMaxObserver,
+                  "histogram": HistogramObserver, "percentile": PercentileObserver}
+
+
+def _quantizer_config(scheme: Scheme | str, qat: bool = False, dynamic: bool = False) -> QuantizationConfig:
+    """Our Schemes (quantbench.flows.qconfigs) expressed as PT2E QuantizationConfigs.
+
+    "default" with no overrides is X86InductorQuantizer's own recipe (per-channel symmetric int8
+    weights, uint8 per-tensor activations from a histogram observer) with reduce_range() from
+    quantbench.cpu. That argument matters: without VNNI, oneDNN's int8 convolutions multiply
+    u8 x s8 pairs into a SATURATING int16 (vpmaddubsw); with full-range activations (0..255)
+    two products overflow and the deployed model silently loses accuracy (about 3.6 points
+    top-1 on our ResNet-18), although the QDQ graph, which computes in fp32, looks fine.
+    Activations in [0, 127] keep every pair below 2^15. On VNNI/AMX CPUs reduce_range() is
+    False and the full range is used.
+
+    Per-tensor weights: inductor's x86 lowering matches per-channel weight dequantization only
+    (a per-tensor one would silently stay an fp32 convolution), so they are per-channel weights
+    sharing one scale (SharedScaleMixin): the same arithmetic, a layout inductor runs in int8.
     """
-    if name not in QCONFIGS:
-        raise QuantbenchError(f"unknown qconfig {name!r}; choose from {', '.join(QCONFIGS)}")
-    if name == "default" or dynamic:
-        # Dynamic quantization has no observers to configure: both qconfigs mean the same.
+    scheme = Scheme.of(scheme)  # unknown names fail here
+    if dynamic:
+        # Dynamic quantization has no observers to configure: every scheme means the same.
         return get_default_x86_inductor_quantization_config(
-            is_qat=qat, is_dynamic=dynamic, reduce_range=reduce_range())
-    # "seed", the original's: 7-bit weights [-64, 63], 7-bit activations [0, 127], min/max ranges.
-    from torchao.quantization.pt2e import (FakeQuantize, MovingAverageMinMaxObserver,
-                                           MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver)
-    act_obs, wt_obs = MovingAverageMinMaxObserver, (
-        MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver)
-    act_ctr = FakeQuantize.with_args(observer=act_obs) if qat else act_obs
-    wt_ctr = FakeQuantize.with_args(observer=wt_obs) if qat else wt_obs
-    act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=127, qscheme=torch.per_tensor_affine,
-                           observer_or_fake_quant_ctr=act_ctr)
-    wt = QuantizationSpec(dtype=torch.int8, quant_min=-64, quant_max=63, qscheme=torch.per_channel_symmetric,
-                          ch_axis=0, observer_or_fake_quant_ctr=wt_ctr)
+            is_qat=qat, is_dynamic=True, reduce_range=reduce_range())
+    r = scheme.resolve(qat)
+    # X86InductorQuantizer's own recipe keeps scales above 2^-12; the original's did not
+    extra = {"eps": 2 ** -12} if r.qconfig == "default" else {}
+    act_kw = {**extra, **({"percentile": r.percentile} if r.observer == "percentile" else {})}
+    per_channel = r.weight_scheme == "per-channel"
+    if qat:
+        wt_obs = MovingAveragePerChannelMinMaxObserver if per_channel else SharedScaleMovingAveragePerChannelObserver
+    else:
+        wt_obs = PerChannelMinMaxObserver if per_channel else SharedScalePerChannelObserver
+    if r.fused_fake_quant:  # torch's fused observe+fake-quantize kernel: moving-average min/max only
+        act_ctr = FusedMovingAvgObsFakeQuantize.with_args(**act_kw)
+    elif qat:
+        act_ctr = FakeQuantize.with_args(observer=_ACT_OBSERVERS[r.observer], **act_kw)
+    else:
+        act_ctr = _ACT_OBSERVERS[r.observer].with_args(**act_kw)
+    if qat and per_channel and r.qconfig == "default":
+        wt_ctr = FusedMovingAvgObsFakeQuantize.with_args(observer=wt_obs, **extra)
+    elif qat:  # the fused kernel computes its own per-channel scales: shared ones need FakeQuantize
+        wt_ctr = FakeQuantize.with_args(observer=wt_obs, **extra)
+    else:
+        wt_ctr = wt_obs.with_args(**extra)
+    act = QuantizationSpec(dtype=torch.uint8, quant_min=r.act_range[0], quant_max=r.act_range[1],
+                           qscheme=r.act_qscheme, observer_or_fake_quant_ctr=act_ctr)
+    wt = QuantizationSpec(dtype=torch.int8, quant_min=r.weight_range[0], quant_max=r.weight_range[1],
+                          qscheme=torch.per_channel_symmetric, ch_axis=0, observer_or_fake_quant_ctr=wt_ctr)
     return QuantizationConfig(act, act, wt, None, is_qat=qat)
 
 
+class _Quantizer(X86InductorQuantizer):
+    """X86InductorQuantizer, whose "no config" marks on fp32 layers' ops are taken off once
+    annotation is done. The mark stops later (global) configs from annotating those ops, but
+    torchao's QAT conv+bn rewrite (prepare_qat_pt2e) reads an input and a weight spec off every
+    annotated conv and fails on a marked one. Unannotated is "leave float" too, and survives it."""
+
+    def __init__(self, fp32_layers: Sequence[str] = ()):
+        super().__init__()
+        self.fp32_layers = frozenset(fp32_layers)
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = super().annotate(model)
+        for node in model.graph.nodes:
+            mark = node.meta.get("quantization_annotation")
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = list(stack.values())[-1][0] if stack else None
+            if mark is not None and owner in self.fp32_layers and not mark.input_qspec_map \
+                    and mark.output_qspec is None:
+                del node.meta["quantization_annotation"]
+        return model
+
+
+def _quantizer(config: QuantizationConfig, fp32_layers: Sequence[str], linear_only: bool = False):
+    """X86InductorQuantizer with `config` everywhere (or on nn.Linear only), except the
+    fp32_layers: module names are annotated first, and None there means "leave it float"."""
+    quantizer = _Quantizer(fp32_layers)
+    if linear_only:
+        quantizer.set_module_type_qconfig(nn.Linear, config)
+    else:
+        quantizer.set_global(config)
+    for name in fp32_layers:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
 # ---------------------------------------------------------------- the flow
-def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor) -> tuple[nn.Module, dict]:
+def quantize_dynamic(model: nn.Module, scheme: Scheme | str, example: torch.Tensor,
+                     fp32_layers: Sequence[str] = ()) -> tuple[nn.Module, dict]:
     """ptq-d: only nn.Linear (ResNet's fc) gets the quantizer's dynamic config: int8 weights,
     activations quantized per batch at run time (choose_qparams in the graph). Convolutions stay
     fp32, as in the other flows. Activations need no calibration data, but the weights' observer
     is a node of the graph like any other: it sees the weight only when the graph runs, so one
     forward pass (any input) must precede convert, else the int8 weights get garbage scales."""
     model.eval()
+    fp32_layers = check_layers(model, fp32_layers)
+    quantizer = _quantizer(_quantizer_config(scheme, dynamic=True), fp32_layers, linear_only=True)
     gm = _capture(model, example)
-    quantizer = X86InductorQuantizer().set_module_type_qconfig(
-        nn.Linear, _quantizer_config(qconfig_name, dynamic=True))
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         prepared(_two(example))
@@ -140,10 +215,12 @@ def quantize_dynamic(model: nn.Module, qconfig_name: str, example: torch.Tensor)
     return convert(prepared), used
 
 
-def prepare(model: nn.Module, qconfig_name: str, qat: bool, example: torch.Tensor) -> nn.Module:
-    """Capture, annotate with one global config, insert observers (static) or fake-quantize
-    modules (QAT)."""
-    quantizer = X86InductorQuantizer().set_global(_quantizer_config(qconfig_name, qat=qat))
+def prepare(model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Tensor,
+            fp32_layers: Sequence[str] = ()) -> nn.Module:
+    """Capture, annotate with one global config (none on the fp32_layers), insert observers
+    (static) or fake-quantize modules (QAT)."""
+    fp32_layers = check_layers(model, fp32_layers)
+    quantizer = _quantizer(_quantizer_config(scheme, qat=qat), fp32_layers)
     if qat:
         # Captured in train mode, batch norm stays a (training) batch_norm op after the conv;
         # prepare_qat_pt2e rewrites each conv+bn so the conv sees BN-scaled, fake-quantized weights,
