@@ -25,7 +25,7 @@ warnings.simplefilter("ignore")
 torch.set_num_threads(1)
 from quantbench import models
 from quantbench.errors import QuantbenchError
-from quantbench.flows import get_flow
+from quantbench.flows import get_flow, suffix
 arch, flow_name, method, size, out = sys.argv[1:6]
 flow = get_flow(flow_name)
 x = torch.randn(2, 3, int(size), int(size))
@@ -34,7 +34,7 @@ try:
 except QuantbenchError as e:
     print("no twin" if "twin" in str(e) else str(e)); sys.exit(0)
 if method == "dynamic":
-    q = flow.quantize_dynamic(model, "default")
+    q, _ = flow.quantize_dynamic(model, "default", x[:1])
 else:
     p = flow.prepare(model, "default", qat=False, example=x[:1])
     with torch.no_grad():
@@ -44,7 +44,7 @@ else:
 with torch.no_grad():
     y = q(x)
 assert y.shape == (2, 10), y.shape
-flow.export(q, out + flow.SUFFIX, x[:1])
+flow.export(q, out + suffix(flow_name), x[:1])
 print("ok")
 """
 
