@@ -15,6 +15,7 @@ def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir,
             "--min-runs", "5", "--budget", "0.5", "--no-progress"]
     assert main(argv) == 0
     table = capsys.readouterr().out
+    assert "Ship this" in table and "batch 1: " in table
     for name in ("origin", "ptq-d", "ptq-s", "qat"):
         assert f"| {name} |" in table
         assert (out / "models" / f"{name}.pt").is_file() and (out / "models" / f"{name}.pt.json").is_file()

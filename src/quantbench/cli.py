@@ -235,7 +235,19 @@ def bench_cmd(args) -> int:
             check_writable(out)
     results = bench(args.models, _bench_config(args))
     print(write_report(results, json_path=args.json, markdown_path=args.markdown))
+    _print_verdict(results)
     return 0
+
+
+def _print_verdict(results) -> None:
+    """After the table: warnings recorded with the models, then which file to ship."""
+    from .report import model_warnings, recommendation_lines
+    for w in model_warnings(results):
+        print(w.replace("**", ""), file=sys.stderr)
+    if any(m.accuracy is not None for m in results.models):
+        print("\nShip this (fastest int8 within 0.3 point of fp32 accuracy):")
+        for line in recommendation_lines(results):
+            print(line.replace("**", ""))
 
 
 # ------------------------------------------------------------------ replicate
@@ -261,7 +273,7 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
 
 
 def replicate_cmd(args) -> int:
-    from .report import markdown_table, model_warnings
+    from .report import markdown_table
     from .replicate import ReplicateConfig, replicate
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
     cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
@@ -272,8 +284,7 @@ def replicate_cmd(args) -> int:
     with run_lock(args.output):
         results = replicate(cfg, progress=not args.no_progress)
     print(markdown_table(results))
-    for w in model_warnings(results):
-        print(w.replace("**", ""), file=sys.stderr)
+    _print_verdict(results)
     print(f"\nwrote {args.output / 'report.md'}, results.json, results.csv and models/ in {args.output}")
     return 0
 
