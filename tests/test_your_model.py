@@ -93,3 +93,58 @@ def test_quantize_an_nn_module_in_hand(user_data):
         assert qmodel(x).shape == (4, 2)
     with pytest.raises(Exception, match="eager mode needs a model written for it"):
         quantize(model, QuantizeConfig(method="static", flow="eager", calib_samples=16), data, progress=False)
+
+
+UNTRACEABLE = '''
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, k)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: neither tracer can follow it
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+'''
+
+
+@pytest.mark.parametrize("flow, other", [("fx", "--flow pt2e"), ("pt2e", "--flow fx")])
+def test_a_model_that_does_not_trace_is_one_line(flow, other, user_data, tmp_path):
+    """The error names the user's line and the flow to try instead."""
+    from quantbench.data import DataSource
+    from quantbench.errors import QuantbenchError
+    from quantbench.quantize import QuantizeConfig, quantize
+    (tmp_path / "branchy.py").write_text(UNTRACEABLE)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("branchy", tmp_path / "branchy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = DataSource(user_data).load(progress=False)
+    with pytest.raises(QuantbenchError) as e:
+        quantize(mod.Branchy(2), QuantizeConfig(method="static", flow=flow, calib_samples=8), data, progress=False)
+    msg = str(e.value)
+    assert f"the {flow} flow cannot trace this model at {tmp_path / 'branchy.py'}:13" in msg and other in msg
+    assert "\n" not in msg
+
+
+def test_a_failed_capture_prints_one_line_from_the_cli(user_data, tmp_path):
+    """torch's own graph dumps and log lines of a failed torch.export stay off the terminal."""
+    import subprocess
+    import sys
+    (tmp_path / "branchy.py").write_text(UNTRACEABLE + "\n\ndef build(k):\n    return Branchy(k)\n")
+    spec = f"{tmp_path / 'branchy.py'}:build"
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(user_data), "--model", spec, "--preset", "smoke", "--epochs", "1",
+                 "--output", str(run), "--no-progress"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "quantbench", "quantize", str(run / "best.pth"), "--model", spec,
+                           "--method", "static", "--flow", "pt2e", "--calib-samples", "8", "--data-dir",
+                           str(user_data), "--output", str(tmp_path / "q.pt2")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("note: hid")]
+    assert len(lines) == 1 and lines[0].startswith("quantbench: error: the pt2e flow cannot trace"), proc.stderr

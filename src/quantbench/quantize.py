@@ -10,9 +10,11 @@ quantbench.flows.qconfigs.Scheme), the calibration images, and the layers kept f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batches, Dataset, for_model
-from .errors import QuantbenchError
+from .errors import QuantbenchError, cause
 from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
 from .fileio import sha256
 from .flows import LABELS, check_method, get_flow, suffix
@@ -196,11 +198,13 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
 
 def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progress) -> nn.Module:
     if cfg.method == "dynamic":
-        qmodel, applied = flow.quantize_dynamic(model, cfg.scheme, example, fp32_layers=cfg.fp32_layers)
+        with _tracing(cfg.flow):
+            qmodel, applied = flow.quantize_dynamic(model, cfg.scheme, example, fp32_layers=cfg.fp32_layers)
         # the static qconfig names do not apply: record torch's dynamic one, which was used
         record["qconfig"] = {"name": "dynamic", **applied}
     elif cfg.method == "static":
-        prepared = flow.prepare(model, cfg.scheme, qat=False, example=example, fp32_layers=cfg.fp32_layers)
+        with _tracing(cfg.flow):
+            prepared = flow.prepare(model, cfg.scheme, qat=False, example=example, fp32_layers=cfg.fp32_layers)
         record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
         calibrate(prepared, data, cfg.calib_samples, cfg.calib_batch_size, cfg.seed, progress, cfg.calib_transform)
         record["calibration"] = {"samples": min(cfg.calib_samples, len(data.train)),
@@ -210,7 +214,8 @@ def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progres
     else:
         sched = QAT_SCHEDULES[cfg.qat_schedule]
         recipe = sched.recipe.replace(epochs=cfg.qat_epochs)
-        prepared = flow.prepare(model, cfg.scheme, qat=True, example=example, fp32_layers=cfg.fp32_layers)
+        with _tracing(cfg.flow):
+            prepared = flow.prepare(model, cfg.scheme, qat=True, example=example, fp32_layers=cfg.fp32_layers)
         record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
 
         def hook(epoch: int, m: nn.Module) -> None:
@@ -233,6 +238,37 @@ def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progres
                          "fake_quant_test_acc": [h["test_acc"] for h in result.history]}
         qmodel = flow.convert(prepared)
     return qmodel
+
+
+# What to try when a flow cannot capture a model.
+_OTHER_FLOWS = {"fx": "--flow pt2e (torch.export follows more of Python)",
+                "pt2e": "--flow fx, or eager mode with a model written for it",
+                "eager": "--flow fx or --flow pt2e"}
+_USER_CODE = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+@contextlib.contextmanager
+def _tracing(flow: str):
+    """A model the flow cannot trace (data-dependent control flow, unsupported Python): one line
+    naming where in the user's code it failed, and the flow to try instead."""
+    from .warn import stderr_silenced
+    try:
+        with stderr_silenced():  # torch's graph dumps of a failed capture are not for users
+            yield
+    except QuantbenchError:
+        raise
+    except Exception as e:
+        import traceback
+        where = None
+        found = _USER_CODE.findall(str(e))  # torch.export quotes the user's code in its message
+        if found:
+            where = "{}:{} (in {})".format(*found[-1])
+        else:  # torch.fx raises from within the user's forward: the last frame outside torch
+            for frame in traceback.extract_tb(e.__traceback__):
+                if "site-packages" not in frame.filename and "/quantbench/" not in frame.filename:
+                    where = f"{frame.filename}:{frame.lineno} (in {frame.name})"
+        raise QuantbenchError(f"the {flow} flow cannot trace this model" + (f" at {where}" if where else "")
+                              + f": {cause(e)}; try {_OTHER_FLOWS.get(flow, 'another flow')}") from e
 
 
 def _from_module(module: nn.Module, cfg: QuantizeConfig, data: Dataset | None) -> tuple[nn.Module, dict]:

@@ -54,3 +54,21 @@ def summarized_deprecations(stream=sys.stderr):
                       "torch.ao.quantization / torch.jit, deprecated in torch 2.14; the PT2E flow, --flow pt2e, "
                       "is their successor)",
                       file=stream)
+
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """Keep what C++ and torch's loggers write to the process's stderr (profiler start/stop
+    lines, graph dumps of a failed capture) off the terminal for the block."""
+    import os
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

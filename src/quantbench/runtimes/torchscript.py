@@ -10,8 +10,6 @@ process: the flows record theirs in the sidecar ("engine") and `load` sets it fr
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ import torch
 from ..errors import QuantbenchError, cause
 from ..export import read_sidecar
 from ..results import OpCounts
+from ..warn import stderr_silenced
 
 NAME = "torchscript"
 SUFFIXES = (".pt",)
@@ -141,22 +140,10 @@ def profile_ops(path: Path, calls: int, threads: int, model, input_shape) -> dic
     with torch.inference_mode():
         for _ in range(20):  # warm-up: lazy init and compilation are not what we profile
             model(x)
-        with _stderr_silenced():  # the profiler's C++ side logs start/stop lines (and GPU probes)
+        with stderr_silenced():  # the profiler's C++ side logs start/stop lines (and GPU probes)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(calls):
                     model(x)
             table = prof.key_averages()
     return {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in table if e.self_cpu_time_total > 0}
 
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
