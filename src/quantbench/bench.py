@@ -147,19 +147,15 @@ def combine_processes(per_process: list[LatencyStats], batch: int) -> LatencySta
     return s
 
 
-def file_bytes(path: Path) -> int:
-    """The deployment file plus its companions (OpenVINO keeps weights in FILE.bin)."""
-    from . import runtimes
-    return sum(p.stat().st_size for p in runtimes.for_path(path).files(path) if p.is_file())
-
-
 def describe_model(path: Path) -> ModelResult:
-    """What the sidecar says a file is (label, method, dtype...); nothing measured yet."""
+    """What the sidecar says a file is (label, method, dtype...); nothing measured yet. Its size
+    is the deployment file's plus its companions' (OpenVINO keeps the weights in FILE.bin)."""
     from . import runtimes
+    runtime = runtimes.for_path(path)
     side = read_sidecar(path)
     return ModelResult(label=side.get("label", path.stem), file=str(path), method=side.get("method", "unknown"),
-                       flow=side.get("flow", "unknown"), runtime=runtimes.for_path(path).NAME,
-                       dtype=side.get("dtype", "unknown"), file_bytes=file_bytes(path),
+                       flow=side.get("flow", "unknown"), runtime=runtime.NAME, dtype=side.get("dtype", "unknown"),
+                       file_bytes=sum(p.stat().st_size for p in runtime.files(path) if p.is_file()),
                        weight_bytes=side.get("weight_bytes"), input_shape=list(input_shape(side)), sidecar=side)
 
 
