@@ -12,8 +12,8 @@ over the names below, which a notebook can use directly:
 
 Names are imported on first use, so `import quantbench` stays cheap (and the CLI can quiet
 torch's logging before torch is imported). The functions named like their stage module
-(quantize, train, bench, replicate, sensitivity) are exported as quantize_model, train_model,
-run_bench, run_replicate and run_sensitivity, since `quantbench.bench` is the module.
+(quantize, train, bench, replicate, sensitivity, tune) are exported as quantize_model, train_model,
+run_bench, run_replicate, run_sensitivity and run_tune, since `quantbench.bench` is the module.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ _API = {
     "run_sensitivity": "sensitivity:sensitivity", "SensitivityResult": "sensitivity", "validation_split": "sensitivity",
     "Scheme": "flows.qconfigs", "prune_dead_taps": "prune",
     "ReplicateConfig": "replicate", "run_replicate": "replicate:replicate",
+    "TuneConfig": "tune", "run_tune": "tune:tune",
     "QuantbenchError": "errors",
 }
 __all__ = sorted(_API)

@@ -405,6 +405,64 @@ def sensitivity_cmd(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ tune
+def tune_args(p) -> None:
+    from .flows import FLOWS
+    from .flows.qconfigs import QCONFIGS
+    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
+    p.add_argument("--max-drop", type=float, default=0.3,
+                   help="accuracy points below fp32 (on the validation images) that you accept (default: 0.3)")
+    p.add_argument("--time-budget", default=None,
+                   help="stop starting trials after this long, e.g. 30m, 1.5h, 900s (default: try them all)")
+    p.add_argument("--objective", default="latency", help="latency (default) or size: what the pick minimizes")
+    p.add_argument("--output", type=Path, default=Path("runs/tune"),
+                   help="folder for tune.jsonl, tune.md, best.* and trials/ (default: runs/tune)")
+    p.add_argument("--resume", action="store_true", help="continue the search in OUTPUT (trials done are kept)")
+    p.add_argument("--flows", default=",".join(FLOWS), help=f"comma list of {', '.join(FLOWS)} (default: all)")
+    p.add_argument("--runtimes", default="auto",
+                   help="other runtimes to search: comma list of onnxruntime, openvino; 'auto' (default): "
+                        "those installed; 'none'")
+    _model_args(p, arch=False)
+    p.add_argument("--val-samples", type=int, default=2000,
+                   help="validation images held out of the training split; the budget is judged on them, "
+                        "never on the test split (default: 2000)")
+    p.add_argument("--sensitivity", type=Path,
+                   help="a sensitivity.json (`quantbench sensitivity`) ranking the layers to keep fp32 "
+                        "(default: rank them here by their int8 error, SQNR)")
+    p.add_argument("--max-fallback", type=int, default=16, help="most layers kept fp32 in a trial (default: 16)")
+    p.add_argument("--timing", type=float, default=4.0,
+                   help="seconds of batch-1 timing per trial, against the fp32 reference (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="picks the validation and calibration images (default: 0)")
+    g = p.add_argument_group("quantization (the starting point every trial varies)")
+    g.add_argument("--qconfig", default="default", help=f"one of {', '.join(QCONFIGS)} (default: default)")
+    g.add_argument("--calib-samples", type=int, default=1000,
+                   help="training images for calibration, apart from the validation ones (default: 1000)")
+    g.add_argument("--calib-transform", default="test", help="test (default) or train: see `quantize --help`")
+    g.add_argument("--no-prune", action="store_true", help="keep convolution taps that only see zero padding")
+    _data_args(p)
+    _common(p)
+
+
+def tune_cmd(args) -> int:
+    from .quantize import QuantizeConfig
+    from .tune import TuneConfig, parse_duration, tune
+    runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
+    cfg = TuneConfig(
+        checkpoint=args.checkpoint, data=_data_source(args), output=args.output, max_drop=args.max_drop,
+        time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, objective=args.objective,
+        flows=_list(args.flows), runtimes=runtimes, val_samples=args.val_samples, timing_s=args.timing,
+        sensitivity=args.sensitivity, max_fallback=args.max_fallback, resume=args.resume, seed=args.seed,
+        quantize=QuantizeConfig(method="static", qconfig=args.qconfig, calib_samples=args.calib_samples,
+                                calib_transform=args.calib_transform, prune=not args.no_prune, model=args.model,
+                                seed=args.seed))
+    if not args.checkpoint.is_file():
+        raise QuantbenchError(f"no checkpoint {args.checkpoint}")
+    summary = tune(cfg, progress=not args.no_progress)
+    print((args.output / "tune.md").read_text())
+    print(f"wrote {args.output / 'tune.md'}, tune.jsonl, tune.json and {summary.get('pick_file', 'no pick')}")
+    return 0 if summary.get("within_budget") else 3
+
+
 # ------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class Command:
@@ -436,6 +494,12 @@ COMMANDS: dict[str, Command] = {
                            "For every conv/linear layer: the int8 error at its output (SQNR, PyTorch's numeric "
                            "tools), and the accuracy on a validation subset of the training split with only that "
                            "layer int8, and with only that layer fp32. Ranked table (.md, .json) and a chart."),
+    "tune": Command(tune_args, tune_cmd, "the fastest int8 deployment within an accuracy budget (a search)",
+                    "Search flows x runtimes x calibration choices x fp32 fallback for the fastest (or smallest) "
+                    "deployment whose accuracy on validation images held out of the training split stays within "
+                    "--max-drop of fp32. Every trial goes to tune.jsonl; the best so far is always saved as "
+                    "best.<suffix>; --resume continues. Exit status 3 when no trial met the budget (best.* is "
+                    "then the most accurate trial, fastest.* the fastest)."),
     "report": Command(report_args, report_cmd, "rebuild report.md and plots from run directories, or compare runs"),
 }
 

@@ -129,7 +129,32 @@ def model_warnings(results: BenchResults) -> list[str]:
     return [f"**Warning:** {w} ({', '.join(labels)})" for w, labels in seen.items()]
 
 
-def render(results: BenchResults, figures: list[Path] = ()) -> str:
+def analysis_sections(run_dir: Path | None) -> list[str]:
+    """What `quantbench sensitivity` and `quantbench tune` left in the run directory, if anything:
+    the layers that hurt most, and the tuner's pick in its own sentence."""
+    if run_dir is None:
+        return []
+    run_dir, parts = Path(run_dir), []
+    sens = run_dir / "sensitivity.json"
+    if sens.is_file():
+        from .fileio import read_json
+        d = read_json(sens)
+        rows = sorted(d.get("layers") or [], key=lambda r: (-r["drop"], r["sqnr_db"]))[:5]
+        parts += ["## Layer sensitivity", "",
+                  f"`quantbench sensitivity` ({d.get('flow')} flow, {d.get('val_samples')} validation images): fp32 "
+                  f"{d.get('fp32_acc')} %, all int8 {d.get('int8_acc')} %; the layers int8 hurts most (full table: "
+                  "[sensitivity.md](sensitivity.md)):", "",
+                  "| layer | drop alone | gain if fp32 | SQNR dB |", "|---|---|---|---|"]
+        parts += [f"| {r['layer']} | {r['drop']:+.2f} | {r['gain']:+.2f} | {r['sqnr_db']} |" for r in rows] + [""]
+    tune = run_dir / "tune.json"
+    if tune.is_file():
+        from .fileio import read_json
+        d = read_json(tune)
+        parts += ["## Tune", "", d.get("sentence", ""), "", "All trials: [tune.md](tune.md).", ""]
+    return parts
+
+
+def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None = None) -> str:
     cfg = results.config
     fastest = next((r.fastest_fp32 for r in results.models if r.fastest_fp32), None)
     parts = ["# quantbench report", "",
@@ -153,6 +178,7 @@ def render(results: BenchResults, figures: list[Path] = ()) -> str:
     tp = throughput_table(results)
     if tp:
         parts += ["## Throughput", "", tp, ""]
+    parts += analysis_sections(run_dir)
     if figures:
         parts += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
     busy = busy_cores(results)
@@ -199,7 +225,7 @@ def write_report(results: BenchResults, json_path=None, markdown_path=None, run_
         write_text(run_dir / "results.md", markdown_table(results, seed_format=True) + "\n")
         figures = plot_all(results, run_dir)
         # report.md names the results.json it was made from, so a stale one can be told apart
-        write_text(run_dir / "report.md", render(results, figures) + f"\n{_STAMP}{sha256(json_path)} -->\n")
+        write_text(run_dir / "report.md", render(results, figures, run_dir) + f"\n{_STAMP}{sha256(json_path)} -->\n")
     if markdown_path:
         write_text(markdown_path, markdown_table(results, seed_format=True) + "\n")
     return markdown_table(results)
