@@ -6,6 +6,8 @@ Kept fast: the full list is only constructed on the meta device (shapes, no memo
 initialization); real forwards and quantization use the small members of each family."""
 from __future__ import annotations
 
+import copy
+
 import textwrap
 
 import pytest
@@ -305,17 +307,39 @@ def _vit_with_head(k: int = 10) -> nn.Module:
 
 def test_vit_tiny_eager_dynamic_quantization():
     from torch.ao.nn.quantized import dynamic as nnqd
+
+    from quantbench.flows import eager
     model = _vit_with_head()
     assert model.image_size == 32 and model.patch_size == 4 and len(model.encoder.layers) == 6
     x = _x()
     with torch.no_grad():
         expected = model(x)
-        qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        plain = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        qmodel, applied = eager.quantize_dynamic(model, "default", x[:1])
         got = qmodel(x)
-    # Two MLP Linears per layer and the head; attention projections are not nn.Linear modules.
-    assert sum(isinstance(m, nnqd.Linear) for m in qmodel.modules()) == 6 * 2 + 1
+    # torch alone: two MLP Linears per layer and the head; nn.MultiheadAttention's projections
+    # are not nn.Linear modules and stay fp32
+    assert sum(isinstance(m, nnqd.Linear) for m in plain.modules()) == 6 * 2 + 1
+    # the flow splits attention into Linear projections first: two more per layer
+    assert sum(isinstance(m, nnqd.Linear) for m in qmodel.modules()) == 6 * 4 + 1
+    assert "6 nn.MultiheadAttention split" in applied["attention"]
     assert got.shape == (2, 10)
     assert 0 < (got - expected).norm() / expected.norm() < 0.1
+
+
+def test_split_attention_is_exact_and_refuses_what_it_does_not_cover():
+    from quantbench.flows.eager import SplitAttention, split_attention
+    model = _vit_with_head()
+    x = _x()
+    with torch.no_grad():
+        expected = model(x)
+        assert split_attention(model, x) == 6
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    with pytest.raises(RuntimeError, match="unmasked self-attention"):
+        SplitAttention(mha)(torch.zeros(1, 3, 8), None, None, need_weights=True)
+    not_batch_first = nn.Sequential(nn.MultiheadAttention(8, 2))
+    assert split_attention(not_batch_first, torch.zeros(3, 1, 8)) == 0
 
 
 # ---------------------------------------------------------------- PT2E capture
