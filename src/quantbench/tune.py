@@ -306,7 +306,12 @@ class Search:
                 rows = sorted(rows, key=lambda r: (-r["gain"], -r["drop"], r["sqnr_db"]))
                 self._ranking = [r["layer"] for r in rows]
             else:
-                self._ranking = sqnr_ranking(self._float_model(), self.val, self.cfg.quantize, self.meta)
+                try:
+                    self._ranking = sqnr_ranking(self._float_model(), self.val, self.cfg.quantize, self.meta)
+                except Exception as e:  # noqa: BLE001 - a model FX cannot trace: no fallback stage
+                    _log(f"no fp32 fallback trials: the layers could not be ranked ({cause(e)}); "
+                         f"pass --sensitivity from `quantbench sensitivity --flow pt2e`")
+                    self._ranking = []
         return self._ranking
 
     def _float_model(self) -> nn.Module:
@@ -469,7 +474,8 @@ def _read_json(path: Path) -> dict:
 
 def _installed(runtime: str) -> bool:
     import importlib.util
-    needs = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "nncf")}.get(runtime, ())
+    needs = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "nncf"),
+             "executorch": ("executorch",)}.get(runtime, ())
     return all(importlib.util.find_spec(m) is not None for m in needs)
 
 
