@@ -39,6 +39,7 @@ RUNTIMES: dict[str, str] = {
     "inductor": "quantbench.runtimes.inductor",
     "onnxruntime": "quantbench.runtimes.onnxrt",
     "openvino": "quantbench.runtimes.openvino",
+    "executorch": "quantbench.runtimes.executorch",
 }
 # Earlier spellings accepted by --runtimes.
 ALIASES = {"onnxrt": "onnxruntime"}

@@ -1,0 +1,109 @@
+"""The ExecuTorch + XNNPACK row (quantbench.runtimes.executorch) on the tiny trained resnet10.
+
+Needs the optional extra (pip install -e '.[edge]'); without it the export tests skip and only the
+"missing package" error is checked. The export (torch.export, PT2E, XNNPACK lowering, twice) is
+the slow part, so it runs once for the module.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from quantbench import runtimes
+from quantbench.data import normalize
+from quantbench.errors import QuantbenchError
+from quantbench.flows.qconfigs import Scheme
+from quantbench.models import load_checkpoint
+from quantbench.runtimes import executorch as et
+
+META = {"source_checkpoint": "tiny-resnet10"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_trained_checkpoint, tiny_dataset):
+    """The trained tiny model, normalized train images (calibration) and test images."""
+    model, meta = load_checkpoint(tiny_trained_checkpoint)
+    mean, std = meta["normalize_mean"], meta["normalize_std"]
+    return (model, normalize(tiny_dataset.train.images, mean, std),
+            normalize(tiny_dataset.test.images, mean, std))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    pytest.importorskip("executorch", reason="executorch not installed: pip install -e '.[edge]'")
+    model, train, _ = tiny
+    return et.export(model, tmp_path_factory.mktemp("executorch"), list(train.split(16)), META,
+                     scheme=Scheme(weight_scheme="per-channel"), bias_correction="fast")
+
+
+def _sidecar(path):
+    return json.loads((path.parent / (path.name + ".json")).read_text())
+
+
+def test_export_writes_both_programs_and_sidecars(exported, tiny):
+    assert [p.name for p in exported] == ["executorch-fp32.pte", "executorch-int8.pte"]
+    fp32, int8 = (_sidecar(p) for p in exported)
+    for side, dtype in ((fp32, "fp32"), (int8, "int8")):
+        assert side["dtype"] == dtype and side["runtime"] == "executorch"
+        assert side["input_shape"] == [3, 32, 32]
+        assert side["source_checkpoint"] == META["source_checkpoint"]
+    assert fp32["qconfig"] is None
+    q = int8["qconfig"]
+    assert q["weight_scheme"] == "per-channel" and q["overrides"] == {"weight_scheme": "per-channel"}
+    # read back from the observers prepare_pt2e inserted, not from what was asked for
+    assert q["weights"]["qscheme"] == "per_channel_symmetric" and q["weights"]["dtype"] == "int8"
+    assert q["activations"]["observer"] == "HistogramObserver"
+    assert int8["calibration"]["samples"] == len(tiny[1])
+    assert int8["weight_bytes"] < fp32["weight_bytes"] / 3  # the weights really are 8-bit
+
+
+def test_both_programs_run_and_int8_agrees_with_fp32(exported, tiny):
+    model, train, test = tiny
+    test = torch.cat([test, train])  # more than MAX_BATCH images: the wrapper splits the batch
+    assert len(test) > et.MAX_BATCH
+    with torch.no_grad():
+        ref = model(test)
+    fp32 = runtimes.load(exported[0], threads=1)(test)
+    with torch.inference_mode():  # how the accuracy pass calls it
+        int8 = runtimes.load(exported[1], threads=1)(test)
+    assert fp32.shape == int8.shape == ref.shape and fp32.dtype == torch.float32
+    torch.testing.assert_close(fp32, ref, rtol=1e-3, atol=1e-3)
+    agree = (int8.argmax(1) == fp32.argmax(1)).float().mean().item()
+    assert agree >= 0.75, f"int8 top-1 agrees with fp32 on only {agree:.0%} of the images"
+    one = runtimes.load(exported[1])(test[:1])  # batch 1, the runtime's default threads
+    assert one.shape == (1, ref.shape[1])
+
+
+def test_op_counts_say_what_runs_int8_in_xnnpack(exported):
+    fp32, int8 = (runtimes.for_path(p).op_counts(p) for p in exported)
+    assert fp32.int8_conv == 0 and fp32.float_conv > 0 and fp32.float_linear == 1
+    assert int8.float_conv == 0 and int8.int8_conv == fp32.float_conv and int8.int8_linear == 1
+
+
+def test_per_tensor_weights_and_unsupported_schemes():
+    assert et.int8_settings(None) == {"is_per_channel": True}
+    assert et.int8_settings(Scheme(weight_scheme="per-tensor")) == {"is_per_channel": False}
+    assert et.int8_settings(Scheme(observer="histogram", act_scheme="affine")) == {"is_per_channel": True}
+    for bad in (Scheme(qconfig="seed"), Scheme(observer="minmax"), Scheme(act_scheme="symmetric")):
+        with pytest.raises(QuantbenchError, match="XNNPACK's quantizer cannot do") as e:
+            et.int8_settings(bad)
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- without executorch
+def test_missing_executorch_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "executorch", None)  # makes `import executorch` fail
+    assert "executorch" in runtimes.exporters()  # still listed: replicate skips it in one line
+    with pytest.raises(QuantbenchError, match=r"pip install -e '\.\[edge\]'") as e:
+        et.export(torch.nn.Identity(), tmp_path / "out", [torch.zeros(1, 3, 32, 32)], {})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # failed before writing anything
+    f = tmp_path / "model.pte"
+    f.write_bytes(b"")
+    assert runtimes.for_path(f) is et  # the suffix is known without the package
+    with pytest.raises(QuantbenchError, match=r"pip install -e '\.\[edge\]'") as e:
+        runtimes.load(f)
+    assert "\n" not in str(e.value)
