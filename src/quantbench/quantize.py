@@ -92,6 +92,11 @@ class QuantizeConfig:
     # quantized engine of the TorchScript flows (eager, fx); None: runtimes.torchscript.best_engine()
     # pt2e ignores it: inductor picks its own kernels (so one template serves every flow).
     engine: str | None = None
+    # cross-layer equalization of the fp32 weights before prepare (quantbench.equalize)
+    equalize: bool = False
+    # NNCF's bias correction in the OpenVINO comparison row: "fast", "full" or "none"
+    # (runtimes.openvino.BiasCorrection); the torch flows have none
+    bias_correction: str = "fast"
 
     def __post_init__(self):
         if self.method not in get_args(Method):
@@ -119,6 +124,10 @@ class QuantizeConfig:
         if self.engine is not None:
             from .runtimes import torchscript
             torchscript.check_engine(self.engine)
+        if not isinstance(self.equalize, bool):
+            raise QuantbenchError(f"equalize must be True or False, not {self.equalize!r}")
+        from .runtimes.openvino import check_bias_correction
+        check_bias_correction(self.bias_correction)
 
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
@@ -127,8 +136,10 @@ class QuantizeConfig:
         """The choices that shape the deployment file (recorded in its sidecar; a resumed
         replicate remakes a file whose record differs)."""
         d = dataclasses.asdict(self)
-        for k in ("work_dir", "resume"):
+        for k in ("work_dir", "resume", "bias_correction"):  # bias correction: the OpenVINO row's only
             d.pop(k)
+        if not d["equalize"]:
+            d.pop("equalize")  # so files made before the option existed still match
         return json.loads(json.dumps(d))  # as the sidecar will hold it (tuples become lists)
 
     @property
