@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batches, Dataset, for_model
+from .equalize import equalize_for_quantize
 from .errors import QuantbenchError, cause
 from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
 from .fileio import sha256
@@ -190,6 +191,8 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
     t0 = time.perf_counter()
     # Before any observer or fusion: the flows then see ordinary (smaller) convolutions.
     record["pruning"] = prune_for_export(model, shape, cfg.prune, data, cfg.seed)
+    # Then on the float weights, before any observer sees them (quantbench.equalize).
+    record["equalization"] = equalize_for_quantize(model, shape, cfg.equalize, data, cfg.seed)
     # The TorchScript flows' int8 weights are packed for a quantized engine (the fastest one
     # depends on whether pruning cropped convolutions); other runtimes choose their own kernels.
     engine = None
