@@ -149,3 +149,19 @@ def test_cli_fallback_merges_into_fp32_layers(tiny_checkpoint, tiny_data_dir, tm
     assert main(base + ["--fallback", "2"]) == 2
     assert "--fallback K and --sensitivity FILE go together" in capsys.readouterr().err
     assert main(base + ["--fallback", "9", "--sensitivity", str(f)]) == 2
+
+
+def test_an_untraceable_model_is_a_one_line_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: FX cannot trace it
+                x = -x
+            return self.b(torch.relu(self.a(x)))
+
+    with pytest.raises(QuantbenchError, match="FX trace of the model, which failed") as e:
+        equalize(Branchy(), (3, 8, 8))
+    assert "\n" not in str(e.value)

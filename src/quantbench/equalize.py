@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.ao.quantization._equalize import channel_range
+
+from .errors import QuantbenchError, cause
 
 # between conv1 (+BN) and conv2: positively homogeneous, so scaling passes through exactly
 _EXACT = (nn.ReLU, nn.Identity)
@@ -84,7 +85,11 @@ def find_pairs(model: nn.Module) -> tuple[list[Pair], dict[str, int]]:
     """conv -> [BN] -> [ReLU] -> conv chains in the FX graph of the float model, each value used
     only by the next op (a second user would see the scaled channels). Also the skipped ones."""
     from torch.fx import symbolic_trace
-    graph = symbolic_trace(model).graph
+    try:
+        graph = symbolic_trace(model).graph
+    except Exception as e:  # data-dependent control flow, unsupported Python
+        raise QuantbenchError(f"--equalize finds its layer pairs in an FX trace of the model, which failed: "
+                              f"{cause(e)}; quantize without --equalize") from e
     modules = dict(model.named_modules())
     pairs, skipped = [], {}
 
@@ -112,8 +117,6 @@ def find_pairs(model: nn.Module) -> tuple[list[Pair], dict[str, int]]:
             skipped[reason] = skipped.get(reason, 0) + 1
         elif type(m) is type(conv1) and nxt.target != node.target and _channels_out(conv1) == _channels_in(m):
             pairs.append(Pair(node.target, bn, nxt.target))
-        elif nxt.op == "call_function" and nxt.target in (operator.add, torch.add):
-            continue  # residual sums: not equalizable, and not worth counting
     return pairs, skipped
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batches, Dataset, Split, for_model
-from .errors import QuantbenchError
+from .errors import QuantbenchError, cause
 from .evaluate import accuracy
 from .export import example_input, input_shape
 from .fileio import atomic_path, write_json, write_text
@@ -326,14 +326,14 @@ def most_sensitive(path_or_result, k: int) -> tuple[str, ...]:
             result = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise QuantbenchError(f"{path} is not a sensitivity file (sensitivity.json of `quantbench "
-                                  f"sensitivity`): {e}") from e
+                                  f"sensitivity`): {cause(e)}") from e
     rows = result.get("layers") if isinstance(result, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("layer"), str)
                                              and isinstance(r.get("gain"), (int, float)) for r in rows):
         raise QuantbenchError(f"{where} is not a sensitivity file (sensitivity.json of `quantbench sensitivity`): "
                               "it has no per-layer rows with a gain")
     if k > len(rows):
-        raise QuantbenchError(f"--fallback {k}: {where} ranks only {len(rows)} layers")
+        raise QuantbenchError(f"cannot keep the {k} most sensitive layers fp32: {where} ranks only {len(rows)} layers")
     return tuple(r["layer"] for r in sorted(rows, key=_fallback_key)[:k])
 
 
