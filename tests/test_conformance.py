@@ -63,7 +63,10 @@ def test_runtime_conforms(name, monkeypatch):
     assert mod.NAME == name, "the registry key is the runtime's NAME"
     assert mod.SUFFIXES and all(s.startswith(".") for s in mod.SUFFIXES)
     if hasattr(mod, "export"):
-        assert list(inspect.signature(mod.export).parameters)[:4] == ["model", "out_dir", "calib_batches", "meta"]
+        params = inspect.signature(mod.export).parameters
+        assert list(params)[:4] == ["model", "out_dir", "calib_batches", "meta"]
+        # replicate and tune pass the calibration choices by keyword, defaults meaning "as before"
+        assert params["scheme"].default is None and params["bias_correction"].default == "fast"
         assert mod.FILES, "an exporter declares the FILES it writes (replicate --resume reuses them)"
     if hasattr(mod, "profile_ops"):
         assert list(inspect.signature(mod.profile_ops).parameters) == ["path", "calls", "threads", "model",

@@ -58,6 +58,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", help="quantized engine of TorchScript int8 files: x86, fbgemm, onednn, qnnpack "
                                     "(default: the fastest measured for this CPU; recorded in the sidecar, set "
                                     "when the file is loaded)")
+    g.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of the fp32 weights before quantizing (conv -> BN -> ReLU -> "
+                        "conv pairs; exact, verified, recorded in the sidecar): helps per-tensor weights")
 
 
 def _timing_args(p: argparse.ArgumentParser) -> None:
@@ -266,6 +269,8 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
                    help="comparison rows from other runtimes: comma list of onnxruntime, openvino; 'auto' (default) "
                         "adds those installed (pip install '.[runtimes]'), 'none' adds none")
     _quantize_args(p)
+    p.add_argument("--bias-correction", default="fast",
+                   help="NNCF's bias correction in the OpenVINO row: fast, full or none (default: fast)")
     p.add_argument("--output", type=Path, default=Path("runs/replicate"), help="run directory")
     _timing_args(p)
     p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
@@ -344,6 +349,11 @@ def _fp32_layers_arg(g) -> None:
     g.add_argument("--fp32-layers", default="",
                    help="comma list of conv/linear layers to keep fp32 (e.g. conv1,fc); "
                         "`quantbench sensitivity` ranks the candidates")
+    g.add_argument("--fallback", type=int, metavar="K",
+                   help="with --sensitivity: also keep fp32 the K layers that buy the most accuracy back "
+                        "(its gain column)")
+    g.add_argument("--sensitivity", type=Path, metavar="FILE",
+                   help="sensitivity.json written by `quantbench sensitivity` (for --fallback)")
 
 
 def _calibration_options(args) -> dict:
@@ -351,7 +361,19 @@ def _calibration_options(args) -> dict:
     out = dict(observer=args.observer, percentile=args.percentile, weight_scheme=args.weight_scheme,
                act_scheme=args.act_scheme, calib_transform=args.calib_transform)
     if hasattr(args, "fp32_layers"):
-        out["fp32_layers"] = tuple(x.strip() for x in args.fp32_layers.split(",") if x.strip())
+        layers = tuple(x.strip() for x in args.fp32_layers.split(",") if x.strip())
+        if (args.fallback is None) != (args.sensitivity is None):
+            raise QuantbenchError("--fallback K and --sensitivity FILE go together")
+        if args.fallback is not None:
+            from .sensitivity import most_sensitive
+            picked = most_sensitive(args.sensitivity, args.fallback)
+            print(f"fp32 fallback from {args.sensitivity}: {', '.join(picked) or 'none'}", file=sys.stderr)
+            layers = tuple(dict.fromkeys(layers + picked))  # merged, in order, once each
+        out["fp32_layers"] = layers
+    if hasattr(args, "equalize"):
+        out["equalize"] = args.equalize
+    if hasattr(args, "bias_correction"):
+        out["bias_correction"] = args.bias_correction
     return out
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batches, Dataset, for_model
+from .equalize import equalize_for_quantize
 from .errors import QuantbenchError, cause
 from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
 from .fileio import sha256
@@ -92,6 +93,11 @@ class QuantizeConfig:
     # quantized engine of the TorchScript flows (eager, fx); None: runtimes.torchscript.best_engine()
     # pt2e ignores it: inductor picks its own kernels (so one template serves every flow).
     engine: str | None = None
+    # cross-layer equalization of the fp32 weights before prepare (quantbench.equalize)
+    equalize: bool = False
+    # NNCF's bias correction in the OpenVINO comparison row: "fast", "full" or "none"
+    # (runtimes.openvino.BiasCorrection); the torch flows have none
+    bias_correction: str = "fast"
 
     def __post_init__(self):
         if self.method not in get_args(Method):
@@ -119,6 +125,10 @@ class QuantizeConfig:
         if self.engine is not None:
             from .runtimes import torchscript
             torchscript.check_engine(self.engine)
+        if not isinstance(self.equalize, bool):
+            raise QuantbenchError(f"equalize must be True or False, not {self.equalize!r}")
+        from .runtimes.openvino import check_bias_correction
+        check_bias_correction(self.bias_correction)
 
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
@@ -127,8 +137,10 @@ class QuantizeConfig:
         """The choices that shape the deployment file (recorded in its sidecar; a resumed
         replicate remakes a file whose record differs)."""
         d = dataclasses.asdict(self)
-        for k in ("work_dir", "resume"):
+        for k in ("work_dir", "resume", "bias_correction"):  # bias correction: the OpenVINO row's only
             d.pop(k)
+        if not d["equalize"]:
+            d.pop("equalize")  # so files made before the option existed still match
         return json.loads(json.dumps(d))  # as the sidecar will hold it (tuples become lists)
 
     @property
@@ -179,6 +191,8 @@ def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, dat
     t0 = time.perf_counter()
     # Before any observer or fusion: the flows then see ordinary (smaller) convolutions.
     record["pruning"] = prune_for_export(model, shape, cfg.prune, data, cfg.seed)
+    # Then on the float weights, before any observer sees them (quantbench.equalize).
+    record["equalization"] = equalize_for_quantize(model, shape, cfg.equalize, data, cfg.seed)
     # The TorchScript flows' int8 weights are packed for a quantized engine (the fastest one
     # depends on whether pruning cropped convolutions); other runtimes choose their own kernels.
     engine = None

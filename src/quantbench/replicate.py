@@ -71,13 +71,16 @@ def _log(msg: str) -> None:
     print(f"[replicate] {msg}", file=sys.stderr, flush=True)
 
 
-def _reusable(path: Path, resume: bool, expect: dict) -> bool:
+def _reusable(path: Path, resume: bool, expect: dict, defaults: dict | None = None) -> bool:
     """With --resume, a file already made is measured again only if its sidecar says it was made
-    the way this run would make it (same checkpoint by content, same configuration)."""
+    the way this run would make it (same checkpoint by content, same configuration). `defaults`:
+    what a sidecar written before a key existed was made with (older files stay reusable)."""
     if not (resume and path.is_file() and sidecar_path(path).is_file()):
         return False
     side = read_sidecar(path)
-    differ = [k for k, v in expect.items() if side.get(k) != json.loads(json.dumps(v, default=str))]
+    defaults = defaults or {}
+    differ = [k for k, v in expect.items()
+              if side.get(k, defaults.get(k)) != json.loads(json.dumps(v, default=str))]
     if differ:
         _log(f"remaking {path.name}: it was made with another {' and '.join(differ)}")
     return not differ
@@ -131,19 +134,26 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     return results
 
 
+# what runtime rows made before these keys existed were made with
+_RUNTIME_DEFAULTS = {"calib_scheme": {}, "bias_correction": "fast"}
+
+
 def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict | None = None) -> list[Path]:
     from .export import prune_for_export
     from .models import load_checkpoint
     wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
     source = source if source is not None else {"source_sha256": sha256(ckpt)}
     calib_samples = min(cfg.quantize.calib_samples, 2000)
+    scheme = cfg.quantize.scheme
     files: list[Path] = []
     for name in wanted:
         try:
             mod = runtimes.get(name)
             made = [models / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
-            expect = {**source, "calib_limit": calib_samples, "pruned": cfg.quantize.prune}
-            if made and all(_reusable(p, cfg.resume, expect) for p in made):
+            # the torch rows' calibration choices, by the same names (recorded in both sidecars)
+            expect = {**source, "calib_limit": calib_samples, "pruned": cfg.quantize.prune,
+                      "calib_scheme": scheme.overrides(), "bias_correction": cfg.quantize.bias_correction}
+            if made and all(_reusable(p, cfg.resume, expect, _RUNTIME_DEFAULTS) for p in made):
                 files += made  # resumed: the very same files are measured again
                 continue
             model, meta = load_checkpoint(ckpt, num_classes=data.num_classes, model=cfg.quantize.model)
@@ -155,7 +165,8 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict |
             files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
                                                        "normalize_mean": list(d.mean), "normalize_std": list(d.std),
                                                        "image_size": meta.get("image_size"), "pruning": pruning,
-                                                       "warnings": list(meta.get("warnings") or [])})
+                                                       "warnings": list(meta.get("warnings") or [])},
+                                scheme=scheme, bias_correction=cfg.quantize.bias_correction)
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:
                 raise QuantbenchError(f"runtime {name}: {e}") from e

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batches, Dataset, Split, for_model
-from .errors import QuantbenchError
+from .errors import QuantbenchError, cause
 from .evaluate import accuracy
 from .export import example_input, input_shape
 from .fileio import atomic_path, write_json, write_text
@@ -292,6 +293,48 @@ def sensitivity(checkpoint, data: Dataset, flow: str = "fx", *, scheme: Scheme |
         calib_samples=sum(len(x) for x in calib), calib_transform=calib_transform,
         fp32_acc=round(fp32_acc, 2), int8_acc=round(int8_acc, 2), floor_acc=round(floor_acc, 2),
         layers=sorted(rows, key=rank_key), seconds=round(time.perf_counter() - t0, 1))
+
+
+# ---------------------------------------------------------------- choosing the fallback
+def _fallback_key(row: dict) -> tuple[float, float, float]:
+    # most bought back when kept fp32 first; ties by the bigger drop, then the lower SQNR
+    # (a missing or NaN SQNR ranks last among equals)
+    sqnr = row.get("sqnr_db")
+    sqnr = math.inf if sqnr is None or (isinstance(sqnr, float) and math.isnan(sqnr)) else float(sqnr)
+    return -float(row["gain"]), -float(row.get("drop", 0.0)), sqnr
+
+
+def most_sensitive(path_or_result, k: int) -> tuple[str, ...]:
+    """The K layers that buy the most back when kept fp32 ("gain": every other layer int8, this
+    one fp32), from a `quantbench sensitivity` result: a SensitivityResult, its dict, or its
+    sensitivity.json (or the folder holding it). Ties by the bigger drop, then the lower SQNR.
+    For QuantizeConfig.fp32_layers (`--fallback K --sensitivity FILE`)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise QuantbenchError(f"the number of fp32 fallback layers must be 0 or more, not {k!r}")
+    if isinstance(path_or_result, SensitivityResult):
+        result, where = path_or_result.to_dict(), "the sensitivity result"
+    elif isinstance(path_or_result, dict):
+        result, where = path_or_result, "the sensitivity result"
+    else:
+        path = Path(path_or_result)
+        if path.is_dir():
+            path = path / "sensitivity.json"
+        where = str(path)
+        if not path.is_file():
+            raise QuantbenchError(f"sensitivity file not found: {path} (write one with `quantbench sensitivity`)")
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise QuantbenchError(f"{path} is not a sensitivity file (sensitivity.json of `quantbench "
+                                  f"sensitivity`): {cause(e)}") from e
+    rows = result.get("layers") if isinstance(result, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("layer"), str)
+                                             and isinstance(r.get("gain"), (int, float)) for r in rows):
+        raise QuantbenchError(f"{where} is not a sensitivity file (sensitivity.json of `quantbench sensitivity`): "
+                              "it has no per-layer rows with a gain")
+    if k > len(rows):
+        raise QuantbenchError(f"cannot keep the {k} most sensitive layers fp32: {where} ranks only {len(rows)} layers")
+    return tuple(r["layer"] for r in sorted(rows, key=_fallback_key)[:k])
 
 
 # ---------------------------------------------------------------- output

@@ -13,7 +13,7 @@ FILES = ("fake-fp32.fake", "fake-int8.fake")
 calls = []
 
 
-def export(model, out_dir, calib_batches, meta):
+def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
     calls.append(out_dir)
     paths = []
     for name, dtype in zip(FILES, ("fp32", "int8")):

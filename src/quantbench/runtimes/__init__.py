@@ -10,7 +10,12 @@ A runtime is one module in this package that declares (see `Runtime` below):
     how_to_load(name)           -> the line of code that loads such a file without quantbench
 and optionally
     profile_ops(path, calls, threads, model, input_shape) -> {operator: (seconds, count)}
-    export(model, out_dir, calib_batches, meta) -> [paths]    comparison rows from an fp32 model
+    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast") -> [paths]
+                                comparison rows from an fp32 model; `scheme` (a flows.qconfigs.Scheme)
+                                maps the torch flows' observer / weight / activation choices onto
+                                the runtime's own calibration (None: the runtime's defaults),
+                                `bias_correction` ("fast", "full", "none") is NNCF's; both are
+                                accepted by every exporter and recorded in the int8 sidecar
     FILES                       the names export() writes (replicate --resume reuses them)
 
 A flow names the runtime its files run on (flow.RUNTIME), so quantize, bench, profile and

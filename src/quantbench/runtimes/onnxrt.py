@@ -1,13 +1,15 @@
 """ONNX Runtime as a comparison row: the same fp32 model, exported to ONNX, run by ONNX Runtime in
 fp32 and after ONNX Runtime's own static int8 quantization.
 
-    export(model, out_dir, calib_batches, meta) -> [onnx-fp32.onnx, onnx-int8.onnx] (+ sidecars)
+    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast")
+                                                -> [onnx-fp32.onnx, onnx-int8.onnx] (+ sidecars)
     load(path, threads)                         -> callable: float tensor (N,3,H,W) -> logits
 
 Needs the optional packages (`pip install '.[runtimes]'`); they are imported only when used.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -20,6 +22,7 @@ import torch
 from ..cpu import has_vnni
 from ..errors import QuantbenchError, cause
 from ..export import calibration_arrays as _as_arrays, write_sidecar
+from ..flows.qconfigs import Scheme
 from ..results import OpCounts
 
 NAME = "onnxruntime"
@@ -66,7 +69,7 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> No
 
 
 # ---------------------------------------------------------------- 2. int8: ONNX Runtime's quantizer
-def int8_settings() -> dict:
+def int8_settings(scheme: Scheme | None = None) -> dict:
     """How to quantize for *this* CPU, as quantize_static keyword arguments.
 
     Activations u8 (asymmetric, per tensor) x weights s8 (symmetric, per output channel) is what
@@ -77,19 +80,72 @@ def int8_settings() -> dict:
     the fastest variant here (u8 x u8 was as accurate but slower; s8 activations are converted to
     u8 internally on x86 and overflowed the same way). With VNNI (or AMX, or ARM dot products)
     products are summed in int32 and full-range weights are exact.
+
+    `scheme`: the torch flows' choices, by the same names (None, or a Scheme whose fields are
+    None, keeps the settings above exactly; the qconfig name's ranges are torch's, not used here):
+      observer   minmax -> MinMax; moving-average -> MinMax averaged over calibration feeds;
+                 histogram -> Entropy (ORT's histogram search: the clipping threshold whose
+                 quantized histogram is closest in KL divergence; "Distribution" only records a
+                 mean and deviation, for float8); percentile -> Percentile of |x|.
+      weight_scheme per-tensor -> per_channel=False.   act_scheme symmetric -> ActivationSymmetric.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    return dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=not has_vnni(),
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax)
+    settings = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=not has_vnni(),
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    if scheme is None:
+        return settings
+    extra: dict = {}
+    if scheme.observer == "moving-average":
+        extra["CalibMovingAverage"] = True
+    elif scheme.observer == "histogram":
+        settings["calibrate_method"] = CalibrationMethod.Entropy
+    elif scheme.observer == "percentile":
+        settings["calibrate_method"] = CalibrationMethod.Percentile
+        extra["CalibPercentile"] = float(scheme.percentile)
+    if settings["calibrate_method"] != CalibrationMethod.MinMax:
+        # histogram methods keep every feed's outputs in memory until they make the histograms:
+        # one feed (a batch of images) at a time, merged into the running histograms
+        extra["CalibStridedMinMax"] = 1
+    if scheme.weight_scheme == "per-tensor":
+        settings["per_channel"] = False
+    if scheme.act_scheme == "symmetric":
+        extra["ActivationSymmetric"] = True
+    if extra:
+        settings["extra_options"] = extra
+    return settings
 
 
-def describe_int8(settings: dict) -> dict:
-    """The qconfig recorded in the sidecar."""
+_METHODS = {"MinMax": "min/max", "Entropy": "entropy (KL-divergence clipping over a histogram)",
+            "Percentile": "percentile of |x|"}
+
+
+def calibration_method(settings: dict) -> str:
+    """The sidecar's short name of the calibration that really ran."""
+    extra = settings.get("extra_options", {})
+    name = settings["calibrate_method"].name
+    if name == "MinMax":
+        return "moving-average" if extra.get("CalibMovingAverage") else "minmax"
+    return "percentile" if name == "Percentile" else name.lower()
+
+
+def describe_int8(settings: dict, scheme: Scheme | None = None) -> dict:
+    """The qconfig recorded in the sidecar: what quantize_static was really given."""
     rr = settings["reduce_range"]
+    extra = settings.get("extra_options", {})
+    method = settings["calibrate_method"].name
+    how = _METHODS[method] + (", averaged over feeds" if extra.get("CalibMovingAverage") else "") + (
+        f" at the {extra['CalibPercentile']:g}th percentile" if "CalibPercentile" in extra else "")
+    per_channel = settings["per_channel"]
+    symmetric = bool(extra.get("ActivationSymmetric"))
     return {"name": "onnxruntime-qdq", "format": "QDQ",
-            "weights": f"per-channel symmetric int8 {'[-64, 64] (reduce_range)' if rr else '[-127, 127]'}",
-            "activations": "per-tensor asymmetric uint8 [0, 255], min/max calibration",
+            "weights": f"{'per-channel' if per_channel else 'per-tensor'} symmetric int8 "
+                       f"{'[-64, 64] (reduce_range)' if rr else '[-127, 127]'}",
+            "activations": f"per-tensor {'symmetric' if symmetric else 'asymmetric'} uint8 [0, 255], "
+                           f"{how} calibration",
+            "calibrate_method": method, "per_channel": per_channel, "activation_symmetric": symmetric,
+            "extra_options": dict(extra),
+            "overrides": scheme.overrides() if scheme is not None else {},
             "reduce_range": rr,
             "why": "no VNNI on this CPU: u8 x s8 pairs saturate int16, so 7-bit weights" if rr
             else "VNNI/AMX/dot-product present: full range is exact"}
@@ -110,6 +166,13 @@ def _calibration_reader(batches: list[np.ndarray], input_name: str):
         def rewind(self):
             self._it = iter(batches)
 
+        # CalibStridedMinMax feeds the calibrator a slice at a time
+        def __len__(self):
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int):
+            self._it = iter(batches[start_index:end_index])
+
     return Reader()
 
 
@@ -123,11 +186,15 @@ def initializer_bytes(path: Path) -> int:
 
 
 def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
-           meta: dict) -> list[Path]:
+           meta: dict, scheme: Scheme | None = None, bias_correction: str = "fast") -> list[Path]:
     """Write onnx-fp32.onnx and onnx-int8.onnx (plus FILE.json sidecars) into out_dir.
 
     `meta` (source checkpoint, classes, normalization...) goes into both sidecars; the keys this
-    function sets itself (label, method, dtype, ...) win over it."""
+    function sets itself (label, method, dtype, ...) win over it. `scheme` picks the calibration
+    (see int8_settings); `bias_correction` is NNCF's (the OpenVINO row): ONNX Runtime's quantizer
+    has none, so it is accepted for a uniform call and ignored."""
+    from .openvino import check_bias_correction
+    check_bias_correction(bias_correction)  # a bad value fails here too, before any work
     _require("ONNX export", quantization=True)
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -137,7 +204,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     calib = _as_arrays(calib_batches)
     example = torch.from_numpy(calib[0][:1])
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
-    settings = int8_settings()
+    settings = int8_settings(scheme)
     common = {"flow": NAME, "runtime": NAME, "opset": OPSET, "input_shape": list(calib[0].shape[1:])}
 
     # Build both in a scratch folder beside the outputs, then move them in: an interrupted run
@@ -150,7 +217,9 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
         # QuantizeLinear/DequantizeLinear pairs go; it only feeds the quantizer.
         tmp_pre = Path(tmp) / "preprocessed.onnx"
         quant_pre_process(str(tmp_fp32), str(tmp_pre))
-        quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
+        # the histogram calibrators print their progress on stdout: keep it out of logs
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
         os.replace(tmp_fp32, fp32_path)
         os.replace(tmp_int8, int8_path)
 
@@ -158,9 +227,9 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                                 "dtype": "fp32", "qconfig": None, "calibration": None,
                                 "weight_bytes": initializer_bytes(fp32_path)})
     write_sidecar(int8_path, **{**meta, **common, "label": "onnxrt-int8", "method": "static",
-                                "dtype": "int8", "qconfig": describe_int8(settings),
+                                "dtype": "int8", "qconfig": describe_int8(settings, scheme),
                                 "calibration": {"samples": sum(len(x) for x in calib),
-                                                "batches": len(calib), "method": "minmax"},
+                                                "batches": len(calib), "method": calibration_method(settings)},
                                 "weight_bytes": initializer_bytes(int8_path)})
     return [fp32_path, int8_path]
 

@@ -1,7 +1,8 @@
 """OpenVINO as a comparison row: the same fp32 model converted to OpenVINO IR, run by the
 OpenVINO CPU plugin in fp32 and after NNCF's post-training int8 quantization.
 
-    export(model, out_dir, calib_batches, meta) -> [openvino-fp32.xml, openvino-int8.xml]
+    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast")
+                                                -> [openvino-fp32.xml, openvino-int8.xml]
                                                    (each with its .bin and a FILE.json sidecar)
     load(path, threads)                         -> callable: float tensor (N,3,H,W) -> logits
 
@@ -13,7 +14,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal, get_args
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from ..cpu import has_vnni
 from ..errors import QuantbenchError, cause
 from ..export import calibration_arrays as _as_arrays, write_sidecar
+from ..flows.qconfigs import Scheme
 from ..results import OpCounts
 
 NAME = "openvino"
@@ -30,6 +32,16 @@ FP32_FILE = "openvino-fp32.xml"
 INT8_FILE = "openvino-int8.xml"
 FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
 INPUT, OUTPUT = "input", "logits"
+# NNCF's bias correction after quantizing: "fast" (one shift per layer from its own output
+# statistics: NNCF's default), "full" (layer by layer, each corrected on the already quantized
+# model before it: slower), "none" (off)
+BiasCorrection = Literal["fast", "full", "none"]
+
+
+def check_bias_correction(value: str) -> str:
+    if value not in get_args(BiasCorrection):
+        raise QuantbenchError(f"unknown bias correction {value!r}; choose from {', '.join(get_args(BiasCorrection))}")
+    return value
 
 
 def files(path: Path) -> list[Path]:
@@ -75,7 +87,7 @@ def _save(ov_model, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- 2. int8: NNCF post-training quantization
-def int8_settings() -> dict:
+def int8_settings(scheme: Scheme | None = None, bias_correction: BiasCorrection = "fast") -> dict:
     """nncf.quantize keyword arguments for *this* CPU.
 
     The CPU plugin (oneDNN) multiplies u8 activations by s8 weights. Without VNNI that is
@@ -89,32 +101,104 @@ def int8_settings() -> dict:
     non-negative, so asymmetric ones (MIXED) bought nothing measurable. batchwise_statistics: our
     calibration items are batches of images, and NNCF should take each image's range as one
     sample, as it would with a batch-1 loader (82.85 vs 82.72 with one range per batch).
+
+    `scheme`: the torch flows' choices, by the same names (None, or a Scheme whose fields are
+    None, keeps the settings above exactly; the qconfig name's ranges are torch's, not used here):
+      act_scheme  affine -> preset MIXED (asymmetric activations), symmetric -> PERFORMANCE;
+      observer    NNCF's range estimators: minmax -> MINMAX, moving-average -> MEAN_MINMAX (each
+                  image's min/max, averaged: also NNCF's own default for activations),
+                  histogram -> HISTOGRAM (NNCF's port of torch's HistogramObserver: the L2-best
+                  clipping), percentile -> MEAN_QUANTILE at outlier probability 1 - p/100;
+      weight_scheme per-tensor -> weights_quantization_params(per_channel=False).
+    `bias_correction`: see BiasCorrection.
     """
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, OverflowFix,
+                                                       QuantizationParameters)
+    check_bias_correction(bias_correction)
     fix = OverflowFix.DISABLE if has_vnni() else OverflowFix.ENABLE
-    return dict(preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
-                advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix, batchwise_statistics=True))
+    advanced: dict = dict(overflow_fix=fix, batchwise_statistics=True)
+    preset = nncf.QuantizationPreset.PERFORMANCE
+    if scheme is not None:
+        if scheme.act_scheme == "affine":
+            preset = nncf.QuantizationPreset.MIXED
+        if scheme.observer is not None:
+            advanced["activations_range_estimator_params"] = _range_estimator(scheme)[1]
+        if scheme.weight_scheme == "per-tensor":
+            advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
+    if bias_correction == "none":
+        advanced["disable_bias_correction"] = True
+    settings = dict(preset=preset, target_device=nncf.TargetDevice.CPU,
+                    advanced_parameters=AdvancedQuantizationParameters(**advanced))
+    if bias_correction == "full":
+        settings["fast_bias_correction"] = False
+    return settings
 
 
-def describe_int8(settings: dict) -> dict:
-    """The qconfig recorded in the sidecar."""
-    fix = settings["advanced_parameters"].overflow_fix.value
-    return {"name": "nncf-ptq", "preset": settings["preset"].value,
+def _range_estimator(scheme: Scheme):
+    """(name, nncf RangeEstimatorParameters) for the scheme's observer."""
+    import dataclasses
+
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet as Sets
+    if scheme.observer == "percentile":
+        outlier = (100.0 - float(scheme.percentile)) / 100.0
+        q = Sets.MEAN_QUANTILE
+        params = dataclasses.replace(q, min=dataclasses.replace(q.min, quantile_outlier_prob=outlier),
+                                     max=dataclasses.replace(q.max, quantile_outlier_prob=outlier))
+        return f"MEAN_QUANTILE (outlier probability {outlier:g})", params
+    name = {"minmax": "MINMAX", "moving-average": "MEAN_MINMAX", "histogram": "HISTOGRAM"}[scheme.observer]
+    return name, getattr(Sets, name)
+
+
+_ESTIMATORS = {"default": "NNCF's default range (each image's min/max, averaged)",
+               "MINMAX": "min/max over all images", "MEAN_MINMAX": "each image's min/max, averaged",
+               "HISTOGRAM": "histogram, L2-best clipping"}
+
+
+def _estimator_name(scheme: Scheme | None) -> str:
+    return _range_estimator(scheme)[0] if scheme is not None and scheme.observer is not None else "default"
+
+
+def _calibration_method(scheme: Scheme | None) -> str:
+    """The sidecar's short name of the range estimator that really ran (NNCF's, lower case)."""
+    name = _estimator_name(scheme)
+    return "mean_minmax" if name == "default" else name.split(" ")[0].lower()
+
+
+def describe_int8(settings: dict, scheme: Scheme | None = None) -> dict:
+    """The qconfig recorded in the sidecar: what nncf.quantize was really given (`settings`,
+    from int8_settings(scheme, ...))."""
+    adv = settings["advanced_parameters"]
+    fix = adv.overflow_fix.value
+    wq = adv.weights_quantization_params
+    per_channel = wq is None or wq.per_channel is not False
+    preset = settings["preset"].value
+    estimator = _estimator_name(scheme)
+    bias = ("none" if adv.disable_bias_correction else
+            "fast" if settings.get("fast_bias_correction", True) else "full")
+    return {"name": "nncf-ptq", "preset": preset,
             "target_device": settings["target_device"].value,
-            "weights": "per-channel symmetric int8" + (", 7-bit (overflow fix)" if fix == "enable" else ""),
-            "activations": "per-tensor symmetric int8/uint8, min/max calibration, fast bias correction",
+            "weights": ("per-channel" if per_channel else "per-tensor") + " symmetric int8"
+                       + (", 7-bit (overflow fix)" if fix == "enable" else ""),
+            "activations": f"per-tensor {'asymmetric' if preset == 'mixed' else 'symmetric'} int8/uint8, "
+                           f"{_ESTIMATORS.get(estimator, estimator)}, "
+                           + {"fast": "fast bias correction", "full": "full bias correction",
+                              "none": "no bias correction"}[bias],
+            "range_estimator": estimator, "per_channel": per_channel, "bias_correction": bias,
+            "overrides": scheme.overrides() if scheme is not None else {},
             "overflow_fix": fix,
             "why": "no VNNI on this CPU: u8 x s8 pairs saturate int16, so 7-bit weights everywhere"
             if fix == "enable" else "VNNI/AMX present: full range is exact"}
 
 
 def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
-           meta: dict) -> list[Path]:
+           meta: dict, scheme: Scheme | None = None, bias_correction: BiasCorrection = "fast") -> list[Path]:
     """Write openvino-fp32.xml/.bin and openvino-int8.xml/.bin (plus FILE.json sidecars).
 
     `meta` (source checkpoint, classes, normalization...) goes into both sidecars; the keys this
-    function sets itself (label, method, dtype, ...) win over it."""
+    function sets itself (label, method, dtype, ...) win over it. `scheme` and `bias_correction`
+    choose the calibration (see int8_settings)."""
+    check_bias_correction(bias_correction)  # before any work
     ov = _require("OpenVINO export", nncf=True)
     import nncf
 
@@ -129,7 +213,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
         ov_fp32 = convert_fp32(model, torch.from_numpy(calib[0][:1]))
     _save(ov_fp32, fp32_path)
 
-    settings = int8_settings()
+    settings = int8_settings(scheme, bias_correction)
     # A list of model inputs is already what NNCF wants (one item = one inference); subset_size
     # counts items, so all of them are used.
     # NNCF draws its own progress bars on stdout for a few seconds of work: keep them out of logs
@@ -142,9 +226,9 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                                 "dtype": "fp32", "qconfig": None, "calibration": None,
                                 "weight_bytes": fp32_path.with_suffix(".bin").stat().st_size})
     write_sidecar(int8_path, **{**meta, **common, "label": "openvino-int8", "method": "static",
-                                "dtype": "int8", "qconfig": describe_int8(settings),
-                                "calibration": {"samples": sum(len(x) for x in calib),
-                                                "batches": len(calib), "method": "minmax"},
+                                "dtype": "int8", "qconfig": describe_int8(settings, scheme),
+                                "calibration": {"samples": sum(len(x) for x in calib), "batches": len(calib),
+                                                "method": _calibration_method(scheme)},
                                 "weight_bytes": int8_path.with_suffix(".bin").stat().st_size})
     return [fp32_path, int8_path]
 
