@@ -139,7 +139,7 @@ def test_comparison_runtimes_start_from_the_pruned_model(tiny_checkpoint, tiny_d
 
     seen = []
 
-    def export(model, out_dir, calib_batches, meta):
+    def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
         seen.append((model.layer4[0].conv2.kernel_size, meta["pruning"]))
         return []
 

@@ -100,3 +100,24 @@ def test_replicate_options_fail_before_any_work(bad, match):
         return
     with pytest.raises(QuantbenchError, match=match):
         ReplicateConfig(**bad)
+
+
+def test_replicate_skips_rows_a_flow_cannot_make_and_says_so(tiny_data_dir, tmp_path):
+    """A model without a quantizable twin: eager static is skipped with its reason (in the
+    report too), the rows that can be made are made and measured."""
+    from conftest import make_checkpoint
+
+    from quantbench.bench import BenchConfig
+    from quantbench.data import DataSource
+    from quantbench.quantize import QuantizeConfig
+    from quantbench.replicate import ReplicateConfig, replicate
+    ckpt = make_checkpoint(tmp_path / "m.pth", arch="mobilenet_v3_small")
+    cfg = ReplicateConfig(output=tmp_path / "run", data=DataSource(tiny_data_dir), checkpoint=ckpt,
+                          methods=("dynamic", "static"), runtimes=(),
+                          quantize=QuantizeConfig(method="static", calib_samples=16),
+                          bench=BenchConfig(min_runs=3, budget_s=0.3, processes=1, progress=False, accuracy=False))
+    res = replicate(cfg, progress=False)
+    assert [m.label for m in res.models] == ["origin", "ptq-d"]
+    assert [s["row"] for s in res.replicate["skipped"]] == ["ptq-s"]
+    assert "no quantizable twin" in res.replicate["skipped"][0]["why"]
+    assert "Rows not made: ptq-s: mobilenet_v3_small has no quantizable twin" in (tmp_path / "run" / "report.md").read_text()

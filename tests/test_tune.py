@@ -100,8 +100,9 @@ def test_tune_survives_kill_9_resumes_and_delivers_when_the_budget_is_impossible
     keys = [t["key"] for t in after]
     assert len(keys) == len(set(keys)), "a trial was run twice"
     assert after[:len(before)] == before, "trials done before the kill were not kept as they were"
-    # every stage ran: references, default, 4 calibration choices, 1 fallback set
-    assert len(after) == 7 and any("fp32[1]=" in k for k in keys) and any("observer=minmax" in k for k in keys)
+    # every stage ran: reference, default, 5 calibration choices (equalization included), 1 fallback set
+    assert len(after) == 8 and any("fp32[1]=" in k for k in keys)
+    assert any("observer=minmax" in k for k in keys) and any("equalize=True" in k for k in keys)
     summary = json.loads((out / "tune.json").read_text())
     assert summary["within_budget"] is False
     done = [t for t in after if t["error"] is None and not t["reference"]]

@@ -262,11 +262,12 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", help=f"fp32 training recipe if no --checkpoint: {', '.join(PRESETS)} "
                                                     "(default: fast)")
     p.add_argument("--epochs", type=int, help="override the fp32 recipe's number of epochs")
+    p.add_argument("--qat-epochs", type=int, help="override the QAT schedule's number of epochs")
     _model_args(p)
     p.add_argument("--flows", default="eager", help=f"comma list of {', '.join(FLOWS)} (default: eager)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
     p.add_argument("--runtimes", default="auto",
-                   help="comparison rows from other runtimes: comma list of onnxruntime, openvino; 'auto' (default) "
+                   help="comparison rows from other runtimes: comma list of onnxruntime, openvino, executorch; 'auto' (default) "
                         "adds those installed (pip install '.[runtimes]'), 'none' adds none")
     _quantize_args(p)
     p.add_argument("--bias-correction", default="fast",
@@ -284,7 +285,7 @@ def replicate_cmd(args) -> int:
     cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
                           methods=_list(args.methods), runtimes=runtimes, arch=_arch(args),
-                          quantize=_quantize_config(args, model=args.model),
+                          quantize=_quantize_config(args, model=args.model, qat_epochs=args.qat_epochs),
                           resume=args.resume, bench=_bench_config(args))
     with run_lock(args.output):
         results = replicate(cfg, progress=not args.no_progress)
@@ -442,7 +443,7 @@ def tune_args(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue the search in OUTPUT (trials done are kept)")
     p.add_argument("--flows", default=",".join(FLOWS), help=f"comma list of {', '.join(FLOWS)} (default: all)")
     p.add_argument("--runtimes", default="auto",
-                   help="other runtimes to search: comma list of onnxruntime, openvino; 'auto' (default): "
+                   help="other runtimes to search: comma list of onnxruntime, openvino, executorch; 'auto' (default): "
                         "those installed; 'none'")
     _model_args(p, arch=False)
     p.add_argument("--val-samples", type=int, default=2000,

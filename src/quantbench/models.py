@@ -42,7 +42,8 @@ DEFAULT_INPUT_SHAPE = (3, 32, 32)
 
 
 def _no_twin(name: str) -> QuantbenchError:
-    return QuantbenchError(f"{name} has no quantizable twin and eager mode needs one; use --flow fx or "
+    from .errors import FlowUnsupported
+    return FlowUnsupported(f"{name} has no quantizable twin and eager mode needs one; use --flow fx or "
                            "--flow pt2e (eager's dynamic method works on the float model)")
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data import Batches, Dataset, for_model
 from .equalize import equalize_for_quantize
-from .errors import QuantbenchError, cause
+from .errors import FlowUnsupported, QuantbenchError, cause
 from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
 from .fileio import sha256
 from .flows import LABELS, check_method, get_flow, suffix
@@ -281,7 +281,7 @@ def _tracing(flow: str):
             for frame in traceback.extract_tb(e.__traceback__):
                 if "site-packages" not in frame.filename and "/quantbench/" not in frame.filename:
                     where = f"{frame.filename}:{frame.lineno} (in {frame.name})"
-        raise QuantbenchError(f"the {flow} flow cannot trace this model" + (f" at {where}" if where else "")
+        raise FlowUnsupported(f"the {flow} flow cannot trace this model" + (f" at {where}" if where else "")
                               + f": {cause(e)}; try {_OTHER_FLOWS.get(flow, 'another flow')}") from e
 
 
@@ -291,7 +291,7 @@ def _from_module(module: nn.Module, cfg: QuantizeConfig, data: Dataset | None) -
     import copy
     model = copy.deepcopy(module).eval()
     if cfg.flow == "eager" and cfg.method != "dynamic" and not hasattr(model, "fuse_model"):
-        raise QuantbenchError(f"eager mode needs a model written for it (QuantStub/DeQuantStub, fuse_model()); "
+        raise FlowUnsupported(f"eager mode needs a model written for it (QuantStub/DeQuantStub, fuse_model()); "
                               f"{type(module).__name__} is not: use flow='fx' or flow='pt2e'")
     meta = {"model": f"{type(module).__module__}.{type(module).__name__} (an nn.Module passed to quantize)"}
     if data is not None:

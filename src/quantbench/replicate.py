@@ -18,7 +18,7 @@ from pathlib import Path
 from . import runtimes
 from .bench import BenchConfig, bench
 from .data import Batches, DataSource, for_model
-from .errors import QuantbenchError
+from .errors import FlowUnsupported, QuantbenchError
 from .export import read_sidecar, sidecar_path
 from .fileio import sha256
 from .flows import METHODS, check_method, suffix
@@ -103,6 +103,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     # 2. deployment files: one fp32 "origin" per runtime, then each flow x method
     source = {"source_sha256": sha256(ckpt)}
     files: list[Path] = []
+    skipped: list[dict] = []
     for suf in dict.fromkeys(suffix(f) for f in cfg.flows):
         flow = next(f for f in cfg.flows if suffix(f) == suf)
         path = models / (label("origin", flow) + suf)
@@ -117,7 +118,12 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
                                         resume=cfg.resume)
             if not _reusable(path, cfg.resume, {**source, "config": qcfg.shaping()}):
                 _log(f"{method} ({flow}) -> {path.name}")
-                quantize_to_file(ckpt, path, qcfg, data, progress=progress)
+                try:
+                    quantize_to_file(ckpt, path, qcfg, data, progress=progress)
+                except FlowUnsupported as e:  # this model, not this run: the other rows still mean something
+                    _log(f"skipping {path.name}: {e}")
+                    skipped.append({"row": label(method, flow), "flow": flow, "method": method, "why": str(e)})
+                    continue
             files.append(path)
 
     # 3. other runtimes as comparison rows
@@ -129,7 +135,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     q = cfg.quantize
     results.replicate = {"checkpoint": str(ckpt), "flows": list(cfg.flows), "methods": list(cfg.methods),
                          "qconfig": q.qconfig, "calib_samples": q.calib_samples, "qat_schedule": q.qat_schedule,
-                         "data": str(cfg.data.dir or cfg.data.root)}
+                         "data": str(cfg.data.dir or cfg.data.root), "skipped": skipped}
     write_report(results, run_dir=out)
     return results
 

@@ -170,8 +170,11 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     if warned:  # before the table: its figures describe a model that did not learn
         parts += warned + ["", "The table below measures these models as they are; their int8 rows say little "
                                 "about quantization until the fp32 model trains properly.", ""]
-    parts += [markdown_table(results), "",
-             "## Ship this", "",
+    parts += [markdown_table(results), ""]
+    skipped = (results.replicate or {}).get("skipped") or []
+    if skipped:  # rows this model cannot have in that flow, said instead of silently missing
+        parts += ["Rows not made: " + "; ".join(f"{s['row']}: {s['why']}" for s in skipped) + ".", ""]
+    parts += ["## Ship this", "",
              "The fastest int8 model whose top-1 is within 0.3 point of the fp32 model's, measured in this run "
              "(ties within the process spread are ties):", ""] + recommendation_lines(results) + [
              "", "## Details", "", detail_table(results), ""]

@@ -58,6 +58,7 @@ CALIBRATION_VARIANTS: tuple[dict, ...] = (
     {"observer": "minmax"},
     {"observer": "moving-average"},
     {"act_scheme": "symmetric"},
+    {"equalize": True},   # cross-layer equalization (torch flows only: quantbench.equalize)
 )
 FALLBACK_SIZES = (1, 2, 4, 8, 16)  # layers kept fp32, tried in this order until the budget is met
 
@@ -139,7 +140,7 @@ class Candidate:
 
     def describe(self) -> str:
         what = {"origin": "fp32", "static": "static int8", "dynamic": "dynamic int8"}[self.method]
-        opts = ", ".join(f"{k} {v}" for k, v in self.scheme)
+        opts = ", ".join("equalized" if k == "equalize" else f"{k} {v}" for k, v in self.scheme)
         fb = f", {len(self.fp32_layers)} layer(s) kept fp32" if self.fp32_layers else ""
         return f"{self.path} {what}" + (f" ({opts})" if opts else "") + fb
 
@@ -266,6 +267,8 @@ class Search:
             for v in CALIBRATION_VARIANTS:
                 if self._met(base.path):
                     break
+                if base.is_runtime and "equalize" in v:
+                    continue
                 yield _variant(base, **v)
         # 3. fp32 fallback of the most sensitive layers, for the torch flows still missing it
         for base in self._missed([c for c in firsts if c.method == "static" and not c.is_runtime]):
@@ -275,7 +278,7 @@ class Search:
             start = _candidate(best.candidate) if best else base
             ranking = self.ranking()
             for k in FALLBACK_SIZES:
-                k = min(k, cfg.max_fallback, len(ranking))
+                k = min(k, cfg.max_fallback, len(ranking))  # noqa: PLW2901
                 if k < 1 or self._met(base.path):
                     break
                 yield dataclasses.replace(start, fp32_layers=tuple(ranking[:k]))
@@ -302,9 +305,9 @@ class Search:
         if self._ranking is None:
             if self.cfg.sensitivity is not None:
                 from .fileio import read_json
-                rows = read_json(self.cfg.sensitivity).get("layers") or []
-                rows = sorted(rows, key=lambda r: (-r["gain"], -r["drop"], r["sqnr_db"]))
-                self._ranking = [r["layer"] for r in rows]
+                from .sensitivity import most_sensitive
+                n = len(read_json(self.cfg.sensitivity).get("layers") or [])
+                self._ranking = list(most_sensitive(self.cfg.sensitivity, n))
             else:
                 try:
                     self._ranking = sqnr_ranking(self._float_model(), self.val, self.cfg.quantize, self.meta)
@@ -346,7 +349,7 @@ class Search:
         """The deployment file of a candidate (made by quantize's or the runtime's own code)."""
         cfg, q = self.cfg, self.cfg.quantize
         self.trials_dir.mkdir(parents=True, exist_ok=True)
-        slug = f"{index:03d}-" + "-".join([c.path, c.method] + [v for _, v in c.scheme]
+        slug = f"{index:03d}-" + "-".join([c.path, c.method] + [k if v is True else str(v) for k, v in c.scheme]
                                           + ([f"fp32x{len(c.fp32_layers)}"] if c.fp32_layers else []))
         if c.path == "torchscript":  # the fp32 reference, as replicate's origin row
             path = self.trials_dir / f"{slug}.pt"
