@@ -639,13 +639,17 @@ def explain(s: Search, summary: dict) -> str:
         n_within = sum(t.within_budget for t in s.trials.values())
         goal = "fastest" if cfg.objective == "latency" else "smallest"
         return (f"Picked {pick}: the {goal} of the {n_within} trial(s) within {cfg.max_drop} point of fp32 on "
-                f"{cfg.val_samples} validation images (it lost {best.drop:+.2f}), {speed}, "
+                f"{cfg.val_samples} validation images ({_drop(best.drop)}), {speed}, "
                 f"{best.file_bytes / 2**20:.1f} MiB; on the test split it scores "
                 f"{summary.get('pick_test_acc')} % (fp32: {summary.get('fp32_test_acc')} %).")
     fast = _candidate(summary["fastest"]["candidate"]).describe() if "fastest" in summary else "none"
     return (f"No int8 trial stayed within {cfg.max_drop} point of fp32 on the validation images; "
-            f"best.* is the most accurate one, {pick} (lost {best.drop:+.2f}, {speed}), and fastest.* the "
+            f"best.* is the most accurate one, {pick} ({_drop(best.drop)}, {speed}), and fastest.* the "
             f"fastest one, {fast}.")
+
+
+def _drop(d: float) -> str:
+    return f"{d:.2f} point below fp32" if d > 0 else f"{-d:.2f} point above fp32" if d < 0 else "as accurate as fp32"
 
 
 def render(s: Search, summary: dict) -> str:
