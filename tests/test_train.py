@@ -17,7 +17,8 @@ from quantbench import models
 from quantbench.errors import QuantbenchError
 from quantbench.train import get_recipe, train
 
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_acc", "lr", "epoch_s", "elapsed_s", "ema"}
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_acc", "lr", "epoch_s", "elapsed_s", "ema", "images",
+               "images_per_s", "best_test_acc", "best_at_s"}
 RESULT_KEYS = ("train_loss", "train_acc", "test_acc", "lr")  # those not depending on wall time
 
 
@@ -35,6 +36,11 @@ def test_smoke_run_outputs(tiny_train_run):
         assert 0 <= r["train_acc"] <= 100 and 0 <= r["test_acc"] <= 100
         assert r["lr"] == pytest.approx(0.02) and r["ema"] is False and r["epoch_s"] >= 0
     assert rows[1]["elapsed_s"] >= rows[0]["elapsed_s"]
+    # time to accuracy: the best so far and when it was first reached; throughput of each epoch
+    for i, r in enumerate(rows):
+        best = max(rows[:i + 1], key=lambda h: h["test_acc"])
+        assert r["best_test_acc"] == best["test_acc"] and r["best_at_s"] == round(best["elapsed_s"], 1)
+        assert r["images"] == 48 and r["images_per_s"] == pytest.approx(48 / r["epoch_s"], rel=0.01)
 
     last = torch.load(run / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and last["history"] == rows
