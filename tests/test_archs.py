@@ -327,8 +327,23 @@ def test_vit_tiny_eager_dynamic_quantization():
     assert 0 < (got - expected).norm() / expected.norm() < 0.1
 
 
+def test_vit_tiny_fx_dynamic_quantizes_attention_too():
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    from quantbench.flows import fx
+    model = _vit_with_head()
+    x = _x()
+    with torch.no_grad():
+        expected = model(x)
+        qmodel, applied = fx.quantize_dynamic(model, "default", x[:1])
+        got = qmodel(x)
+    assert sum(isinstance(m, nnqd.Linear) for m in qmodel.modules()) == 6 * 4 + 1
+    assert "6 nn.MultiheadAttention split" in applied["attention"]
+    assert 0 < (got - expected).norm() / expected.norm() < 0.1
+
+
 def test_split_attention_is_exact_and_refuses_what_it_does_not_cover():
-    from quantbench.flows.eager import SplitAttention, split_attention
+    from quantbench.flows.attention import SplitAttention, split_attention
     model = _vit_with_head()
     x = _x()
     with torch.no_grad():

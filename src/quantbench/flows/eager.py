@@ -27,7 +27,7 @@ from torch.ao import quantization as tq
 
 from ..export import export_torchscript
 from ..models import load_checkpoint
-from . import check_layers
+from . import attention, check_layers
 from .qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
 
 RUNTIME = "torchscript"
@@ -52,72 +52,12 @@ def quantize_dynamic(model: nn.Module, scheme: Scheme | str, example: torch.Tens
     takes and returns float tensors, so fp32 layers need no stubs: a name maps to no qconfig
     (names win over types in torch.ao's qconfig dict)."""
     qc = tq.default_dynamic_qconfig
-    split = split_attention(model.eval(), example)  # before the names are checked: in_proj is new
+    split = attention.split_attention(model.eval(), example)  # before the names are checked: in_proj is new
     spec = {nn.Linear: qc, **{name: None for name in check_layers(model, fp32_layers)}}
     applied = applied_qconfig(qc)
     if split:
-        applied["attention"] = (f"{split} nn.MultiheadAttention split into nn.Linear projections "
-                                "(in_proj, out_proj), so they are int8 too; outputs checked equal")
+        applied["attention"] = attention.note(split)
     return tq.quantize_dynamic(model, spec, dtype=torch.qint8), applied
-
-
-# ---------------------------------------------------------------- attention, made quantizable
-class SplitAttention(nn.Module):
-    """Self-attention computed as nn.MultiheadAttention computes it, with both projections held
-    as nn.Linear modules. nn.MultiheadAttention keeps its input projection as a bare parameter and
-    its output projection as a NonDynamicallyQuantizableLinear, so quantize_dynamic({nn.Linear})
-    leaves a third of a transformer block's multiply-adds in fp32; here they are ordinary Linears.
-    Only the case vision transformers use: batch_first, query = key = value, no masks."""
-
-    def __init__(self, mha: nn.MultiheadAttention):
-        super().__init__()
-        d = mha.embed_dim
-        self.num_heads = mha.num_heads
-        self.in_proj = nn.Linear(d, 3 * d)      # q, k and v projections stacked, as in_proj_weight is
-        self.out_proj = nn.Linear(d, d)
-        with torch.no_grad():
-            self.in_proj.weight.copy_(mha.in_proj_weight)
-            self.in_proj.bias.copy_(mha.in_proj_bias)
-            self.out_proj.weight.copy_(mha.out_proj.weight)
-            self.out_proj.bias.copy_(mha.out_proj.bias)
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None or need_weights or is_causal:
-            raise RuntimeError("SplitAttention supports unmasked self-attention without returned weights only")
-        b, n, d = query.shape
-        # (b, n, 3d) -> 3 x (b, heads, n, d / heads)
-        qkv = self.in_proj(query).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
-
-
-def _splittable(m: nn.Module) -> bool:
-    return (isinstance(m, nn.MultiheadAttention) and m.batch_first and m._qkv_same_embed_dim
-            and m.in_proj_bias is not None and m.bias_k is None and not m.add_zero_attn)
-
-
-@torch.no_grad()
-def split_attention(model: nn.Module, example: torch.Tensor) -> int:
-    """Replace every splittable nn.MultiheadAttention by a SplitAttention, in place, if the model's
-    output on `example` stays the same (else everything is put back); returns how many."""
-    found = [(name, m) for name, m in model.named_modules() if _splittable(m)]
-    if not found:
-        return 0
-    before = model(example)
-    for name, m in found:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, SplitAttention(m))
-    try:
-        same = torch.allclose(model(example), before, atol=1e-4, rtol=1e-4)
-    except RuntimeError:  # called with masks or for its weights: not the case SplitAttention covers
-        same = False
-    if not same:
-        for name, m in found:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, m)
-        return 0
-    return len(found)
 
 
 def prepare(model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Tensor,

@@ -29,7 +29,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from ..export import export_torchscript
 from ..models import load_checkpoint
-from . import check_layers
+from . import attention, check_layers
 from .qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
 
 RUNTIME = "torchscript"
@@ -54,10 +54,14 @@ def quantize_dynamic(model: nn.Module, scheme: Scheme | str, example: torch.Tens
     flows differ only in how they find the layers. No calibration data is needed: the observers
     are placeholders that just record "quantize this dynamically"."""
     model.eval()
+    split = attention.split_attention(model, example)  # attention projections as nn.Linear, see there
     qc = tq.default_dynamic_qconfig
     mapping = _fp32(QConfigMapping().set_object_type(nn.Linear, qc), check_layers(model, fp32_layers))
     prepared = prepare_fx(model, mapping, (example,), backend_config=_backend_config())
-    return convert_fx(prepared, backend_config=_backend_config()), applied_qconfig(qc)
+    applied = applied_qconfig(qc)
+    if split:
+        applied["attention"] = attention.note(split)
+    return convert_fx(prepared, backend_config=_backend_config()), applied
 
 
 def _fp32(mapping: QConfigMapping, names: Sequence[str]) -> QConfigMapping:
