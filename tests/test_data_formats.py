@@ -371,7 +371,7 @@ _INTERRUPT_SCRIPT = textwrap.dedent(r"""
 
     def slow_decode(args):  # runs in the pool's workers (forked after this patch)
         os.write(1, b"decoding\n")  # one write(2): lines of two workers do not interleave
-        time.sleep(0.02)
+        time.sleep(0.2)  # long enough that a busy machine cannot finish before the Ctrl-C lands
         return real_decode(args)
 
     data._decode = slow_decode
