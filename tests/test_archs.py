@@ -424,3 +424,21 @@ def test_pt2e_vit_tiny_static_and_dynamic():
     # Dynamic: the activations' scales are computed per batch in the graph.
     assert any("choose_qparams" in str(n.target) for n in dq.graph.nodes) and applied["activations"]["dynamic"]
     assert 0 < (got - expected).norm() / expected.norm() < 0.1
+
+
+def test_fx_observes_relu6_outputs_on_their_own_range():
+    """conv -> bn -> ReLU6 (MobileNetV2): FX gets conv -> bn -> ReLU -> ReLU6, which is the same
+    function, and fuses conv+bn+relu into one int8 kernel observed on [0, max]."""
+    import torch.ao.nn.intrinsic as nni
+
+    from quantbench.flows import fx
+    torch.manual_seed(0)
+    model = models.build("mobilenet_v2", 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert fx.relu_before_relu6(model) == 35  # every Conv2dNormActivation of MobileNetV2
+        assert torch.equal(model(x), expected)
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()).eval()
+    prepared = fx.prepare(small, "default", qat=False, example=x[:1])
+    assert any(isinstance(m, nni.ConvReLU2d) for m in prepared.modules())

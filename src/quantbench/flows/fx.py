@@ -77,12 +77,32 @@ def prepare(model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Te
     backend can run int8: one global qconfig, the BackendConfig decides the patterns, except
     the `fp32_layers`, which get none."""
     mapping = _fp32(QConfigMapping().set_global(qconfig(scheme, qat=qat)), check_layers(model, fp32_layers))
+    relu_before_relu6(model)
     if qat:
         # prepare_qat_fx fuses conv+bn into ConvBn(ReLU)2d QAT modules that keep BN trainable
         # (it is folded at convert), so it must see the model in train mode.
         return prepare_qat_fx(model.train(), mapping, (example,), backend_config=_backend_config())
     # eval mode: prepare_fx folds BN into the conv weights before observing.
     return prepare_fx(model.eval(), mapping, (example,), backend_config=_backend_config())
+
+
+def relu_before_relu6(model: nn.Module) -> int:
+    """conv -> bn -> ReLU6 becomes conv -> bn -> ReLU -> ReLU6, in place; returns how many.
+
+    The x86 BackendConfig fuses conv+bn+relu into one int8 kernel but not conv+bn+relu6, and it
+    gives ReLU6 its input's observer: the int8 conv output then spans the conv's whole range,
+    negative half included, and the [0, 6] that ReLU6 keeps gets a fraction of the 256 codes
+    (MobileNetV2 lost points to it). relu6(relu(x)) == relu6(x), so inserting the ReLU changes
+    nothing in fp32, and the fused conv+bn+relu is observed on [0, max] as in eager mode."""
+    n = 0
+    for container in list(model.modules()):
+        if not isinstance(container, nn.Sequential):
+            continue
+        for i in range(1, len(container)):
+            if type(container[i]) is nn.ReLU6 and isinstance(container[i - 1], (nn.BatchNorm2d, nn.Conv2d)):
+                container[i] = nn.Sequential(nn.ReLU(), nn.ReLU6())
+                n += 1
+    return n
 
 
 def applied(prepared: nn.Module) -> dict:
