@@ -364,14 +364,18 @@ def test_cifar10_constants_resize_and_given(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- Ctrl-C during a pool decode
 _INTERRUPT_SCRIPT = textwrap.dedent(r"""
-    import os, sys, time
+    import os, signal, sys, time
     from quantbench import data
+
+    # as in a terminal: a test runner started in the background (CI, `cmd &`) hands its children
+    # SIGINT ignored, and this script plays the CLI the user runs in the foreground
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     real_decode = data._decode
 
     def slow_decode(args):  # runs in the pool's workers (forked after this patch)
         os.write(1, b"decoding\n")  # one write(2): lines of two workers do not interleave
-        time.sleep(0.2)  # long enough that a busy machine cannot finish before the Ctrl-C lands
+        time.sleep(0.02)
         return real_decode(args)
 
     data._decode = slow_decode
