@@ -55,11 +55,7 @@ class ReplicateConfig:
                 check_method(flow, method)
                 self.quantize.replace(method=method, flow=flow)  # validates the combination
         if self.runtimes is not None:
-            object.__setattr__(self, "runtimes", tuple(runtimes.ALIASES.get(r, r) for r in self.runtimes))
-            for name in self.runtimes:
-                if not hasattr(runtimes.get(name), "export"):
-                    raise QuantbenchError(f"runtime {name!r} makes no comparison rows; choose from "
-                                          f"{', '.join(runtimes.exporters())}")
+            object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes))
         if self.checkpoint is None:
             from .train import get_recipe
             get_recipe(self.preset, epochs=self.epochs)  # unknown preset, bad epochs: fail now

@@ -102,11 +102,7 @@ class TuneConfig:
             if f not in FLOWS:
                 raise QuantbenchError(f"unknown flow {f!r}; choose from {', '.join(FLOWS)}")
         if self.runtimes is not None:
-            object.__setattr__(self, "runtimes", tuple(runtimes.ALIASES.get(r, r) for r in self.runtimes))
-            for name in self.runtimes:
-                if not hasattr(runtimes.get(name), "export"):
-                    raise QuantbenchError(f"runtime {name!r} makes no files from a checkpoint; choose from "
-                                          f"{', '.join(runtimes.exporters())}")
+            object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes))
         if not self.flows and not self.runtimes and self.runtimes is not None:
             raise QuantbenchError("tune needs at least one flow or runtime to search")
         if self.val_samples < 20:

@@ -117,3 +117,13 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Model:
 def exporters() -> list[str]:
     """Runtimes that can make their own fp32 + int8 files from an fp32 model (comparison rows)."""
     return [name for name in registry() if hasattr(get(name), "export")]
+
+
+def check_exporters(names) -> tuple[str, ...]:
+    """Runtime names (aliases resolved) that each make files from an fp32 model; one line otherwise."""
+    names = tuple(ALIASES.get(n, n) for n in names)
+    for name in names:
+        if not hasattr(get(name), "export"):
+            raise QuantbenchError(f"runtime {name!r} makes no files from an fp32 model (no comparison rows); "
+                                  f"choose from {', '.join(exporters())}")
+    return names
