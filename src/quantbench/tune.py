@@ -45,7 +45,7 @@ from typing import Iterator, Literal, get_args
 from torch import nn
 
 from . import runtimes
-from .data import Batches, Dataset, DataSource, for_model
+from .data import Batches, Dataset, DataSource
 from .errors import QuantbenchError, cause
 from .export import prune_for_export, sidecar_path
 from .fileio import atomic_path, write_json, write_text
@@ -193,8 +193,9 @@ class Search:
         self.out = Path(cfg.output)
         self.trials_dir = self.out / "trials"
         _, self.meta = read_checkpoint(cfg.checkpoint)
-        data = cfg.data.load_for(self.meta, f"checkpoint {cfg.checkpoint}", train=True, progress=progress)
-        self.data: Dataset = for_model(data, self.meta, f"checkpoint {cfg.checkpoint}")
+        # load_for checks the data against the checkpoint's classes and shape, and normalizes as it was trained
+        self.data: Dataset = cfg.data.load_for(self.meta, f"checkpoint {cfg.checkpoint}", train=True,
+                                               progress=progress)
         # calibration reads val.train; accuracy val.test: both from the training split, apart
         self.val = validation_split(self.data, cfg.val_samples, cfg.seed)
         self.trials: dict[str, Trial] = {}
@@ -298,13 +299,11 @@ class Search:
             best = self._best_of(base.path)  # fallback on top of that path's most accurate calibration
             start = _candidate(best.candidate) if best else base
             ranking = self.ranking()
-            for k in FALLBACK_SIZES:
-                k = min(k, cfg.max_fallback, len(ranking))  # noqa: PLW2901
+            most = min(cfg.max_fallback, len(ranking))
+            for k in sorted({min(k, most) for k in FALLBACK_SIZES}):  # capped, each size once
                 if k < 1 or self._met(base.path):
                     break
                 yield dataclasses.replace(start, fp32_layers=tuple(ranking[:k]))
-                if k == min(cfg.max_fallback, len(ranking)):
-                    break
 
     def _missed(self, cands: list[Candidate]) -> list[Candidate]:
         """Those whose trial ran but missed the budget, fastest first (their best case)."""
