@@ -77,6 +77,45 @@ def test_both_programs_run_and_int8_agrees_with_fp32(exported, tiny):
     assert one.shape == (1, ref.shape[1])
 
 
+def test_a_program_is_never_sent_a_batch_it_gets_wrong(monkeypatch):
+    """_verified_batch: outputs at each batch size are compared with the same images one at a
+    time (twice, since the failure seen was not repeatable); the largest batch that agrees is
+    recorded with the reason. A fake runtime stands in for ExecuTorch (runs without the extra)."""
+    import types
+
+    calls = []
+
+    class Method:
+        def execute(self, inputs):
+            (x,) = inputs
+            calls.append(len(x))
+            out = x.flatten(1)[:, :3] * 2
+            return [out + 5.0 if len(x) > 4 else out]  # wrong above batch 4, like XNNPACK's int8 MobileNetV3
+
+    fake = types.SimpleNamespace(get=lambda: types.SimpleNamespace(
+        load_program=lambda program: types.SimpleNamespace(load_method=lambda name: Method())))
+    monkeypatch.setitem(sys.modules, "executorch.runtime", types.SimpleNamespace(Runtime=fake))
+    images = [torch.randn(10, 3, 4, 4), torch.randn(30, 3, 4, 4)]
+    rec = et._verified_batch(b"program", images, "int8")
+    assert rec["max_batch"] == 4 and "batch 8 differed" in rec["max_batch_why"]
+    assert set(calls) == {1, 32, 16, 8, 4}  # never anything else
+    calls.clear()
+    Method.execute = lambda self, inputs: [inputs[0].flatten(1)[:, :3]]  # right at every size
+    assert et._verified_batch(b"program", images, "fp32") == {"max_batch": et.MAX_BATCH}
+
+
+def test_the_wrapper_splits_batches_by_the_verified_size(exported, tiny, tmp_path):
+    import shutil
+    path = tmp_path / "p.pte"
+    shutil.copy(exported[1], path)
+    (tmp_path / "p.pte.json").write_text(json.dumps({**_sidecar(exported[1]), "max_batch": 3}))
+    _, train, _ = tiny
+    whole = runtimes.load(exported[1], threads=1)(train[:10])
+    split = runtimes.load(path, threads=1)(train[:10])
+    torch.testing.assert_close(split, whole)
+    assert _sidecar(exported[1])["max_batch"] == et.MAX_BATCH  # resnet10 is right at every batch
+
+
 def test_op_counts_say_what_runs_int8_in_xnnpack(exported):
     fp32, int8 = (runtimes.for_path(p).op_counts(p) for p in exported)
     assert fp32.int8_conv == 0 and fp32.float_conv > 0 and fp32.float_linear == 1

@@ -153,3 +153,47 @@ def test_comparison_runtimes_start_from_the_pruned_model(tiny_checkpoint, tiny_d
     (k_on, p_on), (k_off, p_off) = seen
     assert k_on == (1, 1) and p_on["applied"] is True and "real images" in p_on["verified_on"]
     assert k_off == (3, 3) and p_off == {"applied": False, "why": "turned off (--no-prune)"}
+
+
+def test_plain_rows_are_the_runtime_alone_and_the_recommendation_compares_with_them(
+        tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
+    """replicate --plain: the runtime's int8 row again from the UNPRUNED fp32 graph with its
+    default calibration, labelled NAME-plain (its fp32 twin is not measured twice), reused on
+    resume; "ship this" says how much faster the pick is than that row."""
+    from pathlib import Path
+
+    from quantbench import replicate as R
+    from quantbench.export import read_sidecar
+    from quantbench.report import recommendation_lines
+    from quantbench.results import BenchResults, LatencyStats, ModelResult, derive
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from support import fakert
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fake=support.fakert")
+    seen = []
+    real_export = fakert.export
+
+    def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
+        seen.append((out_dir.name, model.layer4[0].conv2.kernel_size, scheme))
+        return real_export(model, out_dir, calib_batches, meta, scheme, bias_correction)
+
+    monkeypatch.setattr(fakert, "export", export)
+    for resume in (False, True):
+        cfg = R.ReplicateConfig(output=tmp_path, checkpoint=tiny_checkpoint, runtimes=("fake",), plain=("fake",),
+                                quantize=QuantizeConfig(method="static", calib_samples=16, observer="minmax"),
+                                resume=resume)
+        files = R._runtime_rows(cfg, tiny_checkpoint, tiny_dataset, tmp_path / "models")
+        assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+            "models/fake-fp32.fake", "models/fake-int8.fake", "models/plain/fake-int8.fake"]
+    assert [(d, k) for d, k, _ in seen] == [("models", (1, 1)), ("plain", (3, 3))]  # resume exported nothing
+    assert seen[0][2].observer == "minmax" and seen[1][2] is None  # the plain row: the runtime's own calibration
+    side = read_sidecar(files[2])
+    assert side["label"] == "fake-int8-plain" and side["plain"] is True and side["pruned"] is False
+
+    def row(label, ms, dtype="int8", plain=False):
+        lat = {1: LatencyStats.of([ms] * 5)}
+        return ModelResult(label=label, file=f"{label}.fake", method="static", flow="fake", runtime="fake",
+                           dtype=dtype, file_bytes=1, accuracy=80.0, latency=lat, sidecar={"plain": plain})
+    res = BenchResults(machine={}, config={}, created="", models=derive(
+        [row("fake-fp32", 4.0, "fp32"), row("fake-int8", 1.0), row("fake-int8-plain", 1.5, plain=True)]))
+    (line,) = recommendation_lines(res)
+    assert "**fake-int8**" in line and "1.50x the speed of fake-int8-plain" in line

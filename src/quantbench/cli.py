@@ -269,6 +269,9 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtimes", default="auto",
                    help="comparison rows from other runtimes: comma list of onnxruntime, openvino, executorch; 'auto' (default) "
                         "adds those installed (pip install '.[runtimes]'), 'none' adds none")
+    p.add_argument("--plain", default="", metavar="RUNTIMES",
+                   help="also make these runtimes' int8 rows as the runtime alone would (no pruning, its default "
+                        "calibration), labelled e.g. openvino-int8-plain: the baseline to measure quantbench against")
     _quantize_args(p)
     p.add_argument("--bias-correction", default="fast",
                    help="NNCF's bias correction in the OpenVINO row: fast, full or none (default: fast)")
@@ -284,7 +287,7 @@ def replicate_cmd(args) -> int:
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
     cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
-                          methods=_list(args.methods), runtimes=runtimes, arch=_arch(args),
+                          methods=_list(args.methods), runtimes=runtimes, plain=_list(args.plain), arch=_arch(args),
                           quantize=_quantize_config(args, model=args.model, qat_epochs=args.qat_epochs),
                           resume=args.resume, bench=_bench_config(args))
     with run_lock(args.output):

@@ -19,7 +19,7 @@ from . import runtimes
 from .bench import BenchConfig, bench
 from .data import Batches, DataSource, for_model
 from .errors import FlowUnsupported, QuantbenchError
-from .export import read_sidecar, sidecar_path
+from .export import read_sidecar, sidecar_path, write_sidecar
 from .fileio import sha256
 from .flows import METHODS, check_method, suffix
 from .quantize import QuantizeConfig, export_origin, label, quantize_to_file
@@ -41,6 +41,9 @@ class ReplicateConfig:
     flows: tuple[str, ...] = ("eager",)
     methods: tuple[str, ...] = METHODS
     runtimes: tuple[str, ...] | None = None   # comparison rows; None: every installed one
+    # runtimes whose int8 row is also made as that runtime alone makes it (no pruning, its own
+    # default calibration), labelled NAME-plain: the baseline quantbench's additions are measured against
+    plain: tuple[str, ...] = ()
     quantize: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(method="static"))
     resume: bool = False
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -56,6 +59,7 @@ class ReplicateConfig:
                 self.quantize.replace(method=method, flow=flow)  # validates the combination
         if self.runtimes is not None:
             object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes))
+        object.__setattr__(self, "plain", runtimes.check_exporters(self.plain) if self.plain else ())
         if self.checkpoint is None:
             from .train import get_recipe
             get_recipe(self.preset, epochs=self.epochs)  # unknown preset, bad epochs: fail now
@@ -141,36 +145,53 @@ _RUNTIME_DEFAULTS = {"calib_scheme": {}, "bias_correction": "fast"}
 
 
 def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict | None = None) -> list[Path]:
-    from .export import prune_for_export
-    from .models import load_checkpoint
     wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
     source = source if source is not None else {"source_sha256": sha256(ckpt)}
-    calib_samples = min(cfg.quantize.calib_samples, 2000)
-    scheme = cfg.quantize.scheme
+    q = cfg.quantize
     files: list[Path] = []
     for name in wanted:
         try:
-            mod = runtimes.get(name)
-            made = [models / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
-            # the torch rows' calibration choices, by the same names (recorded in both sidecars)
-            expect = {**source, "calib_limit": calib_samples, "pruned": cfg.quantize.prune,
-                      "calib_scheme": scheme.overrides(), "bias_correction": cfg.quantize.bias_correction}
-            if made and all(_reusable(p, cfg.resume, expect, _RUNTIME_DEFAULTS) for p in made):
-                files += made  # resumed: the very same files are measured again
-                continue
-            model, meta = load_checkpoint(ckpt, num_classes=data.num_classes, model=cfg.quantize.model)
-            d = for_model(data, meta, f"checkpoint {ckpt}")
-            # the same fp32 graph as the torch rows start from (recorded in both sidecars)
-            pruning = prune_for_export(model, d.input_shape, cfg.quantize.prune, d, cfg.quantize.seed)
-            calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=calib_samples))
-            _log(f"{name}: exporting fp32 and int8")
-            files += mod.export(model, models, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
-                                                       "normalize_mean": list(d.mean), "normalize_std": list(d.std),
-                                                       "image_size": meta.get("image_size"), "pruning": pruning,
-                                                       "warnings": list(meta.get("warnings") or [])},
-                                scheme=scheme, bias_correction=cfg.quantize.bias_correction)
+            files += _export_runtime(name, cfg, ckpt, data, models, source, q.prune, q.scheme, q.bias_correction)
         except (QuantbenchError, ImportError) as e:
             if cfg.runtimes is not None:
                 raise QuantbenchError(f"runtime {name}: {e}") from e
             _log(f"skipping {name} rows: {e}")
+    for name in cfg.plain:
+        # the runtime's own int8 as a user without quantbench would make it: the unpruned fp32
+        # graph and the runtime's default calibration
+        made = _export_runtime(name, cfg, ckpt, data, models / "plain", source, False, None, "fast")
+        for path in made:
+            side = read_sidecar(path)
+            if side.get("dtype") == "int8":
+                if not side.get("plain"):
+                    write_sidecar(path, **{**side, "label": side.get("label", path.stem) + "-plain", "plain": True,
+                                           "why": "the runtime alone: no pruning, default calibration"})
+                files.append(path)
     return files
+
+
+def _export_runtime(name: str, cfg: ReplicateConfig, ckpt, data, out_dir: Path, source: dict,
+                    prune: bool, scheme, bias_correction: str) -> list[Path]:
+    """One runtime's fp32 and int8 files in `out_dir`, from the same fp32 graph as the torch
+    rows (pruned or not) and the torch rows' calibration choices by the same names (recorded in
+    the sidecars); files already made the same way are reused with --resume."""
+    from .export import prune_for_export
+    from .models import load_checkpoint
+    mod = runtimes.get(name)
+    made = [out_dir / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
+    calib_samples = min(cfg.quantize.calib_samples, 2000)
+    expect = {**source, "calib_limit": calib_samples, "pruned": prune,
+              "calib_scheme": scheme.overrides() if scheme is not None else {}, "bias_correction": bias_correction}
+    if made and all(_reusable(p, cfg.resume, expect, _RUNTIME_DEFAULTS) for p in made):
+        return made  # resumed: the very same files are measured again
+    model, meta = load_checkpoint(ckpt, num_classes=data.num_classes, model=cfg.quantize.model)
+    d = for_model(data, meta, f"checkpoint {ckpt}")
+    pruning = prune_for_export(model, d.input_shape, prune, d, cfg.quantize.seed)
+    calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=calib_samples))
+    _log(f"{name}: exporting fp32 and int8" + ("" if prune else " (unpruned)") + f" to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return mod.export(model, out_dir, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
+                                              "normalize_mean": list(d.mean), "normalize_std": list(d.std),
+                                              "image_size": meta.get("image_size"), "pruning": pruning,
+                                              "warnings": list(meta.get("warnings") or [])},
+                      scheme=scheme, bias_correction=bias_correction)

@@ -106,6 +106,9 @@ def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str
             continue
         vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({rec.fastest_fp32})"
               if rec.speedup_vs_fastest_fp32 else "")
+        # the runtimes' own int8 rows (replicate --plain): what quantbench adds over each runtime alone
+        vs += "".join(f", {m.median_ms(b) / rec.median_ms:.2f}x the speed of {m.label}"
+                      for m in results.models if m.sidecar.get("plain") and m.median_ms(b) and m.label != rec.label)
         try:
             hint = runtimes.get(rec.runtime).how_to_load(Path(rec.file).name)
         except (QuantbenchError, AttributeError):
@@ -252,16 +255,30 @@ def compare_table(runs: list[BenchResults], names: list[str]) -> str:
     """Batch-1 median latency and accuracy of every model across runs; change vs the first run."""
     labels = list(dict.fromkeys(r.label for res in runs for r in res.models))
     rows = [res.by_label() for res in runs]
-    head = ["Model"] + [f"run {i + 1} (ms)" for i in range(len(runs))] + \
-           [f"run {i + 1} vs 1" for i in range(1, len(runs))] + [f"acc. run {i + 1}" for i in range(len(runs))]
+    n = range(1, len(runs))
+
+    def change(values: list) -> list:
+        return [None if v is None or values[0] is None else v / values[0] - 1 for v in values[1:]]
+
+    head = (["Model"] + [f"run {i + 1} (ms)" for i in range(len(runs))] + [f"run {i + 1} vs 1" for i in n]
+            + [f"speed-up run {i + 1}" for i in range(len(runs))] + [f"speed-up run {i + 1} vs 1" for i in n]
+            + [f"acc. run {i + 1}" for i in range(len(runs))])
     lines = ["Runs: " + "; ".join(f"{i + 1} = {n}" for i, n in enumerate(names)), "",
+             "Speed-up: against the fp32 row of the same runtime in the same run (the ratio that can repeat on a "
+             "machine whose speed drifts; absolute times need not).", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    worst = []
     for label in labels:
         med = [r[label].median_ms() if label in r else None for r in rows]
-        change = [None if m is None or med[0] is None else m / med[0] - 1 for m in med[1:]]
+        up = [r[label].speedup if label in r else None for r in rows]
         acc = [r[label].accuracy if label in r else None for r in rows]
-        lines.append("| " + " | ".join([label] + [_fmt(m, ".3f") for m in med] + [_fmt(c, "+.1%") for c in change]
+        worst += [abs(c) for c in change(up) if c is not None and rows[0][label].dtype != "fp32"]
+        lines.append("| " + " | ".join([label] + [_fmt(m, ".3f") for m in med] + [_fmt(c, "+.1%") for c in change(med)]
+                                       + [_fmt(u, ".2f", "x") for u in up] + [_fmt(c, "+.1%") for c in change(up)]
                                        + [_fmt(a, ".2f", "%") for a in acc]) + " |")
+    if worst:
+        lines += ["", f"Largest change of a speed-up against run 1: {max(worst):.1%} "
+                      f"({sum(w <= 0.05 for w in worst)} of {len(worst)} within 5 %)."]
     return "\n".join(lines)
 
 

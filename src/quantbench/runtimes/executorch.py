@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import QuantbenchError, cause
-from ..export import calibration_arrays, write_sidecar
+from ..export import calibration_arrays, read_sidecar, write_sidecar
 from ..fileio import write_bytes
 from ..results import OpCounts
 from ..warn import stderr_silenced
@@ -39,7 +39,8 @@ INT8_FILE = "executorch-int8.pte"
 FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
 INSTALL = "pip install -e '.[edge]'"
 # A .pte plans all its memory ahead for the largest batch it accepts. The wrapper from load()
-# splits bigger batches (the accuracy pass) into pieces of at most this size.
+# splits bigger batches (the accuracy pass) into pieces of at most the file's verified batch
+# (its sidecar's max_batch, see _verified_batch), never more than this.
 MAX_BATCH = 32
 
 
@@ -144,7 +145,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
     common = {"flow": NAME, "runtime": NAME, "backend": "XNNPACK",
               "executorch_version": getattr(et, "__version__", None) or _version(),
-              "input_shape": list(calib[0].shape[1:]), "max_batch": MAX_BATCH}
+              "input_shape": list(calib[0].shape[1:])}
 
     model = model.eval()
     try:
@@ -160,19 +161,54 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
         raise
     except Exception as e:
         raise QuantbenchError(f"ExecuTorch export failed: {cause(e)}") from e
+    # each image's output must not depend on its batch-mates: find the largest batch for which
+    # that holds (XNNPACK's int8 path has broken it for some models, see _verified_batch)
+    fp32_batch = _verified_batch(fp32, calib, "fp32")
+    int8_batch = _verified_batch(int8, calib, "int8")
     write_bytes(fp32_path, fp32)
     write_bytes(int8_path, int8)
 
     # weight_bytes: the whole program; its graph and plan are small beside the weights
     write_sidecar(fp32_path, **{**meta, **common, "label": "executorch-fp32", "method": "origin",
                                 "dtype": "fp32", "qconfig": None, "calibration": None,
-                                "weight_bytes": len(fp32)})
+                                "weight_bytes": len(fp32), **fp32_batch})
     write_sidecar(int8_path, **{**meta, **common, "label": "executorch-int8", "method": "static",
                                 "dtype": "int8", "qconfig": describe_int8(settings, applied, scheme),
                                 "calibration": {"samples": sum(len(x) for x in calib),
                                                 "batches": len(calib), "method": "histogram"},
-                                "weight_bytes": len(int8)})
+                                "weight_bytes": len(int8), **int8_batch})
     return [fp32_path, int8_path]
+
+
+def _verified_batch(program: bytes, calib: list[torch.Tensor], what: str) -> dict:
+    """The largest batch (MAX_BATCH, halved down to 1) whose outputs equal the same images run
+    one at a time, twice in a row; the sidecar's max_batch, which load() splits batches by.
+
+    Why: with executorch 1.5.1, XNNPACK's int8 MobileNetV3-Large gave the right logits at batch
+    1-8 and wrong, run-to-run different ones at 16 and 32 (ResNet-18 and MobileNetV2 were right
+    at every size). Latency at batch 1 is unaffected; the accuracy pass, which runs batches,
+    was not. A batch that fails here is never sent to the program."""
+    from executorch.runtime import Runtime
+    images = torch.cat(calib)[:MAX_BATCH].contiguous()
+    with stderr_silenced(), _experimental_ok():
+        method = Runtime.get().load_program(program).load_method("forward")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return method.execute([x.contiguous()])[0].clone()
+
+    one = torch.cat([run(x) for x in images.split(1)])
+    tol = 1e-3 * float(one.abs().max()) + 1e-5
+    batch = MAX_BATCH
+    while batch > 1:
+        ok = all(float((torch.cat([run(x) for x in images.split(batch)]) - one).abs().max()) <= tol for _ in range(2))
+        if ok:
+            break
+        batch //= 2
+    record = {"max_batch": batch}
+    if batch < MAX_BATCH:
+        record["max_batch_why"] = (f"the {what} program's outputs at batch {batch * 2} differed from the same images "
+                                   f"run one at a time; larger batches are split into pieces of {batch}")
+    return record
 
 
 def _version() -> str | None:
@@ -205,9 +241,12 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     if method is None:
         raise QuantbenchError(f"{path} has no forward method")
 
+    # the largest batch the program was verified on when it was made (older files: MAX_BATCH)
+    limit = min(MAX_BATCH, int(read_sidecar(path).get("max_batch") or MAX_BATCH))
+
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous()
-        outs = [method.execute([piece])[0].clone() for piece in x.split(MAX_BATCH)]
+        outs = [method.execute([piece.contiguous()])[0].clone() for piece in x.split(limit)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     return run

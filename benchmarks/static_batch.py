@@ -1,0 +1,94 @@
+"""Does a deployment file made for batch 1 exactly run faster at batch 1 than the dynamic-batch
+file quantbench writes? (A benchmark, not a test; the README's "what is left to try" figures.)
+
+    python benchmarks/static_batch.py RUN_DIR [--checkpoint CKPT --data-dir DIR] [--rounds 30]
+
+RUN_DIR is a `quantbench replicate ... --plain openvino` run directory. Compared in interleaved
+rounds (20 warm-up + 100 timed calls per file per round), pinned to the last core, 1 thread:
+- OpenVINO int8, pruned and plain (models/plain/), each compiled with its dynamic batch and
+  reshaped to a static [1, C, H, W] before compiling;
+- ExecuTorch int8 (models/executorch-int8.pte) against the same pruned checkpoint exported by
+  torch.export with a static batch of 1 (needs --checkpoint and --data-dir for calibration).
+Prints each variant's median and its speed-up against the first one.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+def openvino_variants(models: Path, shape: list[int]) -> dict:
+    import openvino as ov
+    core = ov.Core()
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+    out = {}
+    for name, xml in (("openvino plain", models / "plain" / "openvino-int8.xml"),
+                      ("openvino pruned", models / "openvino-int8.xml")):
+        for static in (False, True):
+            m = core.read_model(str(xml))
+            if static:
+                m.reshape([1, *shape])
+            req = core.compile_model(m, "CPU", cfg).create_infer_request()
+            out[f"{name}, {'static batch 1' if static else 'dynamic batch'}"] = \
+                lambda x, req=req: req.infer({0: x.numpy()})
+    return out
+
+
+def executorch_variants(models: Path, checkpoint: str, data_dir: str) -> dict:
+    import torch
+
+    from quantbench.data import Batches, DataSource, for_model
+    from quantbench.export import prune_for_export
+    from quantbench.models import load_checkpoint
+    from quantbench.runtimes import executorch as E
+    data = DataSource(data_dir).load(train=True, progress=False)
+    model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes)
+    d = for_model(data, meta, checkpoint)
+    prune_for_export(model, d.input_shape, True, d, 0)
+    out_dir = Path(tempfile.mkdtemp(prefix="static-batch-"))
+    E._capture = lambda m, ex: torch.export.export(m, (ex[:1].contiguous(),))  # no dynamic batch
+    calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=2000))
+    E.export(model.eval(), out_dir, calib, {})
+    return {"executorch, dynamic batch": E.load(models / "executorch-int8.pte", 1),
+            "executorch, static batch 1": E.load(out_dir / "executorch-int8.pte", 1)}
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--checkpoint")
+    p.add_argument("--data-dir")
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    models = args.run / "models"
+    shape = [3, 32, 32]
+    variants = openvino_variants(models, shape)
+    if args.checkpoint and args.data_dir:
+        variants.update(executorch_variants(models, args.checkpoint, args.data_dir))
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    x = torch.randn(1, *shape)
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, f in variants.items():
+            for _ in range(20):
+                f(x)
+            for _ in range(100):
+                t = time.perf_counter()
+                f(x)
+                times[k].append(time.perf_counter() - t)
+    ref = statistics.median(next(iter(times.values())))
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{k:36s} {med * 1e3:.3f} ms  {ref / med:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
