@@ -116,17 +116,29 @@ def test_the_wrapper_splits_batches_by_the_verified_size(exported, tiny, tmp_pat
     assert _sidecar(exported[1])["max_batch"] == et.MAX_BATCH  # resnet10 is right at every batch
 
 
+def test_the_activation_observer_is_the_one_asked_for(tiny):
+    """--observer moving-average reaches XNNPACK's quantizer: its activation specs get that
+    observer (the sidecar reads them back from the prepared graph), the rest is unchanged."""
+    pytest.importorskip("executorch", reason="executorch not installed: pip install -e '.[edge]'")
+    q = et._quantizer(et.int8_settings(Scheme(observer="moving-average")))
+    spec = q.global_config.input_activation
+    assert spec.observer_or_fake_quant_ctr.p.func.__name__ == "MovingAverageMinMaxObserver"
+    assert spec.dtype == torch.int8 and (spec.quant_min, spec.quant_max) == (-128, 127)
+    assert q.global_config.output_activation is spec
+
+
 def test_op_counts_say_what_runs_int8_in_xnnpack(exported):
     fp32, int8 = (runtimes.for_path(p).op_counts(p) for p in exported)
     assert fp32.int8_conv == 0 and fp32.float_conv > 0 and fp32.float_linear == 1
     assert int8.float_conv == 0 and int8.int8_conv == fp32.float_conv and int8.int8_linear == 1
 
 
-def test_per_tensor_weights_and_unsupported_schemes():
-    assert et.int8_settings(None) == {"is_per_channel": True}
-    assert et.int8_settings(Scheme(weight_scheme="per-tensor")) == {"is_per_channel": False}
-    assert et.int8_settings(Scheme(observer="histogram", act_scheme="affine")) == {"is_per_channel": True}
-    for bad in (Scheme(qconfig="seed"), Scheme(observer="minmax"), Scheme(act_scheme="symmetric")):
+def test_per_tensor_weights_observers_and_unsupported_schemes():
+    assert et.int8_settings(None) == {"is_per_channel": True, "observer": "histogram"}
+    assert et.int8_settings(Scheme(weight_scheme="per-tensor")) == {"is_per_channel": False, "observer": "histogram"}
+    assert et.int8_settings(Scheme(observer="histogram", act_scheme="affine"))["is_per_channel"] is True
+    assert et.int8_settings(Scheme(observer="moving-average"))["observer"] == "moving-average"
+    for bad in (Scheme(qconfig="seed"), Scheme(observer="percentile"), Scheme(act_scheme="symmetric")):
         with pytest.raises(QuantbenchError, match="XNNPACK's quantizer cannot do") as e:
             et.int8_settings(bad)
         assert "\n" not in str(e.value)

@@ -66,3 +66,13 @@ def test_warnings_reach_the_checkpoint_and_the_report(tiny_data_dir, tmp_path, c
     assert any("near chance" in w for w in row.sidecar["warnings"])
     text = render(BenchResults(machine={}, config={}, created="now", models=[row]))
     assert text.index("**Warning:** best test accuracy") < text.index("| Model |")
+
+
+def test_qat_epochs_the_user_sets_are_kept_on_cifar10_sized_data():
+    """`--qat-epochs 1` means one epoch: the fast schedule's minimum of 200 steps (which fit()
+    enforces on its 25,000-image epochs of batch 128: 195 steps) must not raise it to 2."""
+    from quantbench.quantize import QuantizeConfig, qat_recipe
+    assert qat_recipe(QuantizeConfig(method="qat")).fit(50_000).epochs == 2  # the schedule's own
+    one = qat_recipe(QuantizeConfig(method="qat", qat_epochs=1))
+    assert one.fit(50_000).epochs == 1 and "epochs" in one.fixed
+    assert qat_recipe(QuantizeConfig(method="qat", qat_epochs=3)).fit(500).epochs == 3

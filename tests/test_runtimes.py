@@ -123,3 +123,25 @@ def test_missing_package_is_a_one_line_error(mod, package, suffix, monkeypatch, 
         f.write_bytes(b"")
         with pytest.raises(QuantbenchError, match=r"pip install '\.\[runtimes\]'"):
             load_deployed(f)
+
+
+def test_onnxruntime_row_of_a_vision_transformer(tmp_path):
+    """ORT's symbolic shape inference cannot follow vit_tiny's reshapes (an AssertionError deep in
+    onnxruntime): the pre-pass runs again with ONNX's own shape inference, the sidecar says so,
+    and the int8 file runs. A model the ONNX exporter cannot translate is one QuantbenchError."""
+    pytest.importorskip("onnxruntime")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = models.vit_tiny(3, image_size=8).eval()
+    files = onnxrt.export(model, tmp_path / "vit", [torch.randn(4, 3, 8, 8) for _ in range(2)], {})
+    side = json.loads((tmp_path / "vit" / "onnx-int8.onnx.json").read_text())
+    assert "symbolic shape inference failed" in side["preprocess"]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(onnxrt.load(files[0], 1)(x), model(x), rtol=1e-4, atol=1e-4)
+    assert onnxrt.load(files[1], 1)(x).shape == (2, 3)
+    # this small one takes torch's fused attention kernel, which has no ONNX translation
+    small = VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=3).eval()
+    with pytest.raises(QuantbenchError, match="ONNX export failed"):
+        onnxrt.export(small, tmp_path / "small", [torch.randn(4, 3, 8, 8)], {})

@@ -227,7 +227,7 @@ def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progres
         qmodel = flow.convert(prepared)
     else:
         sched = QAT_SCHEDULES[cfg.qat_schedule]
-        recipe = sched.recipe.replace(epochs=cfg.qat_epochs)
+        recipe = qat_recipe(cfg)
         with _tracing(cfg.flow):
             prepared = flow.prepare(model, cfg.scheme, qat=True, example=example, fp32_layers=cfg.fp32_layers)
         record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
@@ -252,6 +252,16 @@ def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progres
                          "fake_quant_test_acc": [h["test_acc"] for h in result.history]}
         qmodel = flow.convert(prepared)
     return qmodel
+
+
+def qat_recipe(cfg: QuantizeConfig):
+    """The QAT fine-tune's recipe: the schedule's, with the user's epochs if given. Epochs the
+    user set are kept as they are when Recipe.fit scales the recipe to the data (without the
+    mark, fit would raise `--qat-epochs 1` to the schedule's minimum number of steps)."""
+    recipe = QAT_SCHEDULES[cfg.qat_schedule].recipe
+    if cfg.qat_epochs is None:
+        return recipe
+    return recipe.replace(epochs=cfg.qat_epochs, fixed=tuple(dict.fromkeys((*recipe.fixed, "epochs"))))
 
 
 # What to try when a flow cannot capture a model.

@@ -75,28 +75,44 @@ def _require(what: str):
 
 # ---------------------------------------------------------------- 1. the int8 recipe
 def int8_settings(scheme=None) -> dict:
-    """get_symmetric_quantization_config keyword arguments for a quantbench Scheme (None: its
-    defaults). XNNPACK's quantizer fixes most choices: int8 activations, per-tensor affine
-    [-128, 127] from a HistogramObserver; int8 symmetric weights [-127, 127]. The one choice it
-    offers that a Scheme also makes is per-channel vs per-tensor weights; asking for anything
-    it cannot do is an error rather than a silently different row."""
+    """What XNNPACK's quantizer is given, for a quantbench Scheme (None: its defaults):
+    get_symmetric_quantization_config's keyword arguments, plus the activation observer.
+    XNNPACK's int8 kernels fix most choices: int8 activations, per-tensor affine [-128, 127];
+    int8 symmetric weights [-127, 127]. A Scheme may choose per-channel or per-tensor weights,
+    and how activation ranges are observed: histogram (the quantizer's own), minmax or
+    moving-average (the same observer, swapped into its activation specs). Anything else is an
+    error rather than a silently different row."""
     from ..flows.qconfigs import Scheme
     s = Scheme.of(scheme) if scheme is not None else Scheme()
     unsupported = [f"qconfig {s.qconfig!r}" if s.qconfig != "default" else "",
-                   f"observer {s.observer!r}" if s.observer not in (None, "histogram") else "",
+                   f"observer {s.observer!r}" if s.observer not in (None, *ACT_OBSERVERS) else "",
                    f"activation scheme {s.act_scheme!r}" if s.act_scheme not in (None, "affine") else ""]
     unsupported = [u for u in unsupported if u]
     if unsupported:
         raise QuantbenchError(f"XNNPACK's quantizer cannot do {', '.join(unsupported)}: it takes the 'default' "
-                              "qconfig with histogram, affine activations; only --weight-scheme applies")
-    return {"is_per_channel": (s.weight_scheme or "per-channel") == "per-channel"}
+                              f"qconfig with affine activations observed by {', '.join(ACT_OBSERVERS)}; "
+                              "--weight-scheme applies too")
+    return {"is_per_channel": (s.weight_scheme or "per-channel") == "per-channel",
+            "observer": s.observer or "histogram"}
+
+
+# activation observers XNNPACK's quantizer can be given (quantbench names -> torchao's observers)
+ACT_OBSERVERS = ("histogram", "minmax", "moving-average")
 
 
 def _quantizer(settings: dict):
+    import dataclasses
+
     # executorch 1.5 keeps XNNPACK's PT2E quantizer beside its backend (torchao's copy is gone)
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(**settings))
+    from torchao.quantization.pt2e import MinMaxObserver, MovingAverageMinMaxObserver
+    config = get_symmetric_quantization_config(is_per_channel=settings["is_per_channel"])
+    observer = {"minmax": MinMaxObserver, "moving-average": MovingAverageMinMaxObserver}.get(settings["observer"])
+    if observer is not None:  # the same spec (dtype, range, scheme), other ranges
+        spec = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer.with_args(eps=2**-12))
+        config = dataclasses.replace(config, input_activation=spec, output_activation=spec)
+    return XNNPACKQuantizer().set_global(config)
 
 
 def describe_int8(settings: dict, applied: dict, scheme=None) -> dict:
@@ -175,7 +191,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     write_sidecar(int8_path, **{**meta, **common, "label": "executorch-int8", "method": "static",
                                 "dtype": "int8", "qconfig": describe_int8(settings, applied, scheme),
                                 "calibration": {"samples": sum(len(x) for x in calib),
-                                                "batches": len(calib), "method": "histogram"},
+                                                "batches": len(calib), "method": settings["observer"]},
                                 "weight_bytes": len(int8), **int8_batch})
     return [fp32_path, int8_path]
 

@@ -211,15 +211,32 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     # leaves no half-written model under the final names.
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out_dir) as tmp:
         tmp_fp32, tmp_int8 = Path(tmp) / FP32_FILE, Path(tmp) / INT8_FILE
-        with torch.no_grad():
-            export_fp32(model, tmp_fp32, example)
+        try:
+            with torch.no_grad():
+                export_fp32(model, tmp_fp32, example)
+        except Exception as e:  # an operator the ONNX exporter has no translation for, ...
+            raise QuantbenchError(f"ONNX export failed: {cause(e)}") from e
         # ORT's recommended pre-pass (shape inference, graph clean-up) before choosing where the
         # QuantizeLinear/DequantizeLinear pairs go; it only feeds the quantizer.
         tmp_pre = Path(tmp) / "preprocessed.onnx"
-        quant_pre_process(str(tmp_fp32), str(tmp_pre))
-        # the histogram calibrators print their progress on stdout: keep it out of logs
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
+        try:
+            quant_pre_process(str(tmp_fp32), str(tmp_pre))
+            preprocess = "symbolic and ONNX shape inference, graph optimization"
+        except Exception as e:
+            # ORT's symbolic shape inference cannot follow every graph (a vision transformer's
+            # reshapes of computed shapes, for one); ONNX's own shape inference is enough for
+            # placing the quantize/dequantize pairs, so the pass runs again without it.
+            preprocess = f"ONNX shape inference and graph optimization (ORT's symbolic shape inference failed: {cause(e)})"
+            try:
+                quant_pre_process(str(tmp_fp32), str(tmp_pre), skip_symbolic_shape=True)
+            except Exception as e2:
+                raise QuantbenchError(f"ONNX Runtime's quantization pre-pass failed on this model: {cause(e2)}") from e2
+        try:
+            # the histogram calibrators print their progress on stdout: keep it out of logs
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
+        except Exception as e:
+            raise QuantbenchError(f"ONNX Runtime's quantize_static failed on this model: {cause(e)}") from e
         os.replace(tmp_fp32, fp32_path)
         os.replace(tmp_int8, int8_path)
 
@@ -227,7 +244,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                                 "dtype": "fp32", "qconfig": None, "calibration": None,
                                 "weight_bytes": initializer_bytes(fp32_path)})
     write_sidecar(int8_path, **{**meta, **common, "label": "onnxrt-int8", "method": "static",
-                                "dtype": "int8", "qconfig": describe_int8(settings, scheme),
+                                "dtype": "int8", "qconfig": describe_int8(settings, scheme), "preprocess": preprocess,
                                 "calibration": {"samples": sum(len(x) for x in calib),
                                                 "batches": len(calib), "method": calibration_method(settings)},
                                 "weight_bytes": initializer_bytes(int8_path)})
