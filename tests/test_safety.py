@@ -215,3 +215,15 @@ def test_saves_are_byte_reproducible(tmp_path):
     save_program(quantized_program(), b)
     assert a.read_bytes() == b.read_bytes()
     assert any("from_node" in n.meta for n in first.graph.nodes)  # the caller's program is unchanged
+
+
+def test_shape_expressions_of_real_models_pass_and_calls_outside_sympy_do_not():
+    """vit_tiny's exported graph has `Mul(Integer(576), Symbol('s77', ...))` (batch x 576 in a
+    reshape): sympy arithmetic is allowed; anything that would call or import something else is not."""
+    from quantbench.pt2_archive import _safe_expr, _sympy_calls
+    calls = _sympy_calls()
+    assert _safe_expr("Mul(Integer(576), Symbol('s77', positive=True, integer=True))", calls)
+    assert _safe_expr("Add(Pow(Symbol('s0', integer=True), Integer(2)), Integer(1))", calls)
+    for bad in ("Mul(__import__('os').system('x'))", "Mul(Integer(1)).__class__", "eval('1')",
+                "Symbol('a b')"):
+        assert not _safe_expr(bad, calls), bad

@@ -41,7 +41,7 @@ _PAYLOADS = re.compile(r"(weight|tensor)_\d+")  # raw tensor bytes (not custom_o
 
 # The functions a symbolic shape expression may call: sympy's and torch's own sympy functions.
 # No attribute access, no other calls: sympify evaluates the text as Python.
-_SYMPY_CALLS = {"Symbol", "Integer", "Rational", "Float", "Max", "Min", "Eq", "Ne", "Lt", "Le",
+_SYMPY_CALLS = {"Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Eq", "Ne", "Lt", "Le",
                 "Gt", "Ge", "And", "Or", "Not", "Mod", "floor", "ceiling", "Abs", "Piecewise", "sqrt"}
 _EXPR_NODES = (ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.Tuple,
                ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.operator, ast.unaryop,
