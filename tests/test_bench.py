@@ -273,3 +273,19 @@ def test_measuring_processes_are_pinned_to_one_core(tmp_path, monkeypatch):
         assert os.sched_getaffinity(w.proc.pid) == core
     finally:
         w.kill()
+
+
+def test_dtype_cell_says_which_layers_are_int8():
+    """Dynamic quantization of a CNN changes its fc only; of a transformer, every Linear: the
+    table says which, from the counted operators."""
+    from quantbench.report import dtype_cell
+    from quantbench.results import ModelResult, OpCounts
+
+    def row(ops):
+        return ModelResult(label="ptq-d", file="x.pt", method="dynamic", flow="eager", runtime="torchscript",
+                           dtype="int8", file_bytes=1, ops=ops, status=ops.status("int8"))
+    assert dtype_cell(row(OpCounts(int8_linear=1, float_conv=20))) == "int8 (fc only)"
+    assert dtype_cell(row(OpCounts(int8_linear=25, float_conv=1))) == "int8 (linear only: 25 of 25)"
+    assert dtype_cell(row(OpCounts(int8_linear=13, float_linear=12, float_conv=1))) == "int8 (linear only: 13 of 25)"
+    assert dtype_cell(row(OpCounts(int8_conv=20, int8_linear=1))) == "int8"
+    assert dtype_cell(row(OpCounts(float_conv=20, float_linear=1))) == "**fp32 (NOT QUANTIZED)**"

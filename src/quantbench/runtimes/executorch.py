@@ -215,10 +215,13 @@ def _verified_batch(program: bytes, calib: list[torch.Tensor], what: str) -> dic
     one = torch.cat([run(x) for x in images.split(1)])
     tol = 1e-3 * float(one.abs().max()) + 1e-5
     batch = MAX_BATCH
-    while batch > 1:
-        ok = all(float((torch.cat([run(x) for x in images.split(batch)]) - one).abs().max()) <= tol for _ in range(2))
-        if ok:
-            break
+    def agrees(batch: int) -> bool:
+        try:
+            return float((torch.cat([run(x) for x in images.split(batch)]) - one).abs().max()) <= tol
+        except RuntimeError:  # a program exported for smaller batches refuses the input
+            return False
+
+    while batch > 1 and not (agrees(batch) and agrees(batch)):
         batch //= 2
     record = {"max_batch": batch}
     if batch < MAX_BATCH:
