@@ -8,7 +8,7 @@
 # if present; otherwise torchvision downloads CIFAR-10 into data/.
 set -euo pipefail
 cd "$(dirname "$0")"
-bash scripts/setup.sh runtimes
+bash scripts/setup.sh runtimes,edge
 args=("$@")
 if [[ " $* " != *" --data-dir "* && " $* " != *" --data-root "* ]]; then
   archive=../shared/data/cifar10-jpeg.tar.gz

@@ -276,7 +276,7 @@ def test_user_model_checkpoint(user_file, tmp_path):
     models.save_checkpoint(path, model, {**models.model_meta(model=spec), "num_classes": 4})
     n = _imports(user_file)
     # Without the spec, loading refuses and runs none of the user's code.
-    with pytest.raises(QuantbenchError, match=rf"holds a user model built by .*mynet.py:build; pass --model"):
+    with pytest.raises(QuantbenchError, match=r"holds a user model built by .*mynet.py:build; pass --model"):
         models.load_checkpoint(path)
     with pytest.raises(QuantbenchError, match="pass --model"):
         models.load_checkpoint(path, arch="resnet18")
