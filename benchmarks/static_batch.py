@@ -53,7 +53,9 @@ def executorch_variants(models: Path, checkpoint: str, data_dir: str) -> dict:
     prune_for_export(model, d.input_shape, True, d, 0)
     out_dir = Path(tempfile.mkdtemp(prefix="static-batch-"))
     E._capture = lambda m, ex: torch.export.export(m, (ex[:1].contiguous(),))  # no dynamic batch
-    calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=2000))
+    # a batch-1 graph takes one image per call, calibration included
+    calib = (x[i:i + 1] for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=2000)
+             for i in range(len(x)))
     E.export(model.eval(), out_dir, calib, {})
     return {"executorch, dynamic batch": E.load(models / "executorch-int8.pte", 1),
             "executorch, static batch 1": E.load(out_dir / "executorch-int8.pte", 1)}
@@ -71,16 +73,20 @@ def main() -> int:
     if args.runtime is None:
         import subprocess
         wanted = ["openvino"] + (["executorch"] if args.checkpoint and args.data_dir else [])
-        return max(subprocess.call([sys.executable, *sys.argv, "--runtime", r]) for r in wanted)
+        codes = [subprocess.call([sys.executable, *sys.argv, "--runtime", r]) for r in wanted]
+        return next((1 for c in codes if c), 0)  # a child killed by a signal has a negative code
+    # pinned before any runtime starts its threads, so that they inherit the one core
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     import torch
+
+    from quantbench.export import input_shape, read_sidecar
     torch.set_num_threads(1)
     models = args.run / "models"
-    shape = [3, 32, 32]
+    shape = list(input_shape(read_sidecar(models / "openvino-int8.xml")))
     if args.runtime == "openvino":
         variants = openvino_variants(models, shape)
     else:
         variants = executorch_variants(models, args.checkpoint, args.data_dir)
-    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     x = torch.randn(1, *shape)
     times = {k: [] for k in variants}
     for _ in range(args.rounds):

@@ -287,5 +287,6 @@ def test_dtype_cell_says_which_layers_are_int8():
     assert dtype_cell(row(OpCounts(int8_linear=1, float_conv=20))) == "int8 (fc only)"
     assert dtype_cell(row(OpCounts(int8_linear=25, float_conv=1))) == "int8 (linear only: 25 of 25)"
     assert dtype_cell(row(OpCounts(int8_linear=13, float_linear=12, float_conv=1))) == "int8 (linear only: 13 of 25)"
+    assert dtype_cell(row(OpCounts(int8_linear=1, float_linear=24, float_conv=1))) == "int8 (linear only: 1 of 25)"
     assert dtype_cell(row(OpCounts(int8_conv=20, int8_linear=1))) == "int8"
     assert dtype_cell(row(OpCounts(float_conv=20, float_linear=1))) == "**fp32 (NOT QUANTIZED)**"

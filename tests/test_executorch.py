@@ -97,11 +97,38 @@ def test_a_program_is_never_sent_a_batch_it_gets_wrong(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.runtime", types.SimpleNamespace(Runtime=fake))
     images = [torch.randn(10, 3, 4, 4), torch.randn(30, 3, 4, 4)]
     rec = et._verified_batch(b"program", images, "int8")
-    assert rec["max_batch"] == 4 and "batch 8 differed" in rec["max_batch_why"]
+    assert rec["max_batch"] == 4 and rec["batch_checked"]
+    assert "at batch 8 the int8 program gave outputs that differed" in rec["max_batch_why"]
     assert set(calls) == {1, 32, 16, 8, 4}  # never anything else
     calls.clear()
     Method.execute = lambda self, inputs: [inputs[0].flatten(1)[:, :3]]  # right at every size
-    assert et._verified_batch(b"program", images, "fp32") == {"max_batch": et.MAX_BATCH}
+    assert et._verified_batch(b"program", images, "fp32") == {"max_batch": et.MAX_BATCH, "batch_checked": True}
+    # fewer images than MAX_BATCH: the record claims only the batch it could check
+    rec = et._verified_batch(b"program", [torch.randn(12, 3, 4, 4)], "fp32")
+    assert rec["max_batch"] == 8 and "only 12 calibration images" in rec["max_batch_why"]
+
+    def refuses_big(self, inputs):  # a program exported for batch 1 only
+        if len(inputs[0]) > 1:
+            raise RuntimeError("input shape mismatch")
+        return [inputs[0].flatten(1)[:, :3]]
+    Method.execute = refuses_big
+    rec = et._verified_batch(b"program", images, "int8")
+    assert rec["max_batch"] == 1 and "at batch 2 the int8 program refused the input" in rec["max_batch_why"]
+
+
+def test_a_verification_failure_is_one_export_error(monkeypatch, tiny, tmp_path):
+    """A program that cannot even be run for the batch check fails the export with one
+    QuantbenchError (replicate skips or reports the row), not a traceback, and writes nothing."""
+    pytest.importorskip("executorch", reason="executorch not installed: pip install -e '.[edge]'")
+    model, train, _ = tiny
+    monkeypatch.setattr(et, "_lower", lambda program: b"not a program")  # the lowering is not the point
+
+    def broken(program, calib, what):
+        raise ValueError("bad program")
+    monkeypatch.setattr(et, "_verified_batch", broken)
+    with pytest.raises(QuantbenchError, match="ExecuTorch export failed while checking batches: .*bad program"):
+        et.export(model, tmp_path, [train[:8]], {})
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_wrapper_splits_batches_by_the_verified_size(exported, tiny, tmp_path):
@@ -114,6 +141,23 @@ def test_the_wrapper_splits_batches_by_the_verified_size(exported, tiny, tmp_pat
     split = runtimes.load(path, threads=1)(train[:10])
     torch.testing.assert_close(split, whole)
     assert _sidecar(exported[1])["max_batch"] == et.MAX_BATCH  # resnet10 is right at every batch
+
+
+def test_a_file_made_before_the_batch_check_runs_one_image_at_a_time(exported, tiny, tmp_path, monkeypatch):
+    """Older sidecars said max_batch 32 without checking it: such a file (also reused by
+    --resume) is sent one image per call, the one size known to be right."""
+    import shutil
+    path = tmp_path / "old.pte"
+    shutil.copy(exported[1], path)
+    side = {k: v for k, v in _sidecar(exported[1]).items() if k not in ("batch_checked", "max_batch_why")}
+    (tmp_path / "old.pte.json").write_text(json.dumps({**side, "max_batch": 32}))
+    _, train, _ = tiny
+    sizes = []
+    run = runtimes.load(path, threads=1)
+    real_split = torch.Tensor.split
+    monkeypatch.setattr(torch.Tensor, "split", lambda self, n, *a, **k: sizes.append(n) or real_split(self, n, *a, **k))
+    out = run(train[:6])
+    assert sizes == [1] and out.shape[0] == 6
 
 
 def test_the_activation_observer_is_the_one_asked_for(tiny):

@@ -188,6 +188,7 @@ def test_plain_rows_are_the_runtime_alone_and_the_recommendation_compares_with_t
     assert seen[0][2].observer == "minmax" and seen[1][2] is None  # the plain row: the runtime's own calibration
     side = read_sidecar(files[2])
     assert side["label"] == "fake-int8-plain" and side["plain"] is True and side["pruned"] is False
+    assert side["pruning"] == {"applied": False, "why": "plain row: the runtime alone"}  # not "--no-prune"
 
     def row(label, ms, dtype="int8", plain=False):
         lat = {1: LatencyStats.of([ms] * 5)}

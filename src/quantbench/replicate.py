@@ -165,7 +165,9 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict |
             if side.get("dtype") == "int8":
                 if not side.get("plain"):
                     write_sidecar(path, **{**side, "label": side.get("label", path.stem) + "-plain", "plain": True,
-                                           "why": "the runtime alone: no pruning, default calibration"})
+                                           "pruning": {"applied": False, "why": "plain row: the runtime alone"},
+                                           "why": "the runtime alone: no pruning, its default calibration "
+                                                  "algorithm, on the same calibration images as the other rows"})
                 files.append(path)
     return files
 

@@ -25,7 +25,7 @@ def dtype_cell(row: ModelResult) -> str:
         return "**fp32 (NOT QUANTIZED)**"  # a silent no-op is never reported as int8
     if row.status is QuantStatus.LINEAR_ONLY:  # convolutions all fp32: a CNN's fc, or a transformer's Linears
         ops = row.ops
-        if ops is not None and ops.int8_linear > 1:
+        if ops is not None and ops.int8_linear + ops.float_linear > 1:
             return f"int8 (linear only: {ops.int8_linear} of {ops.int8_linear + ops.float_linear})"
         return "int8 (fc only)"
     return row.dtype

@@ -179,8 +179,11 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
         raise QuantbenchError(f"ExecuTorch export failed: {cause(e)}") from e
     # each image's output must not depend on its batch-mates: find the largest batch for which
     # that holds (XNNPACK's int8 path has broken it for some models, see _verified_batch)
-    fp32_batch = _verified_batch(fp32, calib, "fp32")
-    int8_batch = _verified_batch(int8, calib, "int8")
+    try:
+        fp32_batch = _verified_batch(fp32, calib, "fp32")
+        int8_batch = _verified_batch(int8, calib, "int8")
+    except Exception as e:
+        raise QuantbenchError(f"ExecuTorch export failed while checking batches: {cause(e)}") from e
     write_bytes(fp32_path, fp32)
     write_bytes(int8_path, int8)
 
@@ -214,19 +217,27 @@ def _verified_batch(program: bytes, calib: list[torch.Tensor], what: str) -> dic
 
     one = torch.cat([run(x) for x in images.split(1)])
     tol = 1e-3 * float(one.abs().max()) + 1e-5
-    batch = MAX_BATCH
+    failed = {}  # batch -> why it was not kept
+
     def agrees(batch: int) -> bool:
         try:
-            return float((torch.cat([run(x) for x in images.split(batch)]) - one).abs().max()) <= tol
+            if float((torch.cat([run(x) for x in images.split(batch)]) - one).abs().max()) <= tol:
+                return True
+            failed[batch] = "gave outputs that differed from the same images run one at a time"
         except RuntimeError:  # a program exported for smaller batches refuses the input
-            return False
+            failed[batch] = "refused the input"
+        return False
 
+    batch = MAX_BATCH
+    while batch > len(images):  # only as large a batch as there are images to check it with
+        batch //= 2
     while batch > 1 and not (agrees(batch) and agrees(batch)):
         batch //= 2
-    record = {"max_batch": batch}
+    record = {"max_batch": batch, "batch_checked": True}
     if batch < MAX_BATCH:
-        record["max_batch_why"] = (f"the {what} program's outputs at batch {batch * 2} differed from the same images "
-                                   f"run one at a time; larger batches are split into pieces of {batch}")
+        why = (f"at batch {batch * 2} the {what} program {failed[batch * 2]}" if batch * 2 in failed else
+               f"only {len(images)} calibration images to check larger batches with")
+        record["max_batch_why"] = f"{why}; larger batches are split into pieces of {batch}"
     return record
 
 
@@ -260,8 +271,10 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     if method is None:
         raise QuantbenchError(f"{path} has no forward method")
 
-    # the largest batch the program was verified on when it was made (older files: MAX_BATCH)
-    limit = min(MAX_BATCH, int(read_sidecar(path).get("max_batch") or MAX_BATCH))
+    # the largest batch the program was checked on when it was made; files made before that check
+    # (no batch_checked in the sidecar) run one image at a time, the one size known to be right
+    side = read_sidecar(path)
+    limit = min(MAX_BATCH, int(side.get("max_batch") or 1)) if side.get("batch_checked") else 1
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous()
