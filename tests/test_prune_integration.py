@@ -198,3 +198,22 @@ def test_plain_rows_are_the_runtime_alone_and_the_recommendation_compares_with_t
         [row("fake-fp32", 4.0, "fp32"), row("fake-int8", 1.0), row("fake-int8-plain", 1.5, plain=True)]))
     (line,) = recommendation_lines(res)
     assert "**fake-int8**" in line and "1.50x the speed of fake-int8-plain" in line
+
+
+def test_a_plain_row_that_cannot_be_made_says_which_option_asked_for_it(
+        tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from quantbench import replicate as R
+    from quantbench.errors import QuantbenchError
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from support import fakert
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fake=support.fakert")
+
+    def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
+        raise QuantbenchError("fake export needs the optional runtimes")
+    monkeypatch.setattr(fakert, "export", export)
+    cfg = R.ReplicateConfig(output=tmp_path, checkpoint=tiny_checkpoint, runtimes=(), plain=("fake",),
+                            quantize=QuantizeConfig(method="static", calib_samples=16))
+    with pytest.raises(QuantbenchError, match=r"^runtime fake \(--plain\): fake export needs"):
+        R._runtime_rows(cfg, tiny_checkpoint, tiny_dataset, tmp_path / "models")

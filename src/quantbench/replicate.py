@@ -159,7 +159,10 @@ def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict |
     for name in cfg.plain:
         # the runtime's own int8 as a user without quantbench would make it: the unpruned fp32
         # graph and the runtime's default calibration
-        made = _export_runtime(name, cfg, ckpt, data, models / "plain", source, False, None, "fast")
+        try:
+            made = _export_runtime(name, cfg, ckpt, data, models / "plain", source, False, None, "fast")
+        except (QuantbenchError, ImportError) as e:
+            raise QuantbenchError(f"runtime {name} (--plain): {e}") from e
         for path in made:
             side = read_sidecar(path)
             if side.get("dtype") == "int8":
