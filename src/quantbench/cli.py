@@ -532,8 +532,9 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     ap = argparse.ArgumentParser(prog="quantbench", epilog=EPILOG,
-                                 description="Train a CNN, quantize it to int8 every way PyTorch offers, "
-                                             "export it, and benchmark accuracy, latency and size side by side.")
+                                 description="Train an image classifier (any torchvision model or your own), quantize it "
+                                             "to int8 every way PyTorch offers, export it, and benchmark accuracy, "
+                                             "latency and size side by side.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {}
     for name, cmd in COMMANDS.items():
