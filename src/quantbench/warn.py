@@ -72,3 +72,24 @@ def stderr_silenced():
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def captured_root_log():
+    """Collect what a library logs through the root logger (ONNX Runtime's quantizer calls
+    `logging.warning` directly, which would print "WARNING:root:..." in the middle of a progress
+    bar) as a list of lines for the file's sidecar, instead of the terminal."""
+    import logging
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [Collect(logging.WARNING)]
+    try:
+        yield lines
+    finally:
+        root.handlers = saved

@@ -24,6 +24,7 @@ from ..errors import QuantbenchError, cause
 from ..export import calibration_arrays as _as_arrays, write_sidecar
 from ..flows.qconfigs import Scheme
 from ..results import OpCounts
+from ..warn import captured_root_log
 
 NAME = "onnxruntime"
 SUFFIXES = (".onnx",)
@@ -233,7 +234,8 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                 raise QuantbenchError(f"ONNX Runtime's quantization pre-pass failed on this model: {cause(e2)}") from e2
         try:
             # the histogram calibrators print their progress on stdout: keep it out of logs
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            # and what it logs (e.g. a 1-D weight it quantizes per tensor) goes to the sidecar
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), captured_root_log() as log:
                 quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
         except Exception as e:
             raise QuantbenchError(f"ONNX Runtime's quantize_static failed on this model: {cause(e)}") from e
@@ -247,7 +249,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                                 "dtype": "int8", "qconfig": describe_int8(settings, scheme), "preprocess": preprocess,
                                 "calibration": {"samples": sum(len(x) for x in calib),
                                                 "batches": len(calib), "method": calibration_method(settings)},
-                                "weight_bytes": initializer_bytes(int8_path)})
+                                "quantizer_log": log, "weight_bytes": initializer_bytes(int8_path)})
     return [fp32_path, int8_path]
 
 
