@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from quantbench import models, runtimes
 from quantbench.data import Batches
@@ -221,6 +222,31 @@ def test_pt2e_qat_train_eval_and_frozen_bn():
     pt2e.freeze_observers(prepared)
     fq = [m for m in prepared.modules() if hasattr(m, "observer_enabled")]
     assert fq and all(m.observer_enabled.item() == 0 for m in fq)
+
+
+def test_pt2e_qat_keeps_each_dropout_probability():
+    """torchao's train/eval rewrite puts p=0.5 into every dropout; set_mode restores the model's
+    own (a ViT's p=0.0 dropouts trained at 0.5 and PT2E QAT lost 14 points). With p=0 and no
+    batch norm, train mode must compute exactly what eval mode does."""
+    pt2e = get_flow("pt2e")
+    torch.manual_seed(0)
+    model = models.vit_tiny(3, image_size=8)
+    model.heads = nn.Sequential(nn.Dropout(0.2), model.heads)  # and one that is not 0
+    prepared = pt2e.prepare(model, "default", qat=True, example=torch.randn(2, 3, 8, 8))
+    rates = [n.args[1] for n in pt2e._dropouts(prepared)]
+    assert 0.2 in rates and 0.0 in rates and 0.5 not in rates
+    x = torch.randn(4, 3, 8, 8)
+    for training in (False, True, False, True):
+        pt2e.set_mode(prepared, training)
+        assert [n.args[1] for n in pt2e._dropouts(prepared)] == rates
+        assert {n.args[2] for n in pt2e._dropouts(prepared)} == {training}
+    pt2e.freeze_observers(prepared)
+    for n in pt2e._dropouts(prepared):  # the head's 0.2 to 0 as well, so train mode has no randomness
+        n.args = (n.args[0], 0.0, *n.args[2:])
+    prepared.recompile()
+    train_out = prepared(x)
+    pt2e.set_mode(prepared, False)
+    torch.testing.assert_close(train_out, prepared(x))
 
 
 def test_unsupported_combinations(tiny_checkpoint, tiny_dataset, tmp_path):

@@ -281,16 +281,35 @@ _BN_OPS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_
 _FROZEN_BN = "_quantbench_bn_frozen"
 
 
+_DROPOUT_OPS = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+
+
 def set_mode(model: nn.Module, training: bool) -> None:
     """An exported graph has train/eval behaviour baked into its ops (batch_norm's `training`
     argument), so .train()/.eval() change nothing: torchao rewrites the batch-norm (and dropout)
-    ops instead. Frozen batch norm stays frozen (move_exported_model_to_train would unfreeze it)."""
+    ops instead. Frozen batch norm stays frozen (move_exported_model_to_train would unfreeze it).
+
+    torchao's rewrite also replaces every dropout's probability with 0.5 (its pattern's literal):
+    a ViT's p=0.0 dropouts would train at 0.5 and QAT would ruin the model. The probabilities
+    are read before and put back after, in graph order."""
+    rates = [node.args[1] for node in _dropouts(model)]
     if training:
         move_exported_model_to_train(model)
         if getattr(model, _FROZEN_BN, False):
             _set_bn_training(model, False)
     else:
         move_exported_model_to_eval(model)
+    after = _dropouts(model)
+    if len(after) != len(rates):
+        raise RuntimeError(f"switching the exported model's mode changed its dropout ops ({len(rates)} -> "
+                           f"{len(after)}); their probabilities cannot be restored")
+    for node, p in zip(after, rates):
+        node.args = (node.args[0], p, *node.args[2:])
+    model.recompile()
+
+
+def _dropouts(model: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node in model.graph.nodes if node.op == "call_function" and node.target in _DROPOUT_OPS]
 
 
 def _has_batch_norm(model: torch.fx.GraphModule) -> bool:
