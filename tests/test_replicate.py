@@ -43,6 +43,7 @@ def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir,
     # speed-ups against the same run's fp32 row, and how much they moved between runs
     assert same_run[5].strip() == same_run[6].strip() != "n/a" and same_run[7].strip() == "+0.0%"
     assert "Largest change of a speed-up against run 1: 0.0% (3 of 3 within 5 %)" in compare
+    assert f"Runs: 1 = {out}; 2 = {out}" in compare  # each run named by its directory
 
 
 def test_runtime_rows_are_reused_on_resume(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):

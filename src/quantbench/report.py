@@ -258,15 +258,15 @@ def compare_table(runs: list[BenchResults], names: list[str]) -> str:
     """Batch-1 median latency and accuracy of every model across runs; change vs the first run."""
     labels = list(dict.fromkeys(r.label for res in runs for r in res.models))
     rows = [res.by_label() for res in runs]
-    n = range(1, len(runs))
+    later = range(1, len(runs))  # runs compared with run 1
 
     def change(values: list) -> list:
         return [None if v is None or values[0] is None else v / values[0] - 1 for v in values[1:]]
 
-    head = (["Model"] + [f"run {i + 1} (ms)" for i in range(len(runs))] + [f"run {i + 1} vs 1" for i in n]
-            + [f"speed-up run {i + 1}" for i in range(len(runs))] + [f"speed-up run {i + 1} vs 1" for i in n]
+    head = (["Model"] + [f"run {i + 1} (ms)" for i in range(len(runs))] + [f"run {i + 1} vs 1" for i in later]
+            + [f"speed-up run {i + 1}" for i in range(len(runs))] + [f"speed-up run {i + 1} vs 1" for i in later]
             + [f"acc. run {i + 1}" for i in range(len(runs))])
-    lines = ["Runs: " + "; ".join(f"{i + 1} = {n}" for i, n in enumerate(names)), "",
+    lines = ["Runs: " + "; ".join(f"{i + 1} = {name}" for i, name in enumerate(names)), "",
              "Speed-up: against the fp32 row of the same runtime in the same run (the ratio that can repeat on a "
              "machine whose speed drifts; absolute times need not).", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
