@@ -37,7 +37,7 @@ def test_parse_options():
         parse_batch_sizes("1,x")
 
 
-@pytest.mark.parametrize("bad", [dict(threads=0), dict(processes=0), dict(min_runs=0), dict(budget_s=0),
+@pytest.mark.parametrize("bad", [dict(threads=0), dict(processes=0), dict(min_runs=0), dict(timing_s=0),
                                  dict(batch_sizes=()), dict(batch_sizes=(1, 0)), dict(accuracy_batch_size=0)])
 def test_bench_config_validates_itself(bad):
     with pytest.raises(QuantbenchError):
@@ -58,7 +58,7 @@ class FakeWorker:
 def test_rounds_are_interleaved_in_rotating_order():
     log: list[str] = []
     workers = {n: FakeWorker(n, ms, log) for n, ms in (("a", 1.0), ("b", 2.0), ("c", 3.0))}
-    cfg = B.BenchConfig(min_runs=10_000, budget_s=0.05, round_s=0.01, warmup=0)
+    cfg = B.BenchConfig(min_runs=10_000, timing_s=0.05, round_s=0.01, warmup=0)
     stats = B.measure_latency(workers, cfg, batch=1)
     assert stats["a"].median_ms == pytest.approx(1.0)
     assert stats["c"].median_ms == pytest.approx(3.0)
@@ -84,7 +84,7 @@ def test_bench_measures_known_sleep_times_in_subprocesses(tmp_path, monkeypatch)
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     # Sleeps of tens of ms: wake-up delays on a busy machine add well under that.
     fast, slow = _sleep_model(tmp_path, "fast", 20, "int8"), _sleep_model(tmp_path, "slow", 60)
-    cfg = B.BenchConfig(min_runs=20, budget_s=3.0, round_s=0.1, warmup=2, processes=2, accuracy=False,
+    cfg = B.BenchConfig(min_runs=20, timing_s=3.0, round_s=0.1, warmup=2, processes=2, accuracy=False,
                         progress=False)
     res = B.bench([slow, fast], cfg)
     rows = res.by_label()

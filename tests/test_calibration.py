@@ -10,8 +10,8 @@ import torch
 from quantbench import models
 from quantbench.errors import QuantbenchError
 from quantbench.flows import get_flow
-from quantbench.flows import qconfigs
-from quantbench.flows.qconfigs import PercentileObserver, Scheme, percentile_range
+from quantbench import qconfigs
+from quantbench.qconfigs import PercentileObserver, Scheme, percentile_range
 from quantbench.quantize import QuantizeConfig, quantize
 
 FLOWS = ("eager", "fx", "pt2e")

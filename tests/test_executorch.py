@@ -15,7 +15,7 @@ import torch
 from quantbench import runtimes
 from quantbench.data import normalize
 from quantbench.errors import QuantbenchError
-from quantbench.flows.qconfigs import Scheme
+from quantbench.qconfigs import Scheme
 from quantbench.models import load_checkpoint
 from quantbench.runtimes import executorch as et
 

@@ -156,7 +156,7 @@ def test_eager_fuse_and_static_int8_after_pruning():
     from torch.ao import quantization as tq
     from torch.ao.nn.intrinsic.quantized import ConvReLU2d as QConvReLU2d
 
-    from quantbench.flows.qconfigs import qconfig
+    from quantbench.qconfigs import qconfig
 
     model = _resnet18(quantizable=True)
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))

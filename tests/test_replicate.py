@@ -76,7 +76,7 @@ def test_replicate_api_measures_accuracy_on_its_own_data(tiny_trained_checkpoint
     cfg = ReplicateConfig(output=tmp_path / "run", data=DataSource(tiny_data_dir), checkpoint=tiny_trained_checkpoint,
                           methods=("static",), runtimes=(),
                           quantize=QuantizeConfig(method="static", calib_samples=16),
-                          bench=BenchConfig(min_runs=3, budget_s=0.3, processes=1, progress=False))
+                          bench=BenchConfig(min_runs=3, timing_s=0.3, processes=1, progress=False))
     assert cfg.bench.data == DataSource(tiny_data_dir)
     res = replicate(cfg, progress=False)
     # the tiny test split: 3 classes x 8 images
@@ -119,7 +119,7 @@ def test_replicate_skips_rows_a_flow_cannot_make_and_says_so(tiny_data_dir, tmp_
     cfg = ReplicateConfig(output=tmp_path / "run", data=DataSource(tiny_data_dir), checkpoint=ckpt,
                           methods=("dynamic", "static"), runtimes=(),
                           quantize=QuantizeConfig(method="static", calib_samples=16),
-                          bench=BenchConfig(min_runs=3, budget_s=0.3, processes=1, progress=False, accuracy=False))
+                          bench=BenchConfig(min_runs=3, timing_s=0.3, processes=1, progress=False, accuracy=False))
     res = replicate(cfg, progress=False)
     assert [m.label for m in res.models] == ["origin", "ptq-d"]
     assert [s["row"] for s in res.replicate["skipped"]] == ["ptq-s"]

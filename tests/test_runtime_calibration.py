@@ -12,7 +12,7 @@ import torch
 
 from quantbench import models
 from quantbench.errors import QuantbenchError
-from quantbench.flows.qconfigs import Scheme
+from quantbench.qconfigs import Scheme
 from quantbench.runtimes import onnxrt
 from quantbench.runtimes import openvino as openvino_rt
 

@@ -35,7 +35,7 @@ _API = {
     "write_report": "report", "load_results": "report", "report_runs": "report",
     "profile_model": "profiling",
     "run_sensitivity": "sensitivity:sensitivity", "SensitivityResult": "sensitivity", "validation_split": "sensitivity",
-    "Scheme": "flows.qconfigs", "prune_dead_taps": "prune",
+    "Scheme": "qconfigs", "prune_dead_taps": "prune",
     "ReplicateConfig": "replicate", "run_replicate": "replicate:replicate",
     "TuneConfig": "tune", "run_tune": "tune:tune",
     "QuantbenchError": "errors",

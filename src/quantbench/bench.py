@@ -34,11 +34,18 @@ from .worker import Worker
 
 @dataclass
 class BenchConfig:
-    threads: int = 1                      # intra-op threads while timing (the original: 1)
-    batch_sizes: tuple[int, ...] = (1,)
-    min_runs: int = 200
-    budget_s: float = 60.0                # timing seconds per model and batch size, at most
-    processes: int = 3                    # fresh measuring processes per model (min_runs, budget split)
+    """How deployment files are measured; the CLI's timing options are these fields."""
+    threads: int = field(default=1, metadata={"help": "intra-op threads while timing: N or 'all'"})
+    batch_sizes: tuple[int, ...] = field(default=(1,), metadata={
+        "help": "comma list of batch sizes to time; more than 1 adds throughput"})
+    min_runs: int = field(default=200, metadata={"help": "timed calls per model, at least"})
+    timing_s: float = field(default=60.0, metadata={
+        "help": "timing seconds per model and batch size, at most", "alias": "--budget"})
+    processes: int = field(default=3, metadata={
+        "help": "fresh measuring processes per model; the median of their medians is reported"})
+    # "ship this": the fastest int8 file whose accuracy is at most this many points below fp32
+    max_drop: float = field(default=0.3, metadata={
+        "help": "accuracy points below fp32 that 'ship this' accepts"})
     warmup: int = 20
     round_s: float = 0.5                  # about this long per model per round
     rel_tol: float = 0.01                 # "stable": the median moved by < 1 % in the last round
@@ -57,8 +64,10 @@ class BenchConfig:
                              ("processes", "--processes"), ("accuracy_batch_size", "the accuracy batch size")):
             if getattr(self, name) < 1:
                 raise QuantbenchError(f"{option} must be at least 1, not {getattr(self, name)}")
-        if not self.budget_s > 0:
-            raise QuantbenchError(f"--budget must be above 0 seconds, not {self.budget_s}")
+        if not self.timing_s > 0:
+            raise QuantbenchError(f"--timing-seconds must be above 0 seconds, not {self.timing_s}")
+        if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise QuantbenchError(f"--max-drop must be 0 or more accuracy points, not {self.max_drop!r}")
         if not self.round_s > 0 or self.warmup < 0 or not 0 < self.rel_tol < 1:
             raise QuantbenchError("round_s must be above 0, warmup at least 0, rel_tol between 0 and 1")
 
@@ -92,7 +101,7 @@ class BusyProbe:
 
 def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, progress=None) -> dict[str, LatencyStats]:
     """Interleaved rounds over all workers (one process per model); returns label -> latency
-    stats (+ raw samples, + how busy the rest of the machine was). `min_runs` and `budget_s`
+    stats (+ raw samples, + how busy the rest of the machine was). `min_runs` and `timing_s`
     are per process here."""
     names = list(workers)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -119,13 +128,13 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
             spent[n] += sum(t)
             after = statistics.median(times[n])
             stable = before is not None and abs(after - before) / after < cfg.rel_tol
-            if (len(times[n]) >= cfg.min_runs and stable) or spent[n] >= cfg.budget_s:
+            if (len(times[n]) >= cfg.min_runs and stable) or spent[n] >= cfg.timing_s:
                 done.add(n)
             if progress is not None:
                 progress.update(1)
         r += 1
     other = probe.other_cores()
-    return {n: LatencyStats.of([t * 1000 for t in times[n]], batch, rounds=r, stable=spent[n] < cfg.budget_s,
+    return {n: LatencyStats.of([t * 1000 for t in times[n]], batch, rounds=r, stable=spent[n] < cfg.timing_s,
                                other_cores=other, samples_ms=[round(t * 1000, 4) for t in times[n]])
             for n in names}
 
@@ -176,7 +185,7 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
 
     processes = cfg.processes
     cpus = pinned_cpus(cfg.threads) if cfg.pin else None
-    per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), budget_s=cfg.budget_s / processes)
+    per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), timing_s=cfg.timing_s / processes)
     timed: dict[str, dict[int, list[LatencyStats]]] = {r.label: {b: [] for b in cfg.batch_sizes} for r in rows}
     for k in range(processes):
         workers: dict[str, Worker] = {}
@@ -226,3 +235,40 @@ def pinned_cpus(threads: int) -> set[int] | None:
 
 def _str(p) -> str | None:
     return None if p is None else str(p)
+
+
+class AnchoredTiming:
+    """Files timed one after another against one anchor file whose measuring process lives
+    across calls, in the same interleaved rounds on the same pinned core: on a noisy machine
+    absolute times drift, the ratio to an anchor timed alongside does not (tune's latency).
+    The anchor should be an int8 file: when other work shares the core, a 6 ms fp32 call is cut
+    by the scheduler's time slices far more often than a 0.3 ms int8 call, so ratios to fp32
+    swing with the load while ratios between int8 files hold."""
+
+    def __init__(self, shape: tuple[int, ...], seconds: float):
+        self.shape, self.cpus = tuple(shape), pinned_cpus(1)
+        self.cfg = BenchConfig(timing_s=seconds / 2, min_runs=30, round_s=0.1, warmup=10, accuracy=False,
+                               progress=False)
+        self._anchor: Worker | None = None
+
+    def time(self, path: Path, anchor: Path | None) -> tuple[float, float]:
+        """(median ms of `path`, median ms of the anchor in the same rounds), batch 1. With no
+        anchor (None, or `path` itself), the file is timed alone and becomes the anchor."""
+        anchor = Path(anchor) if anchor is not None else Path(path)
+        if self._anchor is None or self._anchor.path != anchor:
+            self.close()
+            self._anchor = Worker(anchor, 1, self.shape, self.cpus)
+        if anchor == Path(path):
+            ms = round(measure_latency({"anchor": self._anchor}, self.cfg, batch=1)["anchor"].median_ms, 4)
+            return ms, ms
+        trial = Worker(path, 1, self.shape, self.cpus)
+        try:
+            stats = measure_latency({"anchor": self._anchor, "trial": trial}, self.cfg, batch=1)
+        finally:
+            trial.kill()
+        return round(stats["trial"].median_ms, 4), round(stats["anchor"].median_ms, 4)
+
+    def close(self) -> None:
+        if self._anchor is not None:
+            self._anchor.kill()
+            self._anchor = None

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +21,126 @@ quiet_cpp_warnings()  # before anything imports torch
 
 EPILOG = "Data: --data-dir DIR takes an ImageFolder tree (DIR/train/<class>/*.jpg, DIR/test/...); " \
          "without it CIFAR-10 is downloaded under --data-root. --debug shows the full traceback of an error."
+
+
+# ------------------------------------------------------------------ options from config dataclasses
+# The configs (QuantizeConfig, BenchConfig, each runtime's Options) state every default and help
+# once; the options below are made from their fields, so --help, the API and the docs agree.
+_MISSING = dataclasses.MISSING
+
+
+def _default(f):
+    if f.default is not _MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not _MISSING else None
+
+
+def _kind(hint):
+    """(argparse type, choices, is_list, is_bool) of a field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return None, None, False, True
+    if origin is typing.Literal:
+        return str, list(typing.get_args(hint)), False, False
+    if origin in (typing.Union, types.UnionType) and args:
+        return _kind(args[0])
+    if origin is tuple:
+        inner = typing.get_args(hint)[0]
+        return (int if inner is int else str), None, True, False
+    if hint in (int, float, str, Path):
+        return hint, None, False, False
+    return str, None, False, False
+
+
+def config_args(g, cls, names, defaults: dict | None = None, flags: dict | None = None,
+                aliases: dict | None = None, dest_prefix: str = "", types: dict | None = None) -> None:
+    """Add one option per dataclass field in `names`: --field-name, typed, its default and help
+    from the field (`defaults` overrides a default for this command; `flags` renames a flag;
+    `aliases` adds an old flag name that still works, with a one-line notice)."""
+    hints = typing.get_type_hints(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    defaults, flags, aliases = defaults or {}, flags or {}, aliases or {}
+    for name in names:
+        f = by_name[name]
+        default = defaults.get(name, _default(f))
+        typ, choices, is_list, is_bool = _kind(hints[name])
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        dest = dest_prefix + name
+        helptext = f.metadata.get("help", "")
+        old = [a for a in (aliases.get(name), f.metadata.get("alias")) if a]
+        if is_bool:
+            if default:
+                flag = flags.get(name, "--no-" + name.replace("_", "-"))
+                g.add_argument(flag, dest=dest, action="store_false", default=True, help="turn off " + helptext[:1].lower() + helptext[1:] + " (on by default)")
+            else:
+                g.add_argument(flag, dest=dest, action="store_true", default=False, help=helptext)
+            for a in old:
+                g.add_argument(a, dest=dest, nargs=0, action=_renamed(flag, not default), help=argparse.SUPPRESS)
+            continue
+        conv = (types or {}).get(name) or (_list_of(typ) if is_list else typ)
+        shown = ",".join(map(str, default)) if is_list else default
+        extra = "" if default is None or default == () else f" (default: {shown})"
+        if choices:
+            helptext = helptext or f"one of {', '.join(choices)}"
+        g.add_argument(flag, dest=dest, type=conv, default=default, choices=None,
+                       metavar=flag.lstrip("-").split("-")[-1].upper() if not choices else "{" + ",".join(choices) + "}",
+                       help=helptext + extra)
+        for a in old:
+            g.add_argument(a, dest=dest, type=conv, action=_renamed(flag), help=argparse.SUPPRESS)
+
+
+def config_values(args, cls, names, dest_prefix: str = "") -> dict:
+    return {n: getattr(args, dest_prefix + n) for n in names if hasattr(args, dest_prefix + n)}
+
+
+def _list_of(typ):
+    def parse(s: str) -> tuple:
+        try:
+            return tuple(typ(x.strip()) for x in str(s).split(",") if x.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"a comma list of {typ.__name__} expected, not {s!r}") from e
+    parse.__name__ = f"comma list of {typ.__name__}"
+    return parse
+
+
+_NOTICED: set[str] = set()
+
+
+def _renamed(new: str, const=None):
+    """An old option name that still works for a release: it sets the new one's value and says so."""
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            if option_string not in _NOTICED:
+                _NOTICED.add(option_string)
+                print(f"quantbench: note: {option_string} is now {new}; the old name will be removed in the "
+                      f"next release", file=sys.stderr)
+            setattr(namespace, self.dest, const if self.nargs == 0 else values)
+    return Renamed
+
+
+# Runtime options: each runtime's Options fields, as --RUNTIME-FIELD (with the field's alias).
+def runtime_option_args(p) -> None:
+    from . import runtimes
+    for name in runtimes.with_options():
+        cls = runtimes.options_class(name)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        g = p.add_argument_group(f"{name} options (its own; recorded in the sidecar)")
+        config_args(g, cls, fields, flags={f: f"--{name}-{f.replace('_', '-')}" for f in fields},
+                    dest_prefix=f"rt__{name}__")
+
+
+def runtime_option_values(args) -> dict:
+    """{runtime: {field: value}} for the options set away from their defaults."""
+    from . import runtimes
+    out: dict = {}
+    for name in runtimes.with_options():
+        cls = runtimes.options_class(name)
+        for f in dataclasses.fields(cls):
+            v = getattr(args, f"rt__{name}__{f.name}", _default(f))
+            if v != _default(f):
+                out.setdefault(name, {})[f.name] = v
+    return out
 
 
 # ------------------------------------------------------------------ shared options
@@ -38,41 +161,29 @@ def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
-def _quantize_args(p: argparse.ArgumentParser) -> None:
-    """How int8 models are made: shared by `quantize` and `replicate`, with one meaning each."""
-    from .flows.qconfigs import QCONFIGS
-    from .quantize import QAT_SCHEDULES
+# QuantizeConfig fields each command offers (their defaults and help are the dataclass's)
+CALIBRATION = ("qconfig", "observer", "percentile", "weight_scheme", "act_scheme", "calib_samples",
+               "calib_batch_size", "calib_transform")
+MAKING = CALIBRATION + ("qat_schedule", "prune", "equalize", "seed")
+
+
+def _quantize_args(p: argparse.ArgumentParser, qat_epochs_alias: str | None = None) -> None:
+    """How int8 models are made: shared by `quantize`, `replicate` and `tune`, one meaning each."""
+    from .quantize import QuantizeConfig
     g = p.add_argument_group("quantization")
-    g.add_argument("--qconfig", default="default",
-                   help=f"one of {', '.join(QCONFIGS)}: default = best practice for this CPU, "
-                        "seed = the original's 7-bit ranges (default: default)")
-    g.add_argument("--calib-samples", type=int, default=10_000, help="training images for calibration (default: 10000)")
-    g.add_argument("--calib-batch-size", type=int, default=100, help="(default: 100)")
-    g.add_argument("--qat-preset", default="fast",
-                   help=f"QAT fine-tune schedule: {', '.join(QAT_SCHEDULES)} (default: fast)")
-    _calibration_args(g)
+    config_args(g, QuantizeConfig, MAKING + ("qat_epochs",),
+                aliases={"qat_schedule": "--qat-preset", **({"qat_epochs": qat_epochs_alias} if qat_epochs_alias else {})})
     _fp32_layers_arg(g)
-    g.add_argument("--no-prune", action="store_true",
-                   help="keep convolution taps that only ever see zero padding (default: drop them; exact, "
-                        "verified on every file, recorded in its sidecar)")
-    g.add_argument("--engine", help="quantized engine of TorchScript int8 files: x86, fbgemm, onednn, qnnpack "
-                                    "(default: the fastest measured for this CPU; recorded in the sidecar, set "
-                                    "when the file is loaded)")
-    g.add_argument("--equalize", action="store_true",
-                   help="cross-layer equalization of the fp32 weights before quantizing (conv -> BN -> ReLU -> "
-                        "conv pairs; exact, verified, recorded in the sidecar): helps per-tensor weights")
+    runtime_option_args(p)
 
 
 def _timing_args(p: argparse.ArgumentParser) -> None:
+    from .bench import BenchConfig
     g = p.add_argument_group("timing")
-    g.add_argument("--bench-threads", default="1", help="threads for timing: N or 'all' (default: 1)")
-    g.add_argument("--batch-sizes", default="1", help="comma list (default: 1); >1 adds throughput")
-    g.add_argument("--min-runs", type=int, default=200, help="timed calls per model at least (default: 200)")
-    g.add_argument("--budget", type=float, default=60.0,
-                   help="seconds of timing per model and batch size at most (default: 60)")
-    g.add_argument("--processes", type=int, default=3,
-                   help="fresh measuring processes per model; the median of their medians is reported "
-                        "(default: 3)")
+    config_args(g, BenchConfig, ("threads",), flags={"threads": "--bench-threads"}, defaults={"threads": "1"},
+                dest_prefix="bench_")
+    config_args(g, BenchConfig, ("batch_sizes", "min_runs", "timing_s", "processes", "max_drop"),
+                flags={"timing_s": "--timing-seconds"})
 
 
 def parse_threads(s: str) -> int:
@@ -117,17 +228,18 @@ def _data_source(args):
 
 def _bench_config(args):
     from .bench import BenchConfig
-    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=parse_batch_sizes(args.batch_sizes),
-                       min_runs=args.min_runs, budget_s=args.budget, processes=args.processes,
+    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=args.batch_sizes, min_runs=args.min_runs,
+                       timing_s=args.timing_s, processes=args.processes, max_drop=args.max_drop,
                        accuracy=not getattr(args, "no_accuracy", False), progress=not args.no_progress,
                        data=_data_source(args))
 
 
 def _quantize_config(args, method: str = "static", flow: str = "eager", **extra):
+    """A QuantizeConfig from the options _quantize_args added (and the runtimes' options)."""
     from .quantize import QuantizeConfig
-    return QuantizeConfig(method=method, flow=flow, qconfig=args.qconfig, calib_samples=args.calib_samples,
-                          calib_batch_size=args.calib_batch_size, qat_schedule=args.qat_preset,
-                          prune=not args.no_prune, engine=args.engine, **_calibration_options(args), **extra)
+    values = config_values(args, QuantizeConfig, MAKING + ("qat_epochs",))
+    values.update(_fp32_layers(args))
+    return QuantizeConfig(method=method, flow=flow, options=runtime_option_values(args), **{**values, **extra})
 
 
 # ------------------------------------------------------------------ train
@@ -191,10 +303,9 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--flow", default="eager", help=f"one of: {', '.join(FLOWS)} (default: eager)")
     p.add_argument("--output", type=Path, required=True, help="deployment file to write")
-    _quantize_args(p)
-    p.add_argument("--epochs", type=int, help="override the QAT schedule's epochs")
-    p.add_argument("--work-dir", type=Path, help="QAT checkpoints (default: OUTPUT's folder/qat-work)")
-    p.add_argument("--resume", action="store_true", help="resume an interrupted QAT run")
+    _quantize_args(p, qat_epochs_alias="--epochs")
+    from .quantize import QuantizeConfig
+    config_args(p, QuantizeConfig, ("work_dir", "resume"))
     _model_args(p, arch=False)
     _data_args(p)
     _common(p)
@@ -202,8 +313,8 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
 
 def quantize_cmd(args) -> int:
     from .quantize import check_output, quantize_to_file
-    cfg = _quantize_config(args, method=args.method, flow=args.flow, qat_epochs=args.epochs, resume=args.resume,
-                           work_dir=args.work_dir or args.output.parent / "qat-work", model=args.model)
+    cfg = _quantize_config(args, method=args.method, flow=args.flow, resume=args.resume, work_dir=args.work_dir,
+                           model=args.model)
     from .models import read_checkpoint
     check_output(args.output, cfg.flow)  # fail on bad options before loading any data
     check_writable(args.output)
@@ -212,10 +323,9 @@ def quantize_cmd(args) -> int:
     if cfg.method != "dynamic" or args.data_dir is not None:
         data = _data_source(args).load_for(meta, f"checkpoint {args.checkpoint}", train=cfg.method != "dynamic",
                                            progress=not args.no_progress)
-    with run_lock(cfg.work_dir) if cfg.method == "qat" else contextlib.nullcontext():  # one QAT run per folder
-        rec = quantize_to_file(args.checkpoint, args.output, cfg, data, progress=not args.no_progress)
-    print(f"{rec['label']}: wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) "
-          f"in {rec['quantize_s']:.0f} s")
+    rec = quantize_to_file(args.checkpoint, args.output, cfg, data, progress=not args.no_progress)
+    print(f"{rec.label}: wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) "
+          f"in {rec.quantize_s or 0:.0f} s")
     return 0
 
 
@@ -248,7 +358,7 @@ def _print_verdict(results) -> None:
     for w in model_warnings(results):
         print(w.replace("**", ""), file=sys.stderr)
     if any(m.accuracy is not None for m in results.models):
-        print("\nShip this (fastest int8 within 0.3 point of fp32 accuracy):")
+        print(f"\nShip this (fastest int8 within {results.config.get('max_drop', 0.3)} point of fp32 accuracy):")
         for line in recommendation_lines(results):
             print(line.replace("**", ""))
 
@@ -262,7 +372,6 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", help=f"fp32 training recipe if no --checkpoint: {', '.join(PRESETS)} "
                                                     "(default: fast)")
     p.add_argument("--epochs", type=int, help="override the fp32 recipe's number of epochs")
-    p.add_argument("--qat-epochs", type=int, help="override the QAT schedule's number of epochs")
     _model_args(p)
     p.add_argument("--flows", default="eager", help=f"comma list of {', '.join(FLOWS)} (default: eager)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
@@ -273,8 +382,6 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
                    help="also make these runtimes' int8 rows as the runtime alone would (no pruning, its default "
                         "calibration), labelled e.g. openvino-int8-plain: the baseline to measure quantbench against")
     _quantize_args(p)
-    p.add_argument("--bias-correction", default="fast",
-                   help="NNCF's bias correction in the OpenVINO row: fast, full or none (default: fast)")
     p.add_argument("--output", type=Path, default=Path("runs/replicate"), help="run directory")
     _timing_args(p)
     p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
@@ -288,7 +395,7 @@ def replicate_cmd(args) -> int:
     cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
                           methods=_list(args.methods), runtimes=runtimes, plain=_list(args.plain), arch=_arch(args),
-                          quantize=_quantize_config(args, model=args.model, qat_epochs=args.qat_epochs),
+                          quantize=_quantize_config(args, model=args.model),
                           resume=args.resume, bench=_bench_config(args))
     with run_lock(args.output):
         results = replicate(cfg, progress=not args.no_progress)
@@ -335,55 +442,39 @@ def report_cmd(args) -> int:
 
 
 # ------------------------------------------------------------------ sensitivity
-def _calibration_args(g) -> None:
-    """Options choosing observers, calibration images and fp32 layers (QuantizeConfig's fields);
-    `quantize` and `replicate` take the same ones, see calibration_options."""
-    g.add_argument("--observer", help="activation observer: minmax, moving-average, histogram or percentile "
-                                      "(default: the qconfig's: histogram for default, moving-average for seed)")
-    g.add_argument("--percentile", type=float, default=99.99,
-                   help="with --observer percentile: clip activations at this percentile of |x| (default: 99.99)")
-    g.add_argument("--weight-scheme", help="per-channel or per-tensor (default: per-channel)")
-    g.add_argument("--act-scheme", help="affine or symmetric activations (default: affine)")
-    g.add_argument("--calib-transform", default="test",
-                   help="test: calibrate on clean training images (default); train: through the original's "
-                        "training augmentation, as the original did")
+def _calibration_args(g, defaults: dict | None = None) -> None:
+    """Options choosing observers and calibration images (QuantizeConfig's fields)."""
+    from .quantize import QuantizeConfig
+    config_args(g, QuantizeConfig, CALIBRATION, defaults=defaults)
 
 
 def _fp32_layers_arg(g) -> None:
-    g.add_argument("--fp32-layers", default="",
-                   help="comma list of conv/linear layers to keep fp32 (e.g. conv1,fc); "
-                        "`quantbench sensitivity` ranks the candidates")
+    from .quantize import QuantizeConfig
+    config_args(g, QuantizeConfig, ("fp32_layers",))
     g.add_argument("--fallback", type=int, metavar="K",
                    help="with --sensitivity: also keep fp32 the K layers that buy the most accuracy back "
                         "(its gain column)")
     g.add_argument("--sensitivity", type=Path, metavar="FILE",
-                   help="sensitivity.json written by `quantbench sensitivity` (for --fallback)")
+                   help="sensitivity.json written by `quantbench sensitivity` for this checkpoint (for --fallback)")
 
 
-def _calibration_options(args) -> dict:
-    """QuantizeConfig keyword arguments from calibration_args' (and fp32_layers_arg's) options."""
-    out = dict(observer=args.observer, percentile=args.percentile, weight_scheme=args.weight_scheme,
-               act_scheme=args.act_scheme, calib_transform=args.calib_transform)
-    if hasattr(args, "fp32_layers"):
-        layers = tuple(x.strip() for x in args.fp32_layers.split(",") if x.strip())
-        if (args.fallback is None) != (args.sensitivity is None):
-            raise QuantbenchError("--fallback K and --sensitivity FILE go together")
-        if args.fallback is not None:
-            from .sensitivity import most_sensitive
-            picked = most_sensitive(args.sensitivity, args.fallback)
-            print(f"fp32 fallback from {args.sensitivity}: {', '.join(picked) or 'none'}", file=sys.stderr)
-            layers = tuple(dict.fromkeys(layers + picked))  # merged, in order, once each
-        out["fp32_layers"] = layers
-    if hasattr(args, "equalize"):
-        out["equalize"] = args.equalize
-    if hasattr(args, "bias_correction"):
-        out["bias_correction"] = args.bias_correction
+def _fp32_layers(args) -> dict:
+    """fp32_layers (and where they came from) from --fp32-layers, --fallback and --sensitivity."""
+    layers = tuple(getattr(args, "fp32_layers", ()) or ())
+    if (args.fallback is None) != (args.sensitivity is None):
+        raise QuantbenchError("--fallback K and --sensitivity FILE go together")
+    out = {"fp32_layers": layers}
+    if args.fallback is not None:
+        from .sensitivity import most_sensitive
+        picked = most_sensitive(args.sensitivity, args.fallback, checkpoint=getattr(args, "checkpoint", None))
+        print(f"fp32 fallback from {args.sensitivity}: {', '.join(picked) or 'none'}", file=sys.stderr)
+        out["fp32_layers"] = tuple(dict.fromkeys(layers + picked))  # merged, in order, once each
+        out["fp32_layers_from"] = f"{args.sensitivity}: the {args.fallback} layer(s) with the largest gain"
     return out
 
 
 def sensitivity_args(p) -> None:
     from .flows import FLOWS
-    from .flows.qconfigs import QCONFIGS
     p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
     p.add_argument("--flow", default="fx", help=f"one of: {', '.join(FLOWS)} (default: fx)")
     p.add_argument("--output", type=Path, default=Path("runs/sensitivity"),
@@ -394,27 +485,20 @@ def sensitivity_args(p) -> None:
     p.add_argument("--top", type=int, help="rows to print (default: all; the files hold all)")
     p.add_argument("--seed", type=int, default=0, help="picks the validation and calibration images (default: 0)")
     g = p.add_argument_group("quantization")
-    g.add_argument("--qconfig", default="default", help=f"one of {', '.join(QCONFIGS)} (default: default)")
-    g.add_argument("--calib-samples", type=int, default=1000,
-                   help="training images for calibration, apart from the validation ones (default: 1000)")
-    g.add_argument("--calib-batch-size", type=int, default=100, help="(default: 100)")
-    _calibration_args(g)
+    _calibration_args(g, defaults={"calib_samples": 1000})
     _data_args(p)
     _common(p)
 
 
 def sensitivity_cmd(args) -> int:
-    from .flows.qconfigs import Scheme
     from .models import read_checkpoint
     from .quantize import QuantizeConfig
     from .sensitivity import render_sensitivity, sensitivity, write_sensitivity
     if args.top is not None and args.top < 1:
         raise QuantbenchError("--top must be at least 1")
-    opts = _calibration_options(args)
-    scheme = Scheme(args.qconfig, opts["observer"], opts["weight_scheme"], opts["act_scheme"], opts["percentile"])
     # every option checked before any data is read
-    QuantizeConfig(method="static", flow=args.flow, calib_samples=args.calib_samples,
-                   calib_batch_size=args.calib_batch_size, calib_transform=opts["calib_transform"])
+    q = QuantizeConfig(method="static", flow=args.flow, **config_values(args, QuantizeConfig, CALIBRATION))
+    scheme = q.scheme
     check_writable(args.output, is_dir=True)
     _, meta = read_checkpoint(args.checkpoint)
     data = _data_source(args).load_for(meta, f"checkpoint {args.checkpoint}", train=True,
@@ -423,7 +507,7 @@ def sensitivity_cmd(args) -> int:
     with run_lock(args.output):
         result = sensitivity(args.checkpoint, data, args.flow, scheme=scheme, val_samples=args.val_samples,
                              val_seed=args.seed, calib_samples=args.calib_samples,
-                             calib_batch_size=args.calib_batch_size, calib_transform=opts["calib_transform"],
+                             calib_batch_size=args.calib_batch_size, calib_transform=q.calib_transform,
                              layers=layers, progress=not args.no_progress)
         paths = write_sensitivity(result, args.output)
     print(render_sensitivity(result, top=args.top))
@@ -434,58 +518,41 @@ def sensitivity_cmd(args) -> int:
 # ------------------------------------------------------------------ tune
 def tune_args(p) -> None:
     from .flows import FLOWS
-    from .flows.qconfigs import QCONFIGS
+    from .tune import TuneConfig
     p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
-    p.add_argument("--max-drop", type=float, default=0.3,
-                   help="accuracy points below fp32 (on the validation images) that you accept (default: 0.3)")
-    p.add_argument("--time-budget", default=None,
-                   help="stop starting trials after this long, e.g. 30m, 1.5h, 900s (default: try them all)")
-    p.add_argument("--objective", default="latency", help="latency (default) or size: what the pick minimizes")
-    p.add_argument("--output", type=Path, default=Path("runs/tune"),
-                   help="folder for tune.jsonl, tune.md, best.* and trials/ (default: runs/tune)")
-    p.add_argument("--resume", action="store_true", help="continue the search in OUTPUT (trials done are kept)")
+    config_args(p, TuneConfig, ("max_drop", "time_limit_s", "objective", "output", "resume"),
+                flags={"time_limit_s": "--time-limit"}, aliases={"time_limit_s": "--time-budget"},
+                types={"time_limit_s": str})
     p.add_argument("--flows", default=",".join(FLOWS), help=f"comma list of {', '.join(FLOWS)} (default: all)")
     p.add_argument("--runtimes", default="auto",
-                   help="other runtimes to search: comma list of onnxruntime, openvino, executorch; 'auto' (default): "
+                   help="other runtimes to search: a comma list of runtimes with an exporter; 'auto' (default): "
                         "those installed; 'none'")
     _model_args(p, arch=False)
-    p.add_argument("--val-samples", type=int, default=2000,
-                   help="validation images held out of the training split; the budget is judged on them, "
-                        "never on the test split (default: 2000)")
-    p.add_argument("--sensitivity", type=Path,
-                   help="a sensitivity.json (`quantbench sensitivity`) ranking the layers to keep fp32 "
-                        "(default: rank them here by their int8 error, SQNR)")
-    p.add_argument("--max-fallback", type=int, default=16, help="most layers kept fp32 in a trial (default: 16)")
-    p.add_argument("--timing", type=float, default=4.0,
-                   help="seconds of batch-1 timing per trial, against the fp32 reference (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="picks the validation and calibration images (default: 0)")
+    config_args(p, TuneConfig, ("val_samples", "sensitivity", "max_fallback", "timing_s", "seed"),
+                flags={"timing_s": "--timing-seconds"}, aliases={"timing_s": "--timing"})
+    from .quantize import QuantizeConfig
     g = p.add_argument_group("quantization (the starting point every trial varies)")
-    g.add_argument("--qconfig", default="default", help=f"one of {', '.join(QCONFIGS)} (default: default)")
-    g.add_argument("--calib-samples", type=int, default=1000,
-                   help="training images for calibration, apart from the validation ones (default: 1000)")
-    g.add_argument("--calib-transform", default="test", help="test (default) or train: see `quantize --help`")
-    g.add_argument("--no-prune", action="store_true", help="keep convolution taps that only see zero padding")
+    config_args(g, QuantizeConfig, ("qconfig", "calib_samples", "calib_batch_size", "calib_transform", "prune"),
+                defaults={"calib_samples": 1000})
+    runtime_option_args(p)
     _data_args(p)
     _common(p)
 
 
 def tune_cmd(args) -> int:
     from .quantize import QuantizeConfig
-    from .tune import TuneConfig, parse_duration, tune
+    from .tune import TuneConfig, tune
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
+    q = QuantizeConfig(method="static", model=args.model, seed=args.seed, options=runtime_option_values(args),
+                       **config_values(args, QuantizeConfig, ("qconfig", "calib_samples", "calib_batch_size",
+                                                              "calib_transform", "prune")))
     cfg = TuneConfig(
-        checkpoint=args.checkpoint, data=_data_source(args), output=args.output, max_drop=args.max_drop,
-        time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, objective=args.objective,
-        flows=_list(args.flows), runtimes=runtimes, val_samples=args.val_samples, timing_s=args.timing,
-        sensitivity=args.sensitivity, max_fallback=args.max_fallback, resume=args.resume, seed=args.seed,
-        quantize=QuantizeConfig(method="static", qconfig=args.qconfig, calib_samples=args.calib_samples,
-                                calib_transform=args.calib_transform, prune=not args.no_prune, model=args.model,
-                                seed=args.seed))
-    if not args.checkpoint.is_file():
-        raise QuantbenchError(f"no checkpoint {args.checkpoint}")
+        checkpoint=args.checkpoint, data=_data_source(args), flows=_list(args.flows), runtimes=runtimes, quantize=q,
+        **config_values(args, TuneConfig, ("max_drop", "time_limit_s", "objective", "output", "resume", "val_samples",
+                                           "sensitivity", "max_fallback", "timing_s", "seed")))
     summary = tune(cfg, progress=not args.no_progress)
-    print((args.output / "tune.md").read_text())
-    print(f"wrote {args.output / 'tune.md'}, tune.jsonl, tune.json and {summary.get('pick_file', 'no pick')}")
+    print((cfg.output / "tune.md").read_text())
+    print(f"wrote {cfg.output / 'tune.md'}, tune.jsonl, tune.json and {summary.get('pick_file', 'no pick')}")
     return 0 if summary.get("within_budget") else 3
 
 

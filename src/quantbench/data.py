@@ -508,6 +508,13 @@ class DataSource:
         object.__setattr__(self, "dir", Path(self.dir) if self.dir is not None else None)
         object.__setattr__(self, "root", Path(self.root))
 
+    def identity(self) -> dict:
+        """Which data this is, for records that must not be mixed with other data's (a resumed
+        run's): the folder (or CIFAR-10 root) and the image size asked for."""
+        where = self.dir if self.dir is not None else self.root
+        return {"path": str(Path(where).resolve()), "kind": "folder" if self.dir is not None else "cifar10",
+                "image_size": self.image_size}
+
     def load(self, train: bool = True, progress: bool = True) -> Dataset:
         """The data as it is (normalization statistics of the train split, see load_dataset)."""
         return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress)

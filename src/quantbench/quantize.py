@@ -1,12 +1,13 @@
 """Stage 4: quantization, the same three steps for every flow (see quantbench.flows):
 
-    dynamic:  load -> flow.quantize_dynamic                      (no data needed)
-    static:   load -> flow.prepare -> calibrate on training images -> flow.convert
-    qat:      load -> flow.prepare(qat) -> fine-tune with the trainer -> flow.convert
+    dynamic:  flow.quantize_dynamic                                (no data needed)
+    static:   flow.prepare -> calibrate on training images -> flow.convert
+    qat:      flow.prepare(qat) -> fine-tune with the trainer -> flow.convert
 
-then flow.export writes the deployment file and a FILE.json sidecar records how it was made.
 QuantizeConfig holds every choice: the flow, the observers (a qconfig name plus overrides, see
-quantbench.flows.qconfigs.Scheme), the calibration images, and the layers kept fp32.
+quantbench.qconfigs.Scheme), the calibration images, the layers kept fp32, each runtime's
+options. quantbench.deploy runs these steps between loading and exporting; the functions at the
+end (quantize, quantize_to_file, export_origin) are the Python API's shortcuts to it.
 """
 from __future__ import annotations
 
@@ -15,22 +16,19 @@ import dataclasses
 import json
 import os
 import re
-import time
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, Mapping, get_args
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import Batches, Dataset, for_model
-from .equalize import equalize_for_quantize
+from .data import Batches, Dataset
 from .errors import FlowUnsupported, QuantbenchError, cause
-from .export import example_input, input_shape, prune_for_export, weight_bytes, write_sidecar
-from .fileio import sha256
-from .flows import LABELS, check_method, get_flow, suffix
-from .flows.qconfigs import QCONFIGS, ActScheme, Observer, Scheme, WeightScheme, why
+from .flows import check_method, get_flow
+from .qconfigs import QCONFIGS, ActScheme, Observer, Scheme, WeightScheme, why
 from .train import Recipe, train
 
 Method = Literal["dynamic", "static", "qat"]
@@ -68,38 +66,52 @@ QAT_SCHEDULES: dict[str, QATSchedule] = {
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """How to quantize; checked when made, so a bad option fails before any work."""
-    method: Method
-    flow: str = "eager"               # see quantbench.flows.FLOWS
-    qconfig: str = "default"          # see quantbench.flows.qconfigs.QCONFIGS
+    """How to quantize; checked when made, so a bad option fails before any work. The help of
+    each field is the CLI's (quantbench.cli derives the options from these fields)."""
+    method: Method = field(metadata={"help": "dynamic, static or qat"})
+    flow: str = field(default="eager", metadata={"help": "eager, fx or pt2e (quantbench.flows)"})
+    qconfig: str = field(default="default", metadata={
+        "help": "default: best practice for this CPU; seed: the original's 7-bit ranges"})
     # Overrides of the qconfig's choices (None: the qconfig's own; see qconfigs.Scheme):
-    observer: Observer | None = None              # activations: "histogram" for "default"
-    weight_scheme: WeightScheme | None = None     # "per-channel" for both qconfigs
-    act_scheme: ActScheme | None = None           # "affine" for both qconfigs
-    percentile: float = 99.99                     # of |x|, for observer="percentile"
-    calib_samples: int = 10_000       # training images used to calibrate static quantization
-    calib_batch_size: int = 100
+    observer: Observer | None = field(default=None, metadata={
+        "help": "activation observer: minmax, moving-average, histogram or percentile "
+                "(default: the qconfig's: histogram for default, moving-average for seed)"})
+    weight_scheme: WeightScheme | None = field(default=None, metadata={
+        "help": "per-channel or per-tensor (default: the qconfig's, per-channel)"})
+    act_scheme: ActScheme | None = field(default=None, metadata={
+        "help": "affine or symmetric activations (default: the qconfig's, affine)"})
+    percentile: float = field(default=99.99, metadata={
+        "help": "with --observer percentile: clip activations at this percentile of |x|"})
+    calib_samples: int = field(default=10_000, metadata={
+        "help": "training images that calibrate static quantization (runtimes cap it at their MAX_CALIB_SAMPLES)"})
+    calib_batch_size: int = field(default=100, metadata={"help": "images per calibration batch"})
     # "test": calibrate on clean images, as the deployed model sees them; "train": with the
     # original's training augmentation (data.Batches(augment="seed")), as the original did
-    calib_transform: CalibTransform = "test"
-    fp32_layers: tuple[str, ...] = ()  # conv/linear module names kept fp32 (quantbench.flows.quantizable_layers)
-    qat_schedule: str = "fast"        # see QAT_SCHEDULES
-    qat_epochs: int | None = None     # override the schedule's epochs
-    work_dir: Path | None = None      # QAT checkpoints (resumable)
-    resume: bool = False
-    seed: int = 0
+    calib_transform: CalibTransform = field(default="test", metadata={
+        "help": "test: calibrate on clean training images; train: through the original's training "
+                "augmentation, as the original did"})
+    fp32_layers: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma list of conv/linear layers kept fp32 (e.g. conv1,fc); `quantbench sensitivity` ranks them"})
+    fp32_layers_from: str | None = None   # where fp32_layers came from (a sensitivity ranking), for the record
+    qat_schedule: str = field(default="fast", metadata={"help": "QAT fine-tune schedule: seed, fast or smoke"})
+    qat_epochs: int | None = field(default=None, metadata={"help": "override the QAT schedule's epochs"})
+    work_dir: Path | None = field(default=None, metadata={
+        "help": "QAT checkpoints, resumable (default: beside the output file, OUTPUT.qat-work)"})
+    resume: bool = field(default=False, metadata={"help": "resume an interrupted QAT fine-tune"})
+    seed: int = field(default=0, metadata={"help": "picks the calibration images (and QAT's order)"})
     model: str | None = None          # the user's builder (FILE.py:FUNCTION) a checkpoint was made with
-    prune: bool = True                # dead-tap pruning before quantizing (quantbench.prune)
-    # quantized engine of the TorchScript flows (eager, fx); None: runtimes.torchscript.best_engine()
-    # pt2e ignores it: inductor picks its own kernels (so one template serves every flow).
-    engine: str | None = None
-    # cross-layer equalization of the fp32 weights before prepare (quantbench.equalize)
-    equalize: bool = False
-    # NNCF's bias correction in the OpenVINO comparison row: "fast", "full" or "none"
-    # (runtimes.openvino.BiasCorrection); the torch flows have none
-    bias_correction: str = "fast"
+    prune: bool = field(default=True, metadata={
+        "help": "dead-tap pruning: drop convolution taps that only ever see zero padding (exact, verified "
+                "on every file, recorded in its sidecar)"})
+    equalize: bool = field(default=False, metadata={
+        "help": "cross-layer equalization of the fp32 weights before quantizing (conv -> BN -> ReLU -> conv "
+                "pairs; exact, verified): helps per-tensor weights"})
+    # Each runtime's own options, by runtime name: {"torchscript": {"engine": "fbgemm"}, ...}; the
+    # fields are the runtime module's Options dataclass (quantbench.runtimes.check_options)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from . import runtimes
         if self.method not in get_args(Method):
             raise QuantbenchError(f"unknown method {self.method!r}; choose from {', '.join(get_args(Method))}")
         check_method(self.flow, self.method)
@@ -121,24 +133,25 @@ class QuantizeConfig:
             raise QuantbenchError(f"unknown QAT schedule {self.qat_schedule!r}; "
                                   f"choose from {', '.join(QAT_SCHEDULES)}")
         if self.qat_epochs is not None and self.qat_epochs < 1:
-            raise QuantbenchError("QAT --epochs must be at least 1")
-        if self.engine is not None:
-            from .runtimes import torchscript
-            torchscript.check_engine(self.engine)
+            raise QuantbenchError("--qat-epochs must be at least 1")
         if not isinstance(self.equalize, bool):
             raise QuantbenchError(f"equalize must be True or False, not {self.equalize!r}")
-        from .runtimes.openvino import check_bias_correction
-        check_bias_correction(self.bias_correction)
+        object.__setattr__(self, "options", runtimes.check_options(self.options))
 
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
 
+    def runtime_options(self, runtime: str):
+        """The Options of `runtime` this config asks for (its defaults where none were given;
+        None for a runtime without options)."""
+        from . import runtimes
+        return runtimes.make_options(runtime, self.options.get(runtime))
+
     def shaping(self) -> dict:
-        """The choices that shape the deployment file (recorded in its sidecar; a resumed
-        replicate remakes a file whose record differs)."""
-        d = dataclasses.asdict(self)
-        for k in ("work_dir", "resume", "bias_correction"):  # bias correction: the OpenVINO row's only
-            d.pop(k)
+        """The choices that shape a torch flow's file (recorded in its sidecar)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("work_dir", "resume", "options", "model")}
+        d["options"] = {k: dataclasses.asdict(v) for k, v in self.options.items()}
         if not d["equalize"]:
             d.pop("equalize")  # so files made before the option existed still match
         return json.loads(json.dumps(d))  # as the sidecar will hold it (tuples become lists)
@@ -153,105 +166,74 @@ class QuantizeConfig:
 CALIB_AUGMENT = {"test": "none", "train": "seed"}
 
 
+def calibration_batches(data: Dataset, cfg: QuantizeConfig, limit: int | None = None) -> Batches:
+    """The calibration images of every file, torch flow or runtime alike: `cfg.calib_samples`
+    (at most `limit`) training images, drawn by `cfg.seed`, clean ("test") or through the
+    original's training augmentation ("train")."""
+    samples = min(cfg.calib_samples, limit) if limit else cfg.calib_samples
+    return Batches(data.train, cfg.calib_batch_size, data.mean, data.std, augment=CALIB_AUGMENT[cfg.calib_transform],
+                   shuffle=True, seed=cfg.seed, limit=samples)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Dataset, samples: int, batch_size: int, seed: int = 0,
               progress: bool = True, transform: CalibTransform = "test") -> None:
     """Run training images through the observers so they record activation ranges: clean ones
     by default ("test": the deployed model sees clean images), or as the original did, through
     its training augmentation ("train": crops, rotations and colour jitter widen the ranges)."""
-    batches = Batches(data.train, batch_size, data.mean, data.std, augment=CALIB_AUGMENT[transform],
-                      shuffle=True, seed=seed, limit=samples)
-    for x, _ in tqdm(batches, desc="calibrating", unit="batch", leave=False, disable=not progress):
+    cfg = QuantizeConfig(method="static", calib_samples=samples, calib_batch_size=batch_size, seed=seed,
+                         calib_transform=transform)
+    for x, _ in tqdm(calibration_batches(data, cfg), desc="calibrating", unit="batch", leave=False,
+                     disable=not progress):
         model(x)
 
 
-def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, data: Dataset | None = None,
-             progress: bool = True) -> tuple[nn.Module, dict]:
-    """Quantize an fp32 checkpoint file, or an nn.Module in hand (a notebook's model: it is
-    copied, not changed); returns (int8 model, record of how it was made)."""
-    from .runtimes import torchscript
-    flow = get_flow(cfg.flow)
-    if cfg.method in ("static", "qat") and (data is None or data.train is None):
-        raise QuantbenchError(f"{cfg.method} quantization needs training data (--data-dir)")
-    if isinstance(checkpoint, nn.Module):
-        model, meta = _from_module(checkpoint, cfg, data)
-        source_sha, checkpoint = None, f"<{type(checkpoint).__name__} object>"
-    else:
-        model, meta = flow.load(checkpoint, num_classes=data.num_classes if data else None, model=cfg.model,
-                                method=cfg.method)
-        source_sha = sha256(checkpoint)
-    if data is not None:  # calibrate and fine-tune on images normalized as in training
-        data = for_model(data, meta, f"checkpoint {checkpoint}")
-    # The images' shape where there are images (for_model checked it against the checkpoint's).
-    shape = tuple(data.input_shape) if data is not None else input_shape(meta)
-    example = example_input(shape)
-    record: dict = {"method": cfg.method, "flow": cfg.flow, "label": label(cfg.method, cfg.flow),
-                    "dtype": "int8", "source_checkpoint": str(checkpoint), "source_sha256": source_sha,
-                    "config": cfg.shaping(), "input_shape": list(shape), "fp32_layers": list(cfg.fp32_layers)}
-    t0 = time.perf_counter()
-    # Before any observer or fusion: the flows then see ordinary (smaller) convolutions.
-    record["pruning"] = prune_for_export(model, shape, cfg.prune, data, cfg.seed)
-    # Then on the float weights, before any observer sees them (quantbench.equalize).
-    record["equalization"] = equalize_for_quantize(model, shape, cfg.equalize, data, cfg.seed)
-    # The TorchScript flows' int8 weights are packed for a quantized engine (the fastest one
-    # depends on whether pruning cropped convolutions); other runtimes choose their own kernels.
-    engine = None
-    if flow.RUNTIME == torchscript.NAME:
-        record["engine"] = engine = cfg.engine or torchscript.best_engine(pruned=record["pruning"]["applied"])
-    with torchscript.quantized_engine(engine):
-        qmodel = _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progress)
-    record["quantize_s"] = round(time.perf_counter() - t0, 2)
-    record.update(classes=meta.get("classes") or (data.classes if data else None),
-                  normalize_mean=meta.get("normalize_mean") or (list(data.mean) if data else None),
-                  normalize_std=meta.get("normalize_std") or (list(data.std) if data else None),
-                  image_size=meta.get("image_size"), arch=meta.get("arch"), model=meta.get("model"))
-    # the fp32 model's own warnings (diverged, near chance) travel with everything made from it
-    record["warnings"] = list(meta.get("warnings") or []) + record.get("warnings", [])
-    return qmodel, record
-
-
-def _quantize(flow, model, cfg, data, meta, checkpoint, example, record, progress) -> nn.Module:
+def quantize_model(flow, model: nn.Module, cfg: QuantizeConfig, source, example: torch.Tensor,
+                   progress: bool = True, work_dir: Path | None = None) -> tuple[nn.Module, dict]:
+    """The three methods, the same for every flow; returns (int8 model, the record fields they
+    decide: qconfig, calibration, qat, warnings). `model` is the flow's float model (a copy)."""
+    data = source.data
+    made: dict = {}
     if cfg.method == "dynamic":
         with _tracing(cfg.flow):
             qmodel, applied = flow.quantize_dynamic(model, cfg.scheme, example, fp32_layers=cfg.fp32_layers)
         # the static qconfig names do not apply: record torch's dynamic one, which was used
-        record["qconfig"] = {"name": "dynamic", **applied}
-    elif cfg.method == "static":
-        with _tracing(cfg.flow):
-            prepared = flow.prepare(model, cfg.scheme, qat=False, example=example, fp32_layers=cfg.fp32_layers)
-        record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
+        made["qconfig"] = {"name": "dynamic", **applied}
+        return qmodel, made
+    with _tracing(cfg.flow):
+        prepared = flow.prepare(model, cfg.scheme, qat=cfg.method == "qat", example=example,
+                                fp32_layers=cfg.fp32_layers)
+    made["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
+    if cfg.method == "static":
         calibrate(prepared, data, cfg.calib_samples, cfg.calib_batch_size, cfg.seed, progress, cfg.calib_transform)
-        record["calibration"] = {"samples": min(cfg.calib_samples, len(data.train)),
-                                 "batch_size": cfg.calib_batch_size, "transform": cfg.calib_transform,
-                                 "augmentation": CALIB_AUGMENT[cfg.calib_transform]}
-        qmodel = flow.convert(prepared)
-    else:
-        sched = QAT_SCHEDULES[cfg.qat_schedule]
-        recipe = qat_recipe(cfg)
-        with _tracing(cfg.flow):
-            prepared = flow.prepare(model, cfg.scheme, qat=True, example=example, fp32_layers=cfg.fp32_layers)
-        record["qconfig"] = _qconfig_record(cfg, flow.applied(prepared))
+        made["calibration"] = {"samples": min(cfg.calib_samples, len(data.train)),
+                               "batch_size": cfg.calib_batch_size, "transform": cfg.calib_transform,
+                               "augmentation": CALIB_AUGMENT[cfg.calib_transform], "seed": cfg.seed}
+        return flow.convert(prepared), made
+    # qat: fine-tune with the trainer, freezing BN statistics, then the observers, on schedule
+    sched = QAT_SCHEDULES[cfg.qat_schedule]
+    recipe = qat_recipe(cfg)
 
-        def hook(epoch: int, m: nn.Module) -> None:
-            if epoch >= sched.freeze_bn_epoch:
-                flow.freeze_bn(m)
-            if epoch >= sched.freeze_observer_epoch:
-                flow.freeze_observers(m)
+    def hook(epoch: int, m: nn.Module) -> None:
+        if epoch >= sched.freeze_bn_epoch:
+            flow.freeze_bn(m)
+        if epoch >= sched.freeze_observer_epoch:
+            flow.freeze_observers(m)
 
-        work = cfg.work_dir or Path("runs") / "qat-work"
+    from .fileio import run_lock
+    work = Path(cfg.work_dir or work_dir or tempfile.mkdtemp(prefix="quantbench-qat-"))
+    with run_lock(work):  # one fine-tune per folder
         result = train(data, recipe, work, model=prepared, resume=cfg.resume, seed=cfg.seed,
                        epoch_hook=hook, set_mode=flow.set_mode, progress=progress,
-                       meta={"arch": meta.get("arch"), "model": meta.get("model"), "input_shape": record["input_shape"],
-                             "qat_of": str(checkpoint), "source_sha256": record["source_sha256"],
-                             "flow": cfg.flow, "qconfig": record["qconfig"]})
-        prepared = result.model.to(memory_format=torch.contiguous_format)
-        record["warnings"] = result.warnings
-        record["qat"] = {"schedule": cfg.qat_schedule, "recipe": dataclasses.asdict(recipe.fit(len(data.train))),
-                         "freeze_bn_epoch": sched.freeze_bn_epoch,
-                         "freeze_observer_epoch": sched.freeze_observer_epoch, "work_dir": str(work),
-                         "fake_quant_test_acc": [h["test_acc"] for h in result.history]}
-        qmodel = flow.convert(prepared)
-    return qmodel
+                       meta={"arch": source.meta.get("arch"), "model": source.meta.get("model"),
+                             "input_shape": list(example.shape[1:]), "qat_of": source.name,
+                             "source_sha256": source.sha256, "flow": cfg.flow, "qconfig": made["qconfig"]})
+    prepared = result.model.to(memory_format=torch.contiguous_format)
+    made["warnings"] = list(result.warnings)
+    made["qat"] = {"schedule": cfg.qat_schedule, "recipe": dataclasses.asdict(recipe.fit(len(data.train))),
+                   "freeze_bn_epoch": sched.freeze_bn_epoch, "freeze_observer_epoch": sched.freeze_observer_epoch,
+                   "work_dir": str(work), "fake_quant_test_acc": [h["test_acc"] for h in result.history]}
+    return flow.convert(prepared), made
 
 
 def qat_recipe(cfg: QuantizeConfig):
@@ -295,66 +277,56 @@ def _tracing(flow: str):
                               + f": {cause(e)}; try {_OTHER_FLOWS.get(flow, 'another flow')}") from e
 
 
-def _from_module(module: nn.Module, cfg: QuantizeConfig, data: Dataset | None) -> tuple[nn.Module, dict]:
-    """A user's nn.Module, as a flow's load() would give it: a copy in eval mode, and the meta
-    a checkpoint would carry (from the data it will be calibrated on)."""
-    import copy
-    model = copy.deepcopy(module).eval()
-    if cfg.flow == "eager" and cfg.method != "dynamic" and not hasattr(model, "fuse_model"):
-        raise FlowUnsupported(f"eager mode needs a model written for it (QuantStub/DeQuantStub, fuse_model()); "
-                              f"{type(module).__name__} is not: use flow='fx' or flow='pt2e'")
-    meta = {"model": f"{type(module).__module__}.{type(module).__name__} (an nn.Module passed to quantize)"}
-    if data is not None:
-        meta.update(num_classes=data.num_classes, classes=data.classes, input_shape=list(data.input_shape),
-                    normalize_mean=list(data.mean), normalize_std=list(data.std))
-    return model, meta
-
-
 def _qconfig_record(cfg: QuantizeConfig, applied: dict) -> dict:
     """The qconfig name, the overrides asked for, and the observers really used."""
     return {"name": cfg.qconfig, "overrides": cfg.scheme.overrides(), **applied, "why": why(cfg.qconfig)}
 
 
-def label(method: str, flow: str) -> str:
-    """Row name: the original's names for eager mode, suffixed with the flow otherwise."""
-    return LABELS[method] if flow == "eager" else f"{LABELS[method]}-{flow}"
+# ---------------------------------------------------------------- the Python API's conveniences
+# Each is deploy.make with one target; quantbench.deploy is where files are made.
+def quantize(checkpoint: str | os.PathLike | nn.Module, cfg: QuantizeConfig, data: Dataset | None = None,
+             progress: bool = True):
+    """Quantize an fp32 checkpoint file, or an nn.Module in hand (a notebook's model: it is
+    copied, not changed), without writing a file; returns (int8 model, its FileRecord)."""
+    from .deploy import Target, build
+    return build(_source(checkpoint, cfg, data), Target(cfg.flow, cfg.method, cfg), progress)
 
 
-def export_model(model: nn.Module, path, record: dict, flow: str = "eager") -> dict:
-    """Write the deployment file of `flow` and its sidecar."""
-    path = Path(path)
-    t0 = time.perf_counter()
-    wb = weight_bytes(model)
-    mod = get_flow(flow)
-    from .runtimes.torchscript import quantized_engine
-    with quantized_engine(record.get("engine")):  # trace and freeze with the weights' own engine
-        mod.export(model, path, example_input(input_shape(record)))
-    return write_sidecar(path, **record, runtime=mod.RUNTIME, weight_bytes=wb,
-                         export_s=round(time.perf_counter() - t0, 2))
+def _source(checkpoint, cfg: QuantizeConfig, data):
+    from .deploy import Source
+    if isinstance(checkpoint, nn.Module):
+        src = Source.from_module(checkpoint, data)
+        if cfg.flow == "eager" and cfg.method != "dynamic" and not hasattr(src.model, "fuse_model"):
+            raise FlowUnsupported(f"eager mode needs a model written for it (QuantStub/DeQuantStub, fuse_model()); "
+                                  f"{type(checkpoint).__name__} is not: use flow='fx' or flow='pt2e'")
+        return src
+    return Source.from_checkpoint(checkpoint, data, model_spec=cfg.model)
+
+
+def export_model(model: nn.Module, path, record, flow: str | None = None):
+    """Write a model from quantize() as its flow's deployment file, with its sidecar."""
+    from .deploy import export
+    return export(model, record if flow is None else record.replace(flow=flow), Path(path))
+
+
+def quantize_to_file(checkpoint, output, cfg: QuantizeConfig, data: Dataset | None = None, progress: bool = True):
+    """Quantize a checkpoint (or an nn.Module) and write `output` with its sidecar; returns its FileRecord."""
+    from .deploy import Target, make
+    return make(_source(checkpoint, cfg, data), Target(cfg.flow, cfg.method, cfg), output, progress)[0]
 
 
 def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = None,
-                  model_spec: str | None = None, prune: bool = True) -> dict:
-    """The fp32 model, exported the same way as the int8 ones (the table's "origin" row), pruned
-    as they are, so that the row measures int8 against the same graph."""
-    from .models import load_checkpoint
-    model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes if data else None, model=model_spec)
-    if data is not None:
-        data = for_model(data, meta, f"checkpoint {checkpoint}")
-    shape = tuple(data.input_shape) if data is not None else input_shape(meta)
-    record = {"method": "origin", "flow": flow, "label": label("origin", flow), "dtype": "fp32",
-              "source_checkpoint": str(checkpoint), "source_sha256": sha256(checkpoint), "arch": meta.get("arch"),
-              "input_shape": list(shape),
-              "classes": meta.get("classes") or (data.classes if data else None),
-              "normalize_mean": meta.get("normalize_mean"), "normalize_std": meta.get("normalize_std"),
-              "image_size": meta.get("image_size"), "model": meta.get("model"),
-              "warnings": list(meta.get("warnings") or []), "pruned": prune}
-    record["pruning"] = prune_for_export(model, shape, prune, data)
-    return export_model(model, path, record, flow)
+                  model_spec: str | None = None, prune: bool = True, seed: int = 0):
+    """The fp32 model, exported the way the int8 ones are (the table's "origin" row), pruned as
+    they are, so that the row measures int8 against the same graph."""
+    from .deploy import Source, Target, make
+    q = QuantizeConfig(method="static", flow=flow, prune=prune, seed=seed)
+    return make(Source.from_checkpoint(checkpoint, data, model_spec), Target(flow, "origin", q), path)[0]
 
 
 def check_output(path, flow: str) -> Path:
     """The output file name must have the flow's suffix."""
+    from .deploy import suffix
     path = Path(path)
     want = suffix(flow)
     if path.suffix != want:
@@ -362,8 +334,6 @@ def check_output(path, flow: str) -> Path:
     return path
 
 
-def quantize_to_file(checkpoint, output, cfg: QuantizeConfig, data: Dataset | None = None,
-                     progress: bool = True) -> dict:
-    output = check_output(output, cfg.flow)
-    qmodel, record = quantize(checkpoint, cfg, data, progress)
-    return export_model(qmodel, output, record, cfg.flow)
+def label(method: str, flow: str) -> str:
+    from .deploy import label as _label
+    return _label(method, flow)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from . import runtimes
 from .bench import BenchConfig, bench
-from .data import Batches, DataSource, for_model
+from .data import DataSource
 from .errors import FlowUnsupported, QuantbenchError
-from .export import read_sidecar, sidecar_path, write_sidecar
+from .deploy import ORIGIN, Source, Target, files_of, is_flow, make, suffix
 from .fileio import sha256
-from .flows import METHODS, check_method, suffix
-from .quantize import QuantizeConfig, export_origin, label, quantize_to_file
+from .flows import METHODS, check_method
+from .quantize import QuantizeConfig
+from .record import read_record, sidecar_path
 from .report import write_report
 from .results import BenchResults
 
@@ -71,25 +72,54 @@ def _log(msg: str) -> None:
     print(f"[replicate] {msg}", file=sys.stderr, flush=True)
 
 
-def _reusable(path: Path, resume: bool, expect: dict, defaults: dict | None = None) -> bool:
+def targets(cfg: ReplicateConfig) -> list[Target]:
+    """Every target of the run, in the table's order: the fp32 "origin" once per runtime the
+    flows deploy to, each flow x method, each comparison runtime, then the plain rows."""
+    q = cfg.quantize
+    out: list[Target] = []
+    for suf in dict.fromkeys(suffix(f) for f in cfg.flows):
+        out.append(Target(next(f for f in cfg.flows if suffix(f) == suf), ORIGIN, q))
+    out += [Target(flow, method, q) for flow in cfg.flows for method in cfg.methods]
+    wanted = cfg.runtimes if cfg.runtimes is not None else tuple(r for r in runtimes.exporters()
+                                                                 if runtimes.available(r))
+    out += [Target(name, "static", q) for name in wanted]
+    out += [Target(name, "static", q, plain=True) for name in cfg.plain]
+    return out
+
+
+def destination(models: Path, t: Target) -> Path:
+    """Where a target's file(s) go: models/LABEL.suffix for a flow, models/ (or models/plain/)
+    for a runtime's FILES."""
+    if is_flow(t.maker):
+        return models / (t.label + suffix(t.maker))
+    return models / "plain" if t.plain else models
+
+
+def _reusable(t: Target, dest: Path, resume: bool, source_sha: str | None) -> bool:
     """With --resume, a file already made is measured again only if its sidecar says it was made
-    the way this run would make it (same checkpoint by content, same configuration). `defaults`:
-    what a sidecar written before a key existed was made with (older files stay reusable)."""
-    if not (resume and path.is_file() and sidecar_path(path).is_file()):
+    the way this run would make it: the same checkpoint by content, the same target."""
+    paths = files_of(t, dest)
+    if not (resume and all(p.is_file() and sidecar_path(p).is_file() for p in paths)):
         return False
-    side = read_sidecar(path)
-    defaults = defaults or {}
-    differ = [k for k, v in expect.items()
-              if side.get(k, defaults.get(k)) != json.loads(json.dumps(v, default=str))]
-    if differ:
-        _log(f"remaking {path.name}: it was made with another {' and '.join(differ)}")
-    return not differ
+    for p in paths:
+        rec = read_record(p)
+        if rec.source_sha256 != source_sha or rec.target != json.loads(json.dumps(t.identity())):
+            why = "checkpoint" if rec.source_sha256 != source_sha else \
+                "quantbench version" if rec.target is None else "configuration"
+            _log(f"remaking {p.name}: it was made with another {why}")
+            return False
+    return True
 
 
 def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     out = Path(cfg.output)
     models = out / "models"
     data = cfg.data.load(train=True, progress=progress)
+    if cfg.checkpoint is None and cfg.quantize.fp32_layers:  # before training, not after it
+        from .flows import check_layers
+        from .models import build_model
+        check_layers(build_model(cfg.arch, cfg.quantize.model, num_classes=data.num_classes,
+                                 input_shape=data.input_shape), cfg.quantize.fp32_layers)
 
     # 1. fp32 model
     ckpt = cfg.checkpoint
@@ -99,37 +129,40 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
         train(data, get_recipe(cfg.preset, epochs=cfg.epochs), out / "train", arch=cfg.arch,
               model_spec=cfg.quantize.model, resume=cfg.resume, progress=progress)
         ckpt = out / "train" / "best.pth"
+    _check_data_identity(out, cfg, ckpt)
 
-    # 2. deployment files: one fp32 "origin" per runtime, then each flow x method
-    source = {"source_sha256": sha256(ckpt)}
+    # 2. deployment files: every target from the one fp32 model, read once
+    source: Source | None = None
+    source_sha = sha256(ckpt)
     files: list[Path] = []
     skipped: list[dict] = []
-    for suf in dict.fromkeys(suffix(f) for f in cfg.flows):
-        flow = next(f for f in cfg.flows if suffix(f) == suf)
-        path = models / (label("origin", flow) + suf)
-        if not _reusable(path, cfg.resume, {**source, "pruned": cfg.quantize.prune}):
-            _log(f"exporting fp32 -> {path.name}")
-            export_origin(ckpt, path, flow, data, model_spec=cfg.quantize.model, prune=cfg.quantize.prune)
-        files.append(path)
-    for flow in cfg.flows:
-        for method in cfg.methods:
-            path = models / (label(method, flow) + suffix(flow))
-            qcfg = cfg.quantize.replace(method=method, flow=flow, work_dir=out / "qat-work" / flow,
-                                        resume=cfg.resume)
-            if not _reusable(path, cfg.resume, {**source, "config": qcfg.shaping()}):
-                _log(f"{method} ({flow}) -> {path.name}")
-                try:
-                    quantize_to_file(ckpt, path, qcfg, data, progress=progress)
-                except FlowUnsupported as e:  # this model, not this run: the other rows still mean something
-                    _log(f"skipping {path.name}: {e}")
-                    skipped.append({"row": label(method, flow), "flow": flow, "method": method, "why": str(e)})
-                    continue
-            files.append(path)
+    for t in targets(cfg):
+        dest = destination(models, t)
+        if not _reusable(t, dest, cfg.resume, source_sha):
+            if source is None:
+                source = Source.from_checkpoint(ckpt, data, model_spec=cfg.quantize.model, quiet=False)
+            _log(f"{t.label}{' (plain)' if t.plain else ''} ({t.method}) -> {dest.relative_to(out)}")
+            try:
+                if t.method == "qat":
+                    t = Target(t.maker, t.method, t.quantize.replace(work_dir=out / "qat-work" / t.maker,
+                                                                     resume=cfg.resume))
+                made = make(source, t, dest, progress=progress)
+            except FlowUnsupported as e:  # this model, not this run: the other rows still mean something
+                _log(f"skipping {t.label}: {e}")
+                skipped.append({"row": t.label, "flow": t.maker, "method": t.method, "why": str(e)})
+                continue
+            except (QuantbenchError, ImportError) as e:
+                if is_flow(t.maker) or cfg.runtimes is not None or t.plain:
+                    raise QuantbenchError(f"runtime {t.maker}{' (--plain)' if t.plain else ''}: {e}"
+                                          if not is_flow(t.maker) else str(e)) from e
+                _log(f"skipping {t.maker} rows: {e}")
+                continue
+            paths = [dest.parent / r.file if is_flow(t.maker) else dest / r.file for r in made]
+        else:
+            paths = files_of(t, dest)
+        files += [p for p in paths if not t.plain or read_record(p).dtype == "int8"]
 
-    # 3. other runtimes as comparison rows
-    files += _runtime_rows(cfg, ckpt, data, models, source)
-
-    # 4. measure and report
+    # 3. measure and report
     _log(f"benchmarking {len(files)} models")
     results = bench(files, cfg.bench)
     q = cfg.quantize
@@ -140,63 +173,20 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     return results
 
 
-# what runtime rows made before these keys existed were made with
-_RUNTIME_DEFAULTS = {"calib_scheme": {}, "bias_correction": "fast"}
-
-
-def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path, source: dict | None = None) -> list[Path]:
-    wanted = cfg.runtimes if cfg.runtimes is not None else tuple(runtimes.exporters())
-    source = source if source is not None else {"source_sha256": sha256(ckpt)}
-    q = cfg.quantize
-    files: list[Path] = []
-    for name in wanted:
+def _check_data_identity(out: Path, cfg: ReplicateConfig, ckpt) -> None:
+    """A resumed run must read the same data as the run it resumes: files calibrated on other
+    images would be measured as if made from these. The data's identity is kept in
+    OUTPUT/run.json."""
+    from .fileio import read_json, write_json
+    path = out / "run.json"
+    ident = {"data": cfg.data.identity()}
+    if cfg.resume and path.is_file():
         try:
-            files += _export_runtime(name, cfg, ckpt, data, models, source, q.prune, q.scheme, q.bias_correction)
-        except (QuantbenchError, ImportError) as e:
-            if cfg.runtimes is not None:
-                raise QuantbenchError(f"runtime {name}: {e}") from e
-            _log(f"skipping {name} rows: {e}")
-    for name in cfg.plain:
-        # the runtime's own int8 as a user without quantbench would make it: the unpruned fp32
-        # graph and the runtime's default calibration
-        try:
-            made = _export_runtime(name, cfg, ckpt, data, models / "plain", source, False, None, "fast")
-        except (QuantbenchError, ImportError) as e:
-            raise QuantbenchError(f"runtime {name} (--plain): {e}") from e
-        for path in made:
-            side = read_sidecar(path)
-            if side.get("dtype") == "int8":
-                if not side.get("plain"):
-                    write_sidecar(path, **{**side, "label": side.get("label", path.stem) + "-plain", "plain": True,
-                                           "pruning": {"applied": False, "why": "plain row: the runtime alone"},
-                                           "why": "the runtime alone: no pruning, its default calibration "
-                                                  "algorithm, on the same calibration images as the other rows"})
-                files.append(path)
-    return files
-
-
-def _export_runtime(name: str, cfg: ReplicateConfig, ckpt, data, out_dir: Path, source: dict,
-                    prune: bool, scheme, bias_correction: str) -> list[Path]:
-    """One runtime's fp32 and int8 files in `out_dir`, from the same fp32 graph as the torch
-    rows (pruned or not) and the torch rows' calibration choices by the same names (recorded in
-    the sidecars); files already made the same way are reused with --resume."""
-    from .export import prune_for_export
-    from .models import load_checkpoint
-    mod = runtimes.get(name)
-    made = [out_dir / f for f in getattr(mod, "FILES", ())]  # what the exporter writes
-    calib_samples = min(cfg.quantize.calib_samples, 2000)
-    expect = {**source, "calib_limit": calib_samples, "pruned": prune,
-              "calib_scheme": scheme.overrides() if scheme is not None else {}, "bias_correction": bias_correction}
-    if made and all(_reusable(p, cfg.resume, expect, _RUNTIME_DEFAULTS) for p in made):
-        return made  # resumed: the very same files are measured again
-    model, meta = load_checkpoint(ckpt, num_classes=data.num_classes, model=cfg.quantize.model)
-    d = for_model(data, meta, f"checkpoint {ckpt}")
-    pruning = prune_for_export(model, d.input_shape, prune, d, cfg.quantize.seed)
-    calib = (x for x, _ in Batches(d.train, 100, d.mean, d.std, shuffle=True, limit=calib_samples))
-    _log(f"{name}: exporting fp32 and int8" + ("" if prune else " (unpruned)") + f" to {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return mod.export(model, out_dir, calib, {"source_checkpoint": str(ckpt), **expect, "classes": d.classes,
-                                              "normalize_mean": list(d.mean), "normalize_std": list(d.std),
-                                              "image_size": meta.get("image_size"), "pruning": pruning,
-                                              "warnings": list(meta.get("warnings") or [])},
-                      scheme=scheme, bias_correction=bias_correction)
+            old = read_json(path)
+        except ValueError:
+            old = {}
+        if isinstance(old, dict) and old.get("data") not in (None, ident["data"]):
+            raise QuantbenchError(f"{out} was made from other data ({old['data'].get('path')}); resume it with "
+                                  f"the same --data-dir, or drop --resume to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, ident)

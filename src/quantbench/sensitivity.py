@@ -42,9 +42,10 @@ from .data import Batches, Dataset, Split, for_model
 from .errors import QuantbenchError, cause
 from .evaluate import accuracy
 from .export import example_input, input_shape
+from .fileio import sha256
 from .fileio import atomic_path, write_json, write_text
 from .flows import check_layers, get_flow, quantizable_layers
-from .flows.qconfigs import Scheme
+from .qconfigs import Scheme
 from .quantize import CALIB_AUGMENT, QuantizeConfig
 
 FILES = ("sensitivity.md", "sensitivity.json", "sensitivity.png")
@@ -85,6 +86,7 @@ class SensitivityResult:
     floor_acc: float            # every conv/linear fp32: only the flow's other int8 ops
     layers: list[LayerSensitivity] = field(default_factory=list)  # ranked, most sensitive first
     seconds: float = 0.0
+    checkpoint_sha256: str | None = None   # which model the ranking is for (--fallback checks it)
 
     def ranked(self) -> list[LayerSensitivity]:
         return sorted(self.layers, key=rank_key)
@@ -240,7 +242,9 @@ def sensitivity(checkpoint, data: Dataset, flow: str = "fx", *, scheme: Scheme |
                          percentile=scheme.percentile, calib_samples=calib_samples,
                          calib_batch_size=calib_batch_size, calib_transform=calib_transform)  # checks them
     mod = get_flow(flow)
-    model, meta = mod.load(checkpoint, num_classes=data.num_classes)
+    from .models import load_checkpoint
+    float_model, meta = load_checkpoint(checkpoint, num_classes=data.num_classes)
+    model = mod.from_float(copy.deepcopy(float_model), meta, "static")
     data = for_model(data, meta, f"checkpoint {checkpoint}")
     val = validation_split(data, val_samples, val_seed)
     all_layers = quantizable_layers(model)
@@ -254,7 +258,7 @@ def sensitivity(checkpoint, data: Dataset, flow: str = "fx", *, scheme: Scheme |
     # SQNR: the flow's graph and tool; eager has no graph: the FX flow's, same names and qconfigs
     sqnr_flow = "fx" if flow == "eager" else flow
     sqnr_runner = runner if sqnr_flow == flow else dataclasses.replace(
-        runner, flow=sqnr_flow, model=get_flow(sqnr_flow).load(checkpoint, num_classes=data.num_classes)[0].eval())
+        runner, flow=sqnr_flow, model=get_flow(sqnr_flow).from_float(copy.deepcopy(float_model), meta, "static").eval())
     measure = fx_layer_sqnr if sqnr_flow == "fx" else pt2e_layer_sqnr
     probe = calib[0]  # "a calibration batch"
 
@@ -292,7 +296,8 @@ def sensitivity(checkpoint, data: Dataset, flow: str = "fx", *, scheme: Scheme |
         observers=observers, sqnr_tool=tool, val_samples=val_samples, val_seed=val_seed,
         calib_samples=sum(len(x) for x in calib), calib_transform=calib_transform,
         fp32_acc=round(fp32_acc, 2), int8_acc=round(int8_acc, 2), floor_acc=round(floor_acc, 2),
-        layers=sorted(rows, key=rank_key), seconds=round(time.perf_counter() - t0, 1))
+        layers=sorted(rows, key=rank_key), seconds=round(time.perf_counter() - t0, 1),
+        checkpoint_sha256=sha256(checkpoint) if not isinstance(checkpoint, nn.Module) else None)
 
 
 # ---------------------------------------------------------------- choosing the fallback
@@ -304,7 +309,7 @@ def _fallback_key(row: dict) -> tuple[float, float, float]:
     return -float(row["gain"]), -float(row.get("drop", 0.0)), sqnr
 
 
-def most_sensitive(path_or_result, k: int) -> tuple[str, ...]:
+def most_sensitive(path_or_result, k: int, checkpoint=None) -> tuple[str, ...]:
     """The K layers that buy the most back when kept fp32 ("gain": every other layer int8, this
     one fp32), from a `quantbench sensitivity` result: a SensitivityResult, its dict, or its
     sensitivity.json (or the folder holding it). Ties by the bigger drop, then the lower SQNR.
@@ -332,6 +337,14 @@ def most_sensitive(path_or_result, k: int) -> tuple[str, ...]:
                                              and isinstance(r.get("gain"), (int, float)) for r in rows):
         raise QuantbenchError(f"{where} is not a sensitivity file (sensitivity.json of `quantbench sensitivity`): "
                               "it has no per-layer rows with a gain")
+    if checkpoint is not None and isinstance(result, dict):
+        made_for = result.get("checkpoint_sha256")
+        if made_for is None:
+            raise QuantbenchError(f"{where} does not say which checkpoint it ranks (made by an older quantbench); "
+                                  f"run `quantbench sensitivity {checkpoint}` again")
+        if made_for != sha256(checkpoint):
+            raise QuantbenchError(f"{where} ranks the layers of another checkpoint ({result.get('checkpoint')}), "
+                                  f"not {checkpoint}; run `quantbench sensitivity {checkpoint}`")
     if k > len(rows):
         raise QuantbenchError(f"cannot keep the {k} most sensitive layers fp32: {where} ranks only {len(rows)} layers")
     return tuple(r["layer"] for r in sorted(rows, key=_fallback_key)[:k])

@@ -5,7 +5,8 @@ A flow is one module in this package that turns an fp32 model into an int8 one, 
 
     RUNTIME                                 the runtime its files run on (quantbench.runtimes)
     METHODS                                 the methods it supports, a subset of METHODS below
-    load(checkpoint, num_classes, model, method) -> (float model ready for this flow, meta)
+    from_float(model, meta, method)         -> the float model this flow quantizes (eager: its
+                                               quantizable twin; fx, pt2e: the model itself)
     quantize_dynamic(model, scheme, example, fp32_layers) -> (int8 model, applied)  [dynamic]
     prepare(model, scheme, qat, example, fp32_layers)     -> model with observers/fake-quant
                                                                                  [static, qat]
@@ -15,13 +16,13 @@ A flow is one module in this package that turns an fp32 model into an int8 one, 
     freeze_bn(model), freeze_observers(model)                                  [qat]
     export(model, path, example)            write the deployment file
 
-`scheme` is a quantbench.flows.qconfigs.Scheme (a qconfig name plus observer / weight / activation
+`scheme` is a quantbench.qconfigs.Scheme (a qconfig name plus observer / weight / activation
 choices) or just a qconfig name. `fp32_layers` names conv/linear modules of the float model (as
 `quantizable_layers` lists them) that stay fp32 while the rest is quantized: each flow maps that
 to its own "no qconfig here" (see check_layers for the names).
-"applied" is read back from the observer objects the model holds (quantbench.flows.qconfigs
+"applied" is read back from the observer objects the model holds (quantbench.qconfigs
 .describe_observer), so a sidecar records what was used, not what was asked for.
-quantbench.quantize drives every flow the same way (calibrate, fine-tune, export), so adding a
+quantbench.deploy drives every flow the same way (calibrate, fine-tune, export), so adding a
 flow is one module plus one entry in FLOWS; tests/test_conformance.py checks it against `Flow`.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantbenchError
-from .qconfigs import Scheme
+from ..qconfigs import Scheme
 
 METHODS = ("dynamic", "static", "qat")
 
@@ -55,8 +56,7 @@ class Flow(Protocol):
     RUNTIME: str
     METHODS: Sequence[str]
 
-    def load(self, checkpoint, num_classes: int | None = None, model: str | None = None,
-             method: str = "static") -> tuple[nn.Module, dict]: ...
+    def from_float(self, model: nn.Module, meta: dict, method: str = "static") -> nn.Module: ...
     def quantize_dynamic(self, model: nn.Module, scheme: Scheme | str, example: torch.Tensor,
                          fp32_layers: Sequence[str] = ()) -> tuple[nn.Module, dict]: ...
     def prepare(self, model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Tensor,
@@ -67,12 +67,6 @@ class Flow(Protocol):
     def freeze_bn(self, model: nn.Module) -> None: ...
     def freeze_observers(self, model: nn.Module) -> None: ...
     def export(self, model: nn.Module, path, example: torch.Tensor) -> None: ...
-
-
-def suffix(flow: str) -> str:
-    """The deployment file suffix of a flow: its runtime's first."""
-    from .. import runtimes
-    return runtimes.get(get_flow(flow).RUNTIME).SUFFIXES[0]
 
 
 def get_flow(name: str) -> ModuleType:

@@ -26,19 +26,28 @@ from torch import nn
 from torch.ao import quantization as tq
 
 from ..export import export_torchscript
-from ..models import load_checkpoint
+from ..models import _no_twin, build
 from . import attention, check_layers
-from .qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
+from ..qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
 
 RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
 
 
-def load(checkpoint, num_classes=None, model=None, method="static"):
-    # The quantizable twin: QuantStub at the input, DeQuantStub at the output, fuse_model().
-    # Dynamic quantization only swaps nn.Linear modules, so the plain float model does (and
-    # models without a twin, a vision transformer say, get ptq-d too).
-    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=method != "dynamic", model=model)
+def from_float(model: nn.Module, meta: dict, method: str = "static") -> nn.Module:
+    """The model this flow quantizes, from the fp32 model (a copy the caller owns).
+    Static and QAT need the quantizable twin: QuantStub at the input, DeQuantStub at the output,
+    fuse_model(); it has the float model's parameter names, so its weights load unchanged.
+    Dynamic quantization only swaps nn.Linear modules, so the plain float model does (and
+    models without a twin, a vision transformer say, get ptq-d too)."""
+    if method == "dynamic" or hasattr(model, "fuse_model"):
+        return model
+    if not meta.get("arch"):  # a user's builder: nothing to twin it with
+        raise _no_twin(meta.get("model") or type(model).__name__)
+    twin = build(str(meta["arch"]).rsplit(".", 1)[-1], int(meta["num_classes"]), quantizable=True,
+                 input_shape=meta.get("input_shape"))
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
 
 
 def quantize_dynamic(model: nn.Module, scheme: Scheme | str, example: torch.Tensor,

@@ -7,7 +7,7 @@ quantization points itself: it fuses conv+bn(+relu), quantizes the input and swa
 no model edits.
 
 What to quantize, and how, comes from two tables:
-  QConfigMapping   which observers to put where (the same QConfigs as eager, quantbench.flows.qconfigs)
+  QConfigMapping   which observers to put where (the same QConfigs as eager, quantbench.qconfigs)
   BackendConfig    which patterns the int8 backend can run fused (x86 / fbgemm here)
 
 fp32 layers: QConfigMapping.set_module_name(name, None) keeps a module (after fusion: the fused
@@ -28,17 +28,16 @@ from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from ..export import export_torchscript
-from ..models import load_checkpoint
 from . import attention, check_layers
-from .qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
+from ..qconfigs import Scheme, applied_qconfig, applied_torch_ao, qconfig
 
 RUNTIME = "torchscript"
 METHODS = ("dynamic", "static", "qat")
 
 
-def load(checkpoint, num_classes=None, model=None, method="static"):
+def from_float(model: nn.Module, meta: dict, method: str = "static") -> nn.Module:
     # The plain float model: FX traces it as it is.
-    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False, model=model)
+    return model
 
 
 def _backend_config():

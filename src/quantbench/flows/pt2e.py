@@ -32,17 +32,16 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 
 from ..cpu import reduce_range
 from ..pt2_archive import save_program
-from ..models import load_checkpoint
 from . import check_layers
-from .qconfigs import PercentileMixin, Scheme, SharedScaleMixin, describe_observer
+from ..qconfigs import PercentileMixin, Scheme, SharedScaleMixin, graph_observers
 
 RUNTIME = "inductor"
 METHODS = ("dynamic", "static", "qat")
 
 
-def load(checkpoint, num_classes=None, model=None, method="static"):
+def from_float(model: nn.Module, meta: dict, method: str = "static") -> nn.Module:
     # The plain float model: torch.export traces it as it is (but see _one_partition_per_call).
-    return load_checkpoint(checkpoint, num_classes=num_classes, quantizable=False, model=model)
+    return model
 
 
 # ---------------------------------------------------------------- capture
@@ -113,7 +112,7 @@ _ACT_OBSERVERS = {"minmax": MinMaxObserver, "moving-average": MovingAverageMinMa
 
 
 def _quantizer_config(scheme: Scheme | str, qat: bool = False, dynamic: bool = False) -> QuantizationConfig:
-    """Our Schemes (quantbench.flows.qconfigs) expressed as PT2E QuantizationConfigs.
+    """Our Schemes (quantbench.qconfigs) expressed as PT2E QuantizationConfigs.
 
     "default" with no overrides is X86InductorQuantizer's own recipe (per-channel symmetric int8
     weights, uint8 per-tensor activations from a histogram observer) with reduce_range() from
@@ -231,26 +230,9 @@ def prepare(model: nn.Module, scheme: Scheme | str, qat: bool, example: torch.Te
     return prepare_pt2e(gm, quantizer)
 
 
-_WEIGHT_USERS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.convolution")
-
-
 def applied(prepared: nn.Module) -> dict:
-    """The observers prepare_pt2e inserted, read back from the graph: an observer whose output
-    is the weight argument (position 1) of a convolution or linear observes weights."""
-    weight = act = None
-    for node in prepared.graph.nodes:
-        if node.op != "call_module":
-            continue
-        obs = prepared.get_submodule(node.target)
-        if not hasattr(obs, "quant_min"):
-            continue
-        is_weight = any(str(u.target).rsplit(".", 1)[0] in _WEIGHT_USERS and len(u.args) > 1 and u.args[1] is node
-                        for u in node.users)
-        if is_weight and weight is None:
-            weight = obs
-        elif not is_weight and act is None:
-            act = obs
-    return {"weights": describe_observer(weight), "activations": describe_observer(act)}
+    """The observers prepare_pt2e inserted, read back from the graph (qconfigs.graph_observers)."""
+    return graph_observers(prepared)
 
 
 def convert(prepared: nn.Module) -> nn.Module:

@@ -10,13 +10,26 @@ A runtime is one module in this package that declares (see `Runtime` below):
     how_to_load(name)           -> the line of code that loads such a file without quantbench
 and optionally
     profile_ops(path, calls, threads, model, input_shape) -> {operator: (seconds, count)}
-    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast") -> [paths]
-                                comparison rows from an fp32 model; `scheme` (a flows.qconfigs.Scheme)
-                                maps the torch flows' observer / weight / activation choices onto
-                                the runtime's own calibration (None: the runtime's defaults),
-                                `bias_correction` ("fast", "full", "none") is NNCF's; both are
-                                accepted by every exporter and recorded in the int8 sidecar
+    export(model, out_dir, calib_batches, base, scheme=None, options=None) -> [FileRecord]
+                                comparison rows from an fp32 model: writes its FILES into out_dir
+                                and returns their records, made from `base` (a record.FileRecord
+                                saying where the model came from; quantbench.deploy writes the
+                                sidecars). `scheme` (a qconfigs.Scheme) maps the torch flows'
+                                observer / weight / activation choices onto the runtime's own
+                                calibration (None: the runtime's defaults); `options` is an
+                                instance of its Options (None: defaults)
     FILES                       the names export() writes (replicate --resume reuses them)
+    MAX_CALIB_SAMPLES           the most calibration images its calibrators take (they keep them all)
+    available()                 -> True when the packages it needs are installed (else its rows are
+                                skipped by `--runtimes auto` and tune)
+    Options                     a frozen dataclass: the runtime's own options. Each field has a
+                                default and metadata {"help": ..., "alias": "--old-flag"}; it checks
+                                itself in __post_init__. The CLI offers each field as
+                                --NAME-FIELD on quantize, replicate and tune, the sidecar records
+                                the values used (record.options), and `--resume` compares them.
+    resolve_options(options, pruned) -> Options    fill defaults that depend on the model
+    building(options)           a context manager the flows quantize and export under
+    record_fields(options)      -> {record field: value} this runtime adds to its files' records
 
 A flow names the runtime its files run on (flow.RUNTIME), so quantize, bench, profile and
 replicate find everything here. Adding a runtime is one module plus one entry in RUNTIMES;
@@ -26,11 +39,12 @@ so the measuring subprocesses see the same plug-ins).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -62,7 +76,8 @@ class Runtime(Protocol):
     def how_to_load(self, name: str) -> str: ...
 
 
-OPTIONAL = ("export", "FILES", "profile_ops")  # attributes a runtime may add
+OPTIONAL = ("export", "FILES", "profile_ops", "MAX_CALIB_SAMPLES", "available", "Options", "resolve_options",
+            "building", "record_fields", "is_deployment")  # attributes a runtime may add
 
 
 def registry() -> dict[str, str]:
@@ -117,6 +132,54 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Model:
 def exporters() -> list[str]:
     """Runtimes that can make their own fp32 + int8 files from an fp32 model (comparison rows)."""
     return [name for name in registry() if hasattr(get(name), "export")]
+
+
+def available(name: str) -> bool:
+    """Whether runtime `name` can run here (its optional packages are installed)."""
+    check = getattr(get(name), "available", None)
+    return bool(check()) if check is not None else True
+
+
+def options_class(name: str):
+    """The runtime's Options dataclass, or None."""
+    return getattr(get(name), "Options", None)
+
+
+def make_options(name: str, values=None):
+    """An instance of runtime `name`'s Options from a mapping (or an instance; None: defaults),
+    checked; None for a runtime without options."""
+    cls = options_class(name)
+    if cls is None:
+        if values:
+            raise QuantbenchError(f"runtime {name!r} takes no options, got {', '.join(values)}")
+        return None
+    if isinstance(values, cls):
+        return values
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = [k for k in values if k not in known]
+    if bad:
+        raise QuantbenchError(f"unknown option{'s' if len(bad) > 1 else ''} {', '.join(bad)} for runtime {name}; "
+                              f"it takes {', '.join(sorted(known)) or 'none'}")
+    return cls(**values)
+
+
+def check_options(options) -> dict:
+    """{runtime name: its Options instance} from {runtime name: mapping or instance}, checked."""
+    if not isinstance(options, Mapping):
+        raise QuantbenchError(f"runtime options must be a mapping of runtime name to options, not {options!r}")
+    out = {}
+    for name, values in options.items():
+        name = ALIASES.get(name, name)
+        opts = make_options(name, values)
+        if opts is not None:
+            out[name] = opts
+    return out
+
+
+def with_options() -> list[str]:
+    """Runtimes that declare options of their own."""
+    return [name for name in registry() if options_class(name) is not None]
 
 
 def check_exporters(names) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 boards. The fp32 model goes through torch.export, is lowered to XNNPACK and saved as a .pte
 program; the int8 one is quantized first with PT2E and XNNPACK's own quantizer.
 
-    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast")
+    export(model, out_dir, calib_batches, base, scheme=None, options=None) -> [FileRecord]
         -> [executorch-fp32.pte, executorch-int8.pte] (+ FILE.json sidecars)
     load(path, threads)  -> callable: float tensor (N,3,H,W) -> logits
 
@@ -26,7 +26,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import QuantbenchError, cause
-from ..export import calibration_arrays, read_sidecar, write_sidecar
+from ..export import calibration_arrays
+from ..record import FileRecord, as_record, read_record
 from ..fileio import write_bytes
 from ..results import OpCounts
 from ..warn import stderr_silenced
@@ -42,6 +43,7 @@ INSTALL = "pip install -e '.[edge]'"
 # splits bigger batches (the accuracy pass) into pieces of at most the file's verified batch
 # (its sidecar's max_batch, see _verified_batch), never more than this.
 MAX_BATCH = 32
+MAX_CALIB_SAMPLES = 2000  # calibration inputs are held in memory as one list
 
 
 def files(path: Path) -> list[Path]:
@@ -82,7 +84,7 @@ def int8_settings(scheme=None) -> dict:
     and how activation ranges are observed: histogram (the quantizer's own), minmax or
     moving-average (the same observer, swapped into its activation specs). Anything else is an
     error rather than a silently different row."""
-    from ..flows.qconfigs import Scheme
+    from ..qconfigs import Scheme
     s = Scheme.of(scheme) if scheme is not None else Scheme()
     unsupported = [f"qconfig {s.qconfig!r}" if s.qconfig != "default" else "",
                    f"observer {s.observer!r}" if s.observer not in (None, *ACT_OBSERVERS) else "",
@@ -141,17 +143,17 @@ def _lower(program) -> bytes:
     return edge.to_executorch().buffer
 
 
-def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor], meta: dict,
-           scheme=None, bias_correction: str = "fast") -> list[Path]:
-    """Write executorch-fp32.pte and executorch-int8.pte (plus FILE.json sidecars) into out_dir.
-
-    `scheme` (a quantbench.flows.qconfigs.Scheme or None) picks per-channel or per-tensor weights;
-    `bias_correction` is accepted for a uniform exporter signature and ignored: XNNPACK's
-    PT2E path has no bias correction. `meta` goes into both sidecars; the keys set here win."""
+def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
+           base: FileRecord | dict, scheme=None, options=None) -> list[FileRecord]:
+    """Write executorch-fp32.pte and executorch-int8.pte into out_dir; returns their records,
+    made from `base` (where the model came from). `scheme` (a quantbench.qconfigs.Scheme or
+    None) picks per-channel or per-tensor weights and the observer; XNNPACK's PT2E path has no
+    bias correction and ExecuTorch no options here."""
+    base = as_record(base)
     et = _require("ExecuTorch export")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from ..flows.pt2e import applied as applied_observers
+    from ..qconfigs import graph_observers as applied_observers
 
     settings = int8_settings(scheme)  # a bad scheme fails before any work
     out_dir = Path(out_dir)
@@ -159,9 +161,9 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     calib = [torch.from_numpy(a) for a in calibration_arrays(calib_batches)]
     example = calib[0][:1].expand(MAX_BATCH, *calib[0].shape[1:]).contiguous()
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
-    common = {"flow": NAME, "runtime": NAME, "backend": "XNNPACK",
-              "executorch_version": getattr(et, "__version__", None) or _version(),
-              "input_shape": list(calib[0].shape[1:])}
+    common = base.replace(flow=NAME, runtime=NAME, input_shape=list(calib[0].shape[1:]),
+                          extra={**base.extra, "backend": "XNNPACK",
+                                 "executorch_version": getattr(et, "__version__", None) or _version()})
 
     model = model.eval()
     try:
@@ -188,15 +190,13 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     write_bytes(int8_path, int8)
 
     # weight_bytes: the whole program; its graph and plan are small beside the weights
-    write_sidecar(fp32_path, **{**meta, **common, "label": "executorch-fp32", "method": "origin",
-                                "dtype": "fp32", "qconfig": None, "calibration": None,
-                                "weight_bytes": len(fp32), **fp32_batch})
-    write_sidecar(int8_path, **{**meta, **common, "label": "executorch-int8", "method": "static",
-                                "dtype": "int8", "qconfig": describe_int8(settings, applied, scheme),
-                                "calibration": {"samples": sum(len(x) for x in calib),
-                                                "batches": len(calib), "method": settings["observer"]},
-                                "weight_bytes": len(int8), **int8_batch})
-    return [fp32_path, int8_path]
+    return [common.replace(file=FP32_FILE, label="executorch-fp32", method="origin", dtype="fp32",
+                           weight_bytes=len(fp32), extra={**common.extra, **fp32_batch}),
+            common.replace(file=INT8_FILE, label="executorch-int8", method="static", dtype="int8",
+                           qconfig=describe_int8(settings, applied, scheme),
+                           calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
+                                        "method": settings["observer"]},
+                           weight_bytes=len(int8), extra={**common.extra, **int8_batch})]
 
 
 def _verified_batch(program: bytes, calib: list[torch.Tensor], what: str) -> dict:
@@ -275,8 +275,8 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
 
     # the largest batch the program was checked on when it was made; files made before that check
     # (no batch_checked in the sidecar) run one image at a time, the one size known to be right
-    side = read_sidecar(path)
-    limit = min(MAX_BATCH, int(side.get("max_batch") or 1)) if side.get("batch_checked") else 1
+    rec = read_record(path)
+    limit = min(MAX_BATCH, int(rec.get("max_batch") or 1)) if rec.get("batch_checked") else 1
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous()
@@ -346,3 +346,8 @@ def _xnn_graph(blob: bytes) -> dict:
         text = (Path(tmp) / "graph.json").read_text()
     # flatc writes clamp bounds as bare inf/nan, which JSON does not have
     return json.loads(re.sub(r"(:\s*)(-?)inf\b", r"\1\2Infinity", text).replace(": nan", ": NaN"))
+
+
+def available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("executorch") is not None

@@ -1,7 +1,7 @@
 """ONNX Runtime as a comparison row: the same fp32 model, exported to ONNX, run by ONNX Runtime in
 fp32 and after ONNX Runtime's own static int8 quantization.
 
-    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast")
+    export(model, out_dir, calib_batches, base, scheme=None, options=None) -> [FileRecord]
                                                 -> [onnx-fp32.onnx, onnx-int8.onnx] (+ sidecars)
     load(path, threads)                         -> callable: float tensor (N,3,H,W) -> logits
 
@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,8 +22,9 @@ import torch
 
 from ..cpu import has_vnni
 from ..errors import QuantbenchError, cause
-from ..export import calibration_arrays as _as_arrays, write_sidecar
-from ..flows.qconfigs import Scheme
+from ..export import calibration_arrays as _as_arrays
+from ..record import FileRecord, as_record
+from ..qconfigs import Scheme
 from ..results import OpCounts
 from ..warn import captured_root_log
 
@@ -70,6 +72,27 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> No
 
 
 # ---------------------------------------------------------------- 2. int8: ONNX Runtime's quantizer
+MAX_CALIB_SAMPLES = 2000  # the calibrators keep every feed's outputs until they compute ranges
+
+
+@dataclass(frozen=True)
+class Options:
+    """ONNX Runtime's own option for its int8 row: how the int8 graph is written."""
+    quant_format: str = field(default="qdq", metadata={
+        "help": "qdq: QuantizeLinear/DequantizeLinear pairs around float ops, which ORT fuses into int8 "
+                "kernels (its recommended format, the default); qoperator: int8 operators "
+                "(QLinearConv...) written into the graph"})
+
+    def __post_init__(self):
+        if self.quant_format not in ("qdq", "qoperator"):
+            raise QuantbenchError(f"unknown ONNX quant format {self.quant_format!r}; choose from qdq, qoperator")
+
+
+def available() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
 def int8_settings(scheme: Scheme | None = None) -> dict:
     """How to quantize for *this* CPU, as quantize_static keyword arguments.
 
@@ -187,15 +210,12 @@ def initializer_bytes(path: Path) -> int:
 
 
 def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
-           meta: dict, scheme: Scheme | None = None, bias_correction: str = "fast") -> list[Path]:
-    """Write onnx-fp32.onnx and onnx-int8.onnx (plus FILE.json sidecars) into out_dir.
-
-    `meta` (source checkpoint, classes, normalization...) goes into both sidecars; the keys this
-    function sets itself (label, method, dtype, ...) win over it. `scheme` picks the calibration
-    (see int8_settings); `bias_correction` is NNCF's (the OpenVINO row): ONNX Runtime's quantizer
-    has none, so it is accepted for a uniform call and ignored."""
-    from .openvino import check_bias_correction
-    check_bias_correction(bias_correction)  # a bad value fails here too, before any work
+           base: FileRecord | dict, scheme: Scheme | None = None, options: Options | None = None) -> list[FileRecord]:
+    """Write onnx-fp32.onnx and onnx-int8.onnx into out_dir; returns their records, made from
+    `base` (where the model came from). `scheme` picks the calibration (see int8_settings),
+    the options the graph's format."""
+    options = options or Options()
+    base = as_record(base)
     _require("ONNX export", quantization=True)
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -206,7 +226,11 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     example = torch.from_numpy(calib[0][:1])
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
     settings = int8_settings(scheme)
-    common = {"flow": NAME, "runtime": NAME, "opset": OPSET, "input_shape": list(calib[0].shape[1:])}
+    if options.quant_format == "qoperator":
+        from onnxruntime.quantization import QuantFormat
+        settings["quant_format"] = QuantFormat.QOperator
+    common = base.replace(flow=NAME, runtime=NAME, input_shape=list(calib[0].shape[1:]),
+                          extra={**base.extra, "opset": OPSET})
 
     # Build both in a scratch folder beside the outputs, then move them in: an interrupted run
     # leaves no half-written model under the final names.
@@ -242,15 +266,14 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
         os.replace(tmp_fp32, fp32_path)
         os.replace(tmp_int8, int8_path)
 
-    write_sidecar(fp32_path, **{**meta, **common, "label": "onnxrt-fp32", "method": "origin",
-                                "dtype": "fp32", "qconfig": None, "calibration": None,
-                                "weight_bytes": initializer_bytes(fp32_path)})
-    write_sidecar(int8_path, **{**meta, **common, "label": "onnxrt-int8", "method": "static",
-                                "dtype": "int8", "qconfig": describe_int8(settings, scheme), "preprocess": preprocess,
-                                "calibration": {"samples": sum(len(x) for x in calib),
-                                                "batches": len(calib), "method": calibration_method(settings)},
-                                "quantizer_log": log, "weight_bytes": initializer_bytes(int8_path)})
-    return [fp32_path, int8_path]
+    return [common.replace(file=FP32_FILE, label="onnxrt-fp32", method="origin", dtype="fp32",
+                           weight_bytes=initializer_bytes(fp32_path)),
+            common.replace(file=INT8_FILE, label="onnxrt-int8", method="static", dtype="int8",
+                           qconfig=describe_int8(settings, scheme),
+                           calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
+                                        "method": calibration_method(settings)},
+                           weight_bytes=initializer_bytes(int8_path),
+                           extra={**common.extra, "preprocess": preprocess, "quantizer_log": log})]
 
 
 # ---------------------------------------------------------------- 3. run it

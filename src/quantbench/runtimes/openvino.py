@@ -1,7 +1,7 @@
 """OpenVINO as a comparison row: the same fp32 model converted to OpenVINO IR, run by the
 OpenVINO CPU plugin in fp32 and after NNCF's post-training int8 quantization.
 
-    export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast")
+    export(model, out_dir, calib_batches, base, scheme=None, options=None) -> [FileRecord]
                                                 -> [openvino-fp32.xml, openvino-int8.xml]
                                                    (each with its .bin and a FILE.json sidecar)
     load(path, threads)                         -> callable: float tensor (N,3,H,W) -> logits
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, get_args
 
@@ -21,8 +22,9 @@ import torch
 
 from ..cpu import has_vnni
 from ..errors import QuantbenchError, cause
-from ..export import calibration_arrays as _as_arrays, write_sidecar
-from ..flows.qconfigs import Scheme
+from ..export import calibration_arrays as _as_arrays
+from ..record import FileRecord, as_record
+from ..qconfigs import Scheme
 from ..results import OpCounts
 
 NAME = "openvino"
@@ -36,12 +38,29 @@ INPUT, OUTPUT = "input", "logits"
 # statistics: NNCF's default), "full" (layer by layer, each corrected on the already quantized
 # model before it: slower), "none" (off)
 BiasCorrection = Literal["fast", "full", "none"]
+MAX_CALIB_SAMPLES = 2000  # NNCF holds every calibration input in memory
 
 
 def check_bias_correction(value: str) -> str:
     if value not in get_args(BiasCorrection):
         raise QuantbenchError(f"unknown bias correction {value!r}; choose from {', '.join(get_args(BiasCorrection))}")
     return value
+
+
+@dataclass(frozen=True)
+class Options:
+    """OpenVINO's own option for its int8 row (NNCF's post-training quantization)."""
+    bias_correction: BiasCorrection = field(default="fast", metadata={
+        "help": "NNCF's bias correction after quantizing: fast (its default), full (layer by layer, slower) "
+                "or none", "alias": "--bias-correction"})
+
+    def __post_init__(self):
+        check_bias_correction(self.bias_correction)
+
+
+def available() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
 
 
 def files(path: Path) -> list[Path]:
@@ -192,13 +211,12 @@ def describe_int8(settings: dict, scheme: Scheme | None = None) -> dict:
 
 
 def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
-           meta: dict, scheme: Scheme | None = None, bias_correction: BiasCorrection = "fast") -> list[Path]:
-    """Write openvino-fp32.xml/.bin and openvino-int8.xml/.bin (plus FILE.json sidecars).
-
-    `meta` (source checkpoint, classes, normalization...) goes into both sidecars; the keys this
-    function sets itself (label, method, dtype, ...) win over it. `scheme` and `bias_correction`
-    choose the calibration (see int8_settings)."""
-    check_bias_correction(bias_correction)  # before any work
+           base: FileRecord | dict, scheme: Scheme | None = None, options: Options | None = None) -> list[FileRecord]:
+    """Write openvino-fp32.xml/.bin and openvino-int8.xml/.bin into out_dir; returns their
+    records, made from `base` (where the model came from). `scheme` and the options' bias
+    correction choose the calibration (see int8_settings)."""
+    options = options or Options()
+    base = as_record(base)
     ov = _require("OpenVINO export", nncf=True)
     import nncf
 
@@ -206,14 +224,14 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     out_dir.mkdir(parents=True, exist_ok=True)
     calib = _as_arrays(calib_batches)
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
-    common = {"flow": NAME, "runtime": NAME, "openvino_version": ov.__version__,
-              "input_shape": list(calib[0].shape[1:])}
+    common = base.replace(flow=NAME, runtime=NAME, input_shape=list(calib[0].shape[1:]),
+                          extra={**base.extra, "openvino_version": ov.__version__})
 
     with torch.no_grad():
         ov_fp32 = convert_fp32(model, torch.from_numpy(calib[0][:1]))
     _save(ov_fp32, fp32_path)
 
-    settings = int8_settings(scheme, bias_correction)
+    settings = int8_settings(scheme, options.bias_correction)
     # A list of model inputs is already what NNCF wants (one item = one inference); subset_size
     # counts items, so all of them are used.
     # NNCF draws its own progress bars on stdout for a few seconds of work: keep them out of logs
@@ -222,15 +240,13 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                                 subset_size=len(calib), **settings)
     _save(ov_int8, int8_path)
 
-    write_sidecar(fp32_path, **{**meta, **common, "label": "openvino-fp32", "method": "origin",
-                                "dtype": "fp32", "qconfig": None, "calibration": None,
-                                "weight_bytes": fp32_path.with_suffix(".bin").stat().st_size})
-    write_sidecar(int8_path, **{**meta, **common, "label": "openvino-int8", "method": "static",
-                                "dtype": "int8", "qconfig": describe_int8(settings, scheme),
-                                "calibration": {"samples": sum(len(x) for x in calib), "batches": len(calib),
-                                                "method": _calibration_method(scheme)},
-                                "weight_bytes": int8_path.with_suffix(".bin").stat().st_size})
-    return [fp32_path, int8_path]
+    return [common.replace(file=FP32_FILE, label="openvino-fp32", method="origin", dtype="fp32",
+                           weight_bytes=fp32_path.with_suffix(".bin").stat().st_size),
+            common.replace(file=INT8_FILE, label="openvino-int8", method="static", dtype="int8",
+                           qconfig=describe_int8(settings, scheme),
+                           calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
+                                        "method": _calibration_method(scheme)},
+                           weight_bytes=int8_path.with_suffix(".bin").stat().st_size)]
 
 
 # ---------------------------------------------------------------- 3. run it

@@ -10,17 +10,45 @@ process: the flows record theirs in the sidecar ("engine") and `load` sets it fr
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import QuantbenchError, cause
-from ..export import read_sidecar
+from ..record import read_record
 from ..results import OpCounts
 from ..warn import stderr_silenced
 
 NAME = "torchscript"
 SUFFIXES = (".pt",)
+
+
+@dataclass(frozen=True)
+class Options:
+    """TorchScript's own option: which int8 kernels the file's weights are packed for."""
+    engine: str | None = field(default=None, metadata={
+        "help": "quantized engine of TorchScript int8 files: x86, fbgemm, onednn, qnnpack (default: the "
+                "fastest measured for this CPU; recorded in the sidecar and set when the file is loaded)",
+        "alias": "--engine"})
+
+    def __post_init__(self):
+        if self.engine is not None:
+            check_engine(self.engine)
+
+
+def resolve_options(options: Options, pruned: bool) -> Options:
+    """The engine to use when none was asked for depends on whether pruning cropped convolutions."""
+    return options if options.engine else Options(engine=best_engine(pruned=pruned))
+
+
+def building(options: Options):
+    """Quantize, trace and freeze under the engine the weights are packed for."""
+    return quantized_engine(options.engine)
+
+
+def record_fields(options: Options) -> dict:
+    return {"engine": options.engine}  # what load() sets before loading the file
 
 
 def files(path: Path) -> list[Path]:
@@ -89,7 +117,7 @@ def load(path: Path, threads: int | None = None):
     are packed for it while loading, and some int8 ops (quantized max_pool2d, for one) look at the
     process's engine on every call. Measuring workers run one model per process, so this is
     their engine."""
-    engine = read_sidecar(path).get("engine")
+    engine = read_record(path).engine
     if engine is not None:
         try:
             check_engine(engine)

@@ -29,8 +29,8 @@ from torch.ao.quantization import (FakeQuantize, FusedMovingAvgObsFakeQuantize, 
                                    MinMaxObserver, MovingAverageMinMaxObserver,
                                    MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver, QConfig)
 
-from ..cpu import reduce_range
-from ..errors import QuantbenchError
+from .cpu import reduce_range
+from .errors import QuantbenchError
 
 QCONFIGS = ("default", "seed")
 Observer = Literal["minmax", "moving-average", "histogram", "percentile"]
@@ -263,3 +263,26 @@ def applied_torch_ao(prepared: torch.nn.Module) -> dict:
 def applied_qconfig(qc: QConfig) -> dict:
     """The observers a QConfig object makes (dynamic quantization keeps no observer to read)."""
     return {"weights": describe_observer(qc.weight()), "activations": describe_observer(qc.activation())}
+
+
+_WEIGHT_USERS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.convolution")
+
+
+def graph_observers(prepared) -> dict:
+    """The observers a PT2E prepare inserted (quantbench's pt2e flow, or ExecuTorch's XNNPACK
+    quantizer), read back from the graph: an observer whose output is the weight argument
+    (position 1) of a convolution or linear observes weights."""
+    weight = act = None
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        obs = prepared.get_submodule(node.target)
+        if not hasattr(obs, "quant_min"):
+            continue
+        is_weight = any(str(u.target).rsplit(".", 1)[0] in _WEIGHT_USERS and len(u.args) > 1 and u.args[1] is node
+                        for u in node.users)
+        if is_weight and weight is None:
+            weight = obs
+        elif not is_weight and act is None:
+            act = obs
+    return {"weights": describe_observer(weight), "activations": describe_observer(act)}
