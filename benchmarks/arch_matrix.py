@@ -25,7 +25,8 @@ warnings.simplefilter("ignore")
 torch.set_num_threads(1)
 from quantbench import models
 from quantbench.errors import QuantbenchError
-from quantbench.flows import get_flow, suffix
+from quantbench.deploy import suffix
+from quantbench.flows import get_flow
 arch, flow_name, method, size, out = sys.argv[1:6]
 flow = get_flow(flow_name)
 x = torch.randn(2, 3, int(size), int(size))

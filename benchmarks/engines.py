@@ -106,7 +106,8 @@ def build(args, data, tmp: Path) -> dict[tuple[str, str, str], Path]:
     for flow_name in args.flows:
         flow = get_flow(flow_name)
         for variant in ("unpruned", "pruned"):
-            model, _ = flow.load(args.checkpoint, num_classes=data.num_classes)
+            fp32, meta = load_checkpoint(args.checkpoint, num_classes=data.num_classes)
+            model = flow.from_float(fp32, meta, "static")
             pruning = prune_for_export(model, shape, variant == "pruned", data)
             t0 = time.perf_counter()
             prepared = flow.prepare(model, args.qconfig, qat=False, example=example)

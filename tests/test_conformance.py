@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quantbench import flows, runtimes
+from quantbench import deploy, flows, runtimes
 from quantbench.flows import FLOWS, METHODS, Flow
 from quantbench.runtimes import OPTIONAL, Runtime
 
@@ -45,7 +45,7 @@ def test_flow_conforms(name):
     assert isinstance(mod, Flow)
     assert set(mod.METHODS) <= set(METHODS)
     assert mod.RUNTIME in runtimes.registry(), f"{name} deploys to an unregistered runtime {mod.RUNTIME!r}"
-    assert flows.suffix(name) in runtimes.get(mod.RUNTIME).SUFFIXES
+    assert deploy.suffix(name) in runtimes.get(mod.RUNTIME).SUFFIXES
 
 
 def _all_runtimes(monkeypatch) -> list[str]:

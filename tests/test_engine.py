@@ -27,7 +27,7 @@ def _make(path, checkpoint, data, **kw) -> dict:
 
 
 def test_sidecar_records_the_engine(tiny_trained_checkpoint, tiny_dataset, tmp_path):
-    assert _make(tmp_path / "f.pt", tiny_trained_checkpoint, tiny_dataset, engine="fbgemm")["engine"] == "fbgemm"
+    assert _make(tmp_path / "f.pt", tiny_trained_checkpoint, tiny_dataset, options={"torchscript": {"engine": "fbgemm"}})["engine"] == "fbgemm"
     assert read_sidecar(tmp_path / "f.pt")["engine"] == "fbgemm"
     # none asked for: the fastest for this CPU, which depends on whether pruning cropped convs
     for prune in (True, False):
@@ -35,14 +35,14 @@ def test_sidecar_records_the_engine(tiny_trained_checkpoint, tiny_dataset, tmp_p
         assert side["pruning"]["applied"] is prune
         assert side["engine"] == torchscript.best_engine(pruned=prune) and side["engine"] in torchscript.engines()
     # PT2E files run under inductor, which picks its kernels itself: no engine to record
-    side = _make(tmp_path / "p.pt2", tiny_trained_checkpoint, tiny_dataset, flow="pt2e", engine="fbgemm")
-    assert "engine" not in side
+    side = _make(tmp_path / "p.pt2", tiny_trained_checkpoint, tiny_dataset, flow="pt2e", options={"torchscript": {"engine": "fbgemm"}})
+    assert side["engine"] is None
 
 
 def test_quantize_restores_the_process_engine(tiny_trained_checkpoint, tiny_dataset):
     before = torch.backends.quantized.engine
     other = "fbgemm" if before != "fbgemm" else "x86"
-    _, rec = quantize(tiny_trained_checkpoint, QuantizeConfig(method="dynamic", engine=other), tiny_dataset,
+    _, rec = quantize(tiny_trained_checkpoint, QuantizeConfig(method="dynamic", options={"torchscript": {"engine": other}}), tiny_dataset,
                       progress=False)
     assert rec["engine"] == other and torch.backends.quantized.engine == before
 
@@ -80,8 +80,8 @@ def _fresh_loads(*paths) -> tuple[str, list[tuple[str, int]]]:
 def test_loader_packs_for_the_sidecars_engine(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     """fbgemm runs no convolution through oneDNN, the onednn engine all of them: so the kernels
     that run show which engine packed the weights at load."""
-    _make(tmp_path / "fbgemm.pt", tiny_trained_checkpoint, tiny_dataset, engine="fbgemm")
-    _make(tmp_path / "onednn.pt", tiny_trained_checkpoint, tiny_dataset, engine="onednn")
+    _make(tmp_path / "fbgemm.pt", tiny_trained_checkpoint, tiny_dataset, options={"torchscript": {"engine": "fbgemm"}})
+    _make(tmp_path / "onednn.pt", tiny_trained_checkpoint, tiny_dataset, options={"torchscript": {"engine": "onednn"}})
     # the fbgemm file again, its sidecar without the engine: torch's default applies
     shutil.copy(tmp_path / "fbgemm.pt", tmp_path / "plain.pt")
     side = read_sidecar(tmp_path / "fbgemm.pt")
@@ -95,12 +95,12 @@ def test_loader_packs_for_the_sidecars_engine(tiny_trained_checkpoint, tiny_data
 
 def test_unknown_engine_is_one_line(tiny_trained_checkpoint, tmp_path):
     with pytest.raises(QuantbenchError, match=r"unknown quantized engine 'fbgemmm'; this torch offers .*x86") as e:
-        QuantizeConfig(method="static", engine="fbgemmm")
+        QuantizeConfig(method="static", options={"torchscript": {"engine": "fbgemmm"}})
     assert "\n" not in str(e.value)
     # a file made for an engine this torch lacks
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
-    write_sidecar(path, engine="tpu9000")
+    write_sidecar(path, options={"torchscript": {"engine": "tpu9000"}})
     with pytest.raises(QuantbenchError, match="made for quantized engine 'tpu9000'") as e:
         torchscript.load(path)
     assert "\n" not in str(e.value)

@@ -18,6 +18,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.qconfigs import Scheme
 from quantbench.models import load_checkpoint
 from quantbench.runtimes import executorch as et
+from support.exporting import export_paths
 
 META = {"source_checkpoint": "tiny-resnet10"}
 
@@ -35,8 +36,8 @@ def tiny(tiny_trained_checkpoint, tiny_dataset):
 def exported(tiny, tmp_path_factory):
     pytest.importorskip("executorch", reason="executorch not installed: pip install -e '.[edge]'")
     model, train, _ = tiny
-    return et.export(model, tmp_path_factory.mktemp("executorch"), list(train.split(16)), META,
-                     scheme=Scheme(weight_scheme="per-channel"), bias_correction="fast")
+    return export_paths(et, model, tmp_path_factory.mktemp("executorch"), list(train.split(16)), META,
+                        scheme=Scheme(weight_scheme="per-channel"))
 
 
 def _sidecar(path):
@@ -127,7 +128,7 @@ def test_a_verification_failure_is_one_export_error(monkeypatch, tiny, tmp_path)
         raise ValueError("bad program")
     monkeypatch.setattr(et, "_verified_batch", broken)
     with pytest.raises(QuantbenchError, match="ExecuTorch export failed while checking batches: .*bad program"):
-        et.export(model, tmp_path, [train[:8]], {})
+        export_paths(et, model, tmp_path, [train[:8]], {})
     assert not list(tmp_path.iterdir())
 
 
@@ -193,7 +194,7 @@ def test_missing_executorch_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "executorch", None)  # makes `import executorch` fail
     assert "executorch" in runtimes.exporters()  # still listed: replicate skips it in one line
     with pytest.raises(QuantbenchError, match=r"pip install -e '\.\[edge\]'") as e:
-        et.export(torch.nn.Identity(), tmp_path / "out", [torch.zeros(1, 3, 32, 32)], {})
+        export_paths(et, torch.nn.Identity(), tmp_path / "out", [torch.zeros(1, 3, 32, 32)], {})
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()  # failed before writing anything
     f = tmp_path / "model.pte"

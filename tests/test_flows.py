@@ -15,7 +15,8 @@ from quantbench import models, runtimes
 from quantbench.data import Batches
 from quantbench.errors import QuantbenchError
 from quantbench.export import read_sidecar
-from quantbench.flows import check_method, get_flow, suffix
+from quantbench.deploy import suffix
+from quantbench.flows import check_method, get_flow
 from quantbench.quantize import QuantizeConfig, export_model, quantize, quantize_to_file
 from quantbench.results import OpCounts
 from quantbench.runtimes import load as load_deployed

@@ -8,7 +8,8 @@ import torch
 from quantbench import runtimes
 from quantbench.data import Batches, for_model
 from quantbench.export import example_input, export_torchscript, read_sidecar
-from quantbench.flows import get_flow, suffix
+from quantbench.deploy import suffix
+from quantbench.flows import get_flow
 from quantbench.quantize import QuantizeConfig, calibrate, export_origin, quantize_to_file
 from quantbench.runtimes.torchscript import quantized_engine
 
@@ -81,13 +82,15 @@ def _content_bytes(path) -> int:
 def test_no_prune_leaves_the_file_as_before(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     """prune=False makes the very model quantize made before pruning existed: same size (but
     for the debug records), while the pruned file is smaller."""
-    cfg = _cfg("eager", prune=False, engine="x86")
+    cfg = _cfg("eager", prune=False, options={"torchscript": {"engine": "x86"}})
     quantize_to_file(tiny_trained_checkpoint, tmp_path / "off.pt", cfg, tiny_dataset, progress=False)
     quantize_to_file(tiny_trained_checkpoint, tmp_path / "on.pt", cfg.replace(prune=True), tiny_dataset,
                      progress=False)
     # the steps of quantize(), without pruning
     flow = get_flow("eager")
-    model, meta = flow.load(tiny_trained_checkpoint, num_classes=tiny_dataset.num_classes)
+    from quantbench.models import load_checkpoint
+    fp32, meta = load_checkpoint(tiny_trained_checkpoint, num_classes=tiny_dataset.num_classes)
+    model = flow.from_float(fp32, meta, "static")
     data = for_model(tiny_dataset, meta, "checkpoint")
     example = example_input((3, 32, 32))
     with quantized_engine("x86"):
@@ -139,11 +142,11 @@ def test_comparison_runtimes_start_from_the_pruned_model(tiny_checkpoint, tiny_d
 
     seen = []
 
-    def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
-        seen.append((model.layer4[0].conv2.kernel_size, meta["pruning"]))
+    def export(model, out_dir, calib_batches, base, scheme=None, options=None):
+        seen.append((model.layer4[0].conv2.kernel_size, base.pruning))
         return []
 
-    fake = types.SimpleNamespace(NAME="cap", SUFFIXES=(".cap",), export=export)
+    fake = types.SimpleNamespace(NAME="cap", SUFFIXES=(".cap",), export=export, FILES=("a.cap", "b.cap"))
     real_get = R.runtimes.get
     monkeypatch.setattr(R.runtimes, "get", lambda name: fake if name == "cap" else real_get(name))
     for prune in (True, False):
@@ -172,9 +175,9 @@ def test_plain_rows_are_the_runtime_alone_and_the_recommendation_compares_with_t
     seen = []
     real_export = fakert.export
 
-    def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
+    def export(model, out_dir, calib_batches, base, scheme=None, options=None):
         seen.append((out_dir.name, model.layer4[0].conv2.kernel_size, scheme))
-        return real_export(model, out_dir, calib_batches, meta, scheme, bias_correction)
+        return real_export(model, out_dir, calib_batches, base, scheme, options)
 
     monkeypatch.setattr(fakert, "export", export)
     for resume in (False, True):
@@ -187,7 +190,7 @@ def test_plain_rows_are_the_runtime_alone_and_the_recommendation_compares_with_t
     assert [(d, k) for d, k, _ in seen] == [("models", (1, 1)), ("plain", (3, 3))]  # resume exported nothing
     assert seen[0][2].observer == "minmax" and seen[1][2] is None  # the plain row: the runtime's own calibration
     side = read_sidecar(files[2])
-    assert side["label"] == "fake-int8-plain" and side["plain"] is True and side["pruned"] is False
+    assert side["label"] == "fake-int8-plain" and side["plain"] is True and side["target"]["prune"] is False
     assert side["pruning"] == {"applied": False, "why": "plain row: the runtime alone"}  # not "--no-prune"
 
     def row(label, ms, dtype="int8", plain=False):
@@ -210,7 +213,7 @@ def test_a_plain_row_that_cannot_be_made_says_which_option_asked_for_it(
     from support import fakert
     monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fake=support.fakert")
 
-    def export(model, out_dir, calib_batches, meta, scheme=None, bias_correction="fast"):
+    def export(model, out_dir, calib_batches, base, scheme=None, options=None):
         raise QuantbenchError("fake export needs the optional runtimes")
     monkeypatch.setattr(fakert, "export", export)
     cfg = R.ReplicateConfig(output=tmp_path, checkpoint=tiny_checkpoint, runtimes=(), plain=("fake",),

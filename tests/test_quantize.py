@@ -41,7 +41,7 @@ def test_static_records_calibration_and_qconfig(tiny_trained_checkpoint, tiny_da
     rec = quantize_to_file(tiny_trained_checkpoint, out, QuantizeConfig(method="static", calib_samples=32),
                            tiny_dataset, progress=False)
     side = json.loads((tmp_path / "ptq-s.pt.json").read_text())
-    assert side == json.loads(json.dumps(rec))
+    assert side == rec.to_dict()
     assert side["calibration"]["samples"] == 32 and side["dtype"] == "int8" and side["runtime"] == "torchscript"
     assert side["classes"] == tiny_dataset.classes and len(side["normalize_mean"]) == 3
     assert side["weight_bytes"] < out.stat().st_size * 1.5

@@ -15,6 +15,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.qconfigs import Scheme
 from quantbench.runtimes import onnxrt
 from quantbench.runtimes import openvino as openvino_rt
+from support.exporting import export_paths
 
 HAS_ORT = all(importlib.util.find_spec(n) for n in ("onnx", "onnxruntime"))
 HAS_OV = all(importlib.util.find_spec(n) for n in ("openvino", "nncf"))
@@ -83,7 +84,7 @@ def test_onnxrt_export_applies_the_scheme(tmp_path):
     scheme = Scheme(observer="histogram", weight_scheme="per-tensor")
     paths = {}
     for name, s in (("default", None), ("scheme", scheme)):
-        paths[name] = onnxrt.export(_model(), tmp_path / name, _calib(), {"note": 1}, scheme=s)[1]
+        paths[name] = export_paths(onnxrt, _model(), tmp_path / name, _calib(), {"note": 1}, scheme=s)[1]
 
     def weight_scale_sizes(path):
         g = onnx.load(str(path)).graph
@@ -149,9 +150,8 @@ def test_nncf_bias_correction(bias):
 
 def test_bad_bias_correction_is_a_one_line_error(tmp_path):
     from quantbench.quantize import QuantizeConfig
-    for call in (lambda: openvino_rt.export(torch.nn.Identity(), tmp_path, [], {}, bias_correction="slow"),
-                 lambda: onnxrt.export(torch.nn.Identity(), tmp_path, [], {}, bias_correction="slow"),
-                 lambda: QuantizeConfig(method="static", bias_correction="slow")):
+    for call in (lambda: openvino_rt.Options(bias_correction="slow"),
+                 lambda: QuantizeConfig(method="static", options={"openvino": {"bias_correction": "slow"}})):
         with pytest.raises(QuantbenchError, match="unknown bias correction 'slow'; choose from fast, full, none"):
             call()
     assert not list(tmp_path.iterdir())
@@ -164,7 +164,8 @@ def test_nncf_export_applies_the_scheme(tmp_path):
     import numpy as np
     import openvino as ov
     scheme = Scheme(observer="histogram", weight_scheme="per-tensor", act_scheme="affine")
-    path = openvino_rt.export(_model(), tmp_path, _calib(), {}, scheme=scheme, bias_correction="none")[1]
+    path = export_paths(openvino_rt, _model(), tmp_path, _calib(), {}, scheme=scheme,
+                        options=openvino_rt.Options(bias_correction="none"))[1]
 
     def scale_sizes(p):
         sizes = set()
@@ -207,20 +208,23 @@ def test_replicate_passes_the_scheme_and_remakes_rows_when_it_changes(tiny_check
         return R._runtime_rows(cfg, tiny_checkpoint, tiny_dataset, models_dir)
 
     run(False)
-    assert seen[-1]["scheme"] == Scheme() and seen[-1]["bias_correction"] == "fast"
-    # a sidecar from before the keys existed: still reused with the default options
+    assert seen[-1]["scheme"] == Scheme() and seen[-1]["options"].knob == 3  # the fake runtime's default
+    # a sidecar from before records named their target is remade on --resume, with a line saying so
     side = models_dir / "fake-int8.fake.json"
     d = json.loads(side.read_text())
-    del d["calib_scheme"], d["bias_correction"]
+    del d["target"]
     side.write_text(json.dumps(d))
     n = len(seen)
     run(True)
-    assert len(seen) == n
-    run(True, observer="percentile", percentile=99.9, bias_correction="none")   # changed: remade
-    assert len(seen) == n + 1 and seen[-1]["scheme"].observer == "percentile"
-    assert seen[-1]["bias_correction"] == "none"
-    assert json.loads(side.read_text())["calib_scheme"] == {"observer": "percentile", "percentile": 99.9}
-    run(True, observer="percentile", percentile=99.9, bias_correction="none")   # same again: reused
     assert len(seen) == n + 1
-    run(True)                                                                     # back to defaults: remade
+    run(True)                                                                     # the same: reused
+    assert len(seen) == n + 1
+    run(True, observer="percentile", percentile=99.9, options={"fake": {"knob": 5}})   # changed: remade
+    assert len(seen) == n + 2 and seen[-1]["scheme"].observer == "percentile"
+    assert seen[-1]["options"].knob == 5
+    target = json.loads(side.read_text())["target"]
+    assert target["scheme"] == {"observer": "percentile", "percentile": 99.9} and target["options"] == {"knob": 5}
+    run(True, observer="percentile", percentile=99.9, options={"fake": {"knob": 5}})   # same again: reused
     assert len(seen) == n + 2
+    run(True)                                                                     # back to defaults: remade
+    assert len(seen) == n + 3

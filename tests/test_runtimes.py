@@ -17,6 +17,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.runtimes import load as load_deployed
 from quantbench.runtimes import onnxrt
 from quantbench.runtimes import openvino as openvino_rt
+from support.exporting import export_paths
 
 NUM_CLASSES = 10
 META = {"source_checkpoint": "random-resnet10", "arch": "resnet10", "num_classes": NUM_CLASSES}
@@ -52,7 +53,7 @@ def _calib():
 def exported(request, tmp_path_factory):
     """Export once per runtime module (export is the slow part), shared by the tests below."""
     mod = request.param
-    return mod.export(_model(), tmp_path_factory.mktemp(mod.__name__.rsplit(".", 1)[-1]), _calib(), META)
+    return export_paths(mod, _model(), tmp_path_factory.mktemp(mod.__name__.rsplit(".", 1)[-1]), _calib(), META)
 
 
 @pytest.mark.parametrize("exported,labels,names", RUNTIMES, indirect=["exported"], scope="module")
@@ -115,7 +116,7 @@ def test_profile_shows_the_int8_kernels(exported, labels, names):
 def test_missing_package_is_a_one_line_error(mod, package, suffix, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
     with pytest.raises(QuantbenchError, match=r"pip install '\.\[runtimes\]'") as e:
-        mod.export(torch.nn.Identity(), tmp_path, [torch.zeros(1, 3, 32, 32)], {})
+        export_paths(mod, torch.nn.Identity(), tmp_path, [torch.zeros(1, 3, 32, 32)], {})
     assert "\n" not in str(e.value)
     assert not list(tmp_path.iterdir())  # failed before writing anything
     if suffix:  # loading needs only the runtime, not nncf
@@ -134,7 +135,7 @@ def test_onnxruntime_row_of_a_vision_transformer(tmp_path, capfd):
 
     torch.manual_seed(0)
     model = models.vit_tiny(3, image_size=8).eval()
-    files = onnxrt.export(model, tmp_path / "vit", [torch.randn(4, 3, 8, 8) for _ in range(2)], {})
+    files = export_paths(onnxrt, model, tmp_path / "vit", [torch.randn(4, 3, 8, 8) for _ in range(2)], {})
     side = json.loads((tmp_path / "vit" / "onnx-int8.onnx.json").read_text())
     assert "symbolic shape inference failed" in side["preprocess"]
     # ORT's quantizer logs a LayerNorm weight it cannot quantize per channel: into the sidecar,
@@ -148,4 +149,4 @@ def test_onnxruntime_row_of_a_vision_transformer(tmp_path, capfd):
     small = VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
                               num_classes=3).eval()
     with pytest.raises(QuantbenchError, match="ONNX export failed"):
-        onnxrt.export(small, tmp_path / "small", [torch.randn(4, 3, 8, 8)], {})
+        export_paths(onnxrt, small, tmp_path / "small", [torch.randn(4, 3, 8, 8)], {})

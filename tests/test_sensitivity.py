@@ -12,7 +12,8 @@ import torch
 from quantbench import models, runtimes
 from quantbench.errors import QuantbenchError
 from quantbench.export import read_sidecar
-from quantbench.flows import get_flow, quantizable_layers, suffix
+from quantbench.deploy import suffix
+from quantbench.flows import get_flow, quantizable_layers
 from quantbench.quantize import QuantizeConfig, export_model, quantize, quantize_to_file
 from quantbench.results import OpCounts
 from quantbench.cli import sensitivity_args, sensitivity_cmd

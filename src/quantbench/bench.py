@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .data import DataSource
 from .errors import QuantbenchError
-from .export import input_shape, read_sidecar
+from .record import read_record, sidecar_path
 from .results import BenchResults, LatencyStats, ModelResult, OpCounts, derive
 from .worker import Worker
 
@@ -161,11 +161,12 @@ def describe_model(path: Path) -> ModelResult:
     is the deployment file's plus its companions' (OpenVINO keeps the weights in FILE.bin)."""
     from . import runtimes
     runtime = runtimes.for_path(path)
-    side = read_sidecar(path)
-    return ModelResult(label=side.get("label", path.stem), file=str(path), method=side.get("method", "unknown"),
-                       flow=side.get("flow", "unknown"), runtime=runtime.NAME, dtype=side.get("dtype", "unknown"),
+    rec = read_record(path)
+    return ModelResult(label=rec.label or path.stem, file=str(path), method=rec.method, flow=rec.flow or "unknown",
+                       runtime=runtime.NAME, dtype=rec.dtype,
                        file_bytes=sum(p.stat().st_size for p in runtime.files(path) if p.is_file()),
-                       weight_bytes=side.get("weight_bytes"), input_shape=list(input_shape(side)), sidecar=side)
+                       weight_bytes=rec.weight_bytes, input_shape=list(rec.shape),
+                       sidecar=rec.to_dict() if sidecar_path(path).is_file() else {})
 
 
 def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:

@@ -164,8 +164,9 @@ class Target:
     def identity(self) -> dict:
         """What decides the file(s), as recorded in every sidecar (`--resume` compares it)."""
         q = self.config
+        opts = q.runtime_options(self.runtime)
         d = {"maker": self.maker, "method": self.method, "prune": q.prune, "seed": q.seed,
-             "options": q.runtime_options(self.runtime)}
+             "options": dataclasses.asdict(opts) if opts is not None else {}}
         if self.method not in (ORIGIN, "dynamic"):
             d.update(scheme=q.scheme.overrides(), qconfig=q.qconfig, equalize=q.equalize,
                      calibration=calibration_identity(q, self.runtime))
@@ -281,12 +282,21 @@ def _make_runtime_files(source: Source, target: Target, out_dir: Path) -> list[F
                                         runtime=target.maker,
                                         options=dataclasses.asdict(opts) if opts is not None else {})
     calib = (x for x, _ in calibration_batches(source.data, q, limit=calib_limit(q, target.maker)))
+    scheme = None if target.plain else q.scheme
+    return write_runtime_files(rt, model.eval(), out_dir, calib, base, scheme, opts, plain=target.plain)
+
+
+def write_runtime_files(rt, model: nn.Module, out_dir: Path, calib, base: FileRecord | dict | None = None,
+                        scheme=None, options=None, plain: bool = False) -> list[FileRecord]:
+    """A runtime's exporter, then the sidecars of what it wrote (records come back from the
+    exporter; they are written here, after the files they describe)."""
+    from .record import as_record
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scheme = None if target.plain or not q.scheme.overrides() else q.scheme
-    made = rt.export(model.eval(), out_dir, calib, base, scheme=scheme, options=opts)
+    made = rt.export(model, out_dir, calib, as_record(base), scheme=scheme, options=options)
     out = []
     for rec in made:
-        if target.plain and rec.dtype == "int8":
+        if plain and rec.dtype == "int8":
             rec = rec.replace(label=rec.label + "-plain", plain=True,
                               why="the runtime alone: no pruning, its default calibration algorithm, on the "
                                   "same calibration images as the other rows")

@@ -6,17 +6,15 @@ runtime, qconfig, calibration, source checkpoint, normalization, class names, we
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .fileio import read_json, save_torchscript, write_json
+from .fileio import save_torchscript
 # The input shape of a model is data, recorded in checkpoint meta and every sidecar and read back
 # with this (its default is for files made before that: the CIFAR-10 reference checkpoint).
 from .models import input_shape_of as input_shape  # noqa: F401
@@ -93,29 +91,22 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+# Sidecars are written and read by quantbench.record; these two are its dict view, for scripts
+# written against earlier versions.
 def sidecar_path(path: str | os.PathLike) -> Path:
-    return Path(str(path) + ".json")
+    from .record import sidecar_path as _sidecar_path
+    return _sidecar_path(path)
 
 
 def write_sidecar(path: str | os.PathLike, **info) -> dict:
-    from . import __version__
-    record = {"file": Path(path).name, **info,
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quantbench_version": __version__, "torch_version": torch.__version__,
-              "python": platform.python_version()}
-    write_json(sidecar_path(path), record)
-    return record
+    from .record import FileRecord, write_record
+    return write_record(path, FileRecord.from_dict(info, "sidecar")).to_dict()
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:
-    p = sidecar_path(path)
-    if not p.is_file():
-        return {}
-    try:
-        return read_json(p)
-    except ValueError as e:
-        from .errors import QuantbenchError, cause
-        raise QuantbenchError(f"{p} is not valid JSON ({cause(e)}); delete it or make the model again") from e
+    """The sidecar's fields as a dict; {} when the file has none."""
+    from .record import read_record, sidecar_path as _sidecar_path
+    return read_record(path).to_dict() if _sidecar_path(path).is_file() else {}
 
 
 def calibration_arrays(calib_batches) -> list:

@@ -85,6 +85,16 @@ class FileRecord:
             return getattr(self, key)
         return self.extra.get(key, default)
 
+    def __getitem__(self, key: str):
+        """record["label"]: the dict view scripts written against earlier versions use."""
+        d = self.to_dict()
+        if key not in d:
+            raise KeyError(key)
+        return d[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_dict()
+
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in _FIELDS if f != "extra"}
         # extra entries never shadow a field

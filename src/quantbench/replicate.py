@@ -132,35 +132,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     _check_data_identity(out, cfg, ckpt)
 
     # 2. deployment files: every target from the one fp32 model, read once
-    source: Source | None = None
-    source_sha = sha256(ckpt)
-    files: list[Path] = []
-    skipped: list[dict] = []
-    for t in targets(cfg):
-        dest = destination(models, t)
-        if not _reusable(t, dest, cfg.resume, source_sha):
-            if source is None:
-                source = Source.from_checkpoint(ckpt, data, model_spec=cfg.quantize.model, quiet=False)
-            _log(f"{t.label}{' (plain)' if t.plain else ''} ({t.method}) -> {dest.relative_to(out)}")
-            try:
-                if t.method == "qat":
-                    t = Target(t.maker, t.method, t.quantize.replace(work_dir=out / "qat-work" / t.maker,
-                                                                     resume=cfg.resume))
-                made = make(source, t, dest, progress=progress)
-            except FlowUnsupported as e:  # this model, not this run: the other rows still mean something
-                _log(f"skipping {t.label}: {e}")
-                skipped.append({"row": t.label, "flow": t.maker, "method": t.method, "why": str(e)})
-                continue
-            except (QuantbenchError, ImportError) as e:
-                if is_flow(t.maker) or cfg.runtimes is not None or t.plain:
-                    raise QuantbenchError(f"runtime {t.maker}{' (--plain)' if t.plain else ''}: {e}"
-                                          if not is_flow(t.maker) else str(e)) from e
-                _log(f"skipping {t.maker} rows: {e}")
-                continue
-            paths = [dest.parent / r.file if is_flow(t.maker) else dest / r.file for r in made]
-        else:
-            paths = files_of(t, dest)
-        files += [p for p in paths if not t.plain or read_record(p).dtype == "int8"]
+    files, skipped = make_files(cfg, ckpt, data, models, progress=progress)
 
     # 3. measure and report
     _log(f"benchmarking {len(files)} models")
@@ -171,6 +143,48 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
                          "data": str(cfg.data.dir or cfg.data.root), "skipped": skipped}
     write_report(results, run_dir=out)
     return results
+
+
+def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Target] | None = None,
+               progress: bool = True) -> tuple[list[Path], list[dict]]:
+    """Make (or, with --resume, reuse) every target's file(s) in `models`; returns (the files to
+    measure, the rows skipped because a flow cannot take this model)."""
+    source: Source | None = None
+    source_sha = sha256(ckpt)
+    files: list[Path] = []
+    skipped: list[dict] = []
+    for t in (targets(cfg) if wanted is None else wanted):
+        dest = destination(models, t)
+        if t.method == "qat":  # resumable fine-tunes under the run directory
+            t = Target(t.maker, t.method, t.quantize.replace(work_dir=Path(cfg.output) / "qat-work" / t.maker,
+                                                             resume=cfg.resume))
+        if not _reusable(t, dest, cfg.resume, source_sha):
+            if source is None:
+                source = Source.from_checkpoint(ckpt, data, model_spec=cfg.quantize.model, quiet=False)
+            _log(f"{t.label}{' (plain)' if t.plain else ''} ({t.method}) -> {dest.name}")
+            try:
+                made = make(source, t, dest, progress=progress)
+            except FlowUnsupported as e:  # this model, not this run: the other rows still mean something
+                _log(f"skipping {t.label}: {e}")
+                skipped.append({"row": t.label, "flow": t.maker, "method": t.method, "why": str(e)})
+                continue
+            except (QuantbenchError, ImportError) as e:
+                if is_flow(t.maker):
+                    raise
+                if cfg.runtimes is not None or t.plain:  # asked for by name: its failure is the run's
+                    raise QuantbenchError(f"runtime {t.maker}{' (--plain)' if t.plain else ''}: {e}") from e
+                _log(f"skipping {t.maker} rows: {e}")
+                continue
+            paths = [dest] if is_flow(t.maker) else [dest / r.file for r in made]
+        else:
+            paths = files_of(t, dest)
+        files += [p for p in paths if not t.plain or read_record(p).dtype == "int8"]
+    return files, skipped
+
+
+def _runtime_rows(cfg: ReplicateConfig, ckpt, data, models: Path) -> list[Path]:
+    """The comparison runtimes' files only."""
+    return make_files(cfg, ckpt, data, models, [t for t in targets(cfg) if not is_flow(t.maker)])[0]
 
 
 def _check_data_identity(out: Path, cfg: ReplicateConfig, ckpt) -> None:
