@@ -27,8 +27,18 @@ def files(path: Path) -> list[Path]:
     return [Path(path)]
 
 
-def how_to_load(name: str) -> str:
-    return f'torch.jit.load("{name}")'
+def how_to_load(name: str, sidecar: dict | None = None) -> str:
+    """The lines that load the file without quantbench AND run it at the speed quantbench measured:
+    the quantized engine the sidecar records is set before torch.jit.load, as `load` does. A plain
+    torch.jit.load packs the int8 weights for torch's default engine instead ("x86"), which ran the
+    pruned ResNet-18 slower, and far slower after a large batch (docs/torchscript-engine.md).
+    Without a recorded engine (fp32 files, files made elsewhere): plain torch.jit.load."""
+    engine = (sidecar or {}).get("engine")
+    lines = ["import torch"]
+    if engine:
+        lines.append(f'torch.backends.quantized.engine = "{engine}"')
+    lines.append(f'm = torch.jit.load("{name}")')
+    return "; ".join(lines)
 
 
 def is_deployment(path: Path) -> bool:
