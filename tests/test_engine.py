@@ -209,8 +209,8 @@ class _LoggingWorker:
 
 def test_bench_times_before_any_large_batch_or_accuracy_pass(tmp_path, monkeypatch):
     """Each timed process has run nothing but loading and calls at the timed batch size or smaller:
-    what a process that pasted the load lines and serves gives. (An accuracy pass first made the
-    next batch-1 calls up to 2.8x slower: docs/torchscript-engine.md.)"""
+    what a process that pasted the load lines and serves gives. (After an accuracy pass, batch 1
+    ran slower, 2.8x on oneDNN's kernels: docs/torchscript-engine.md.)"""
     from quantbench import bench as B
     monkeypatch.setenv("QUANTBENCH_RUNTIMES", "sleepy=support.sleepy")
     monkeypatch.setattr(B, "Worker", _LoggingWorker)

@@ -188,8 +188,8 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                     row.ops = OpCounts(**w.ask(op="ops")["ops"])
                     row.status = row.ops.status(row.dtype)
             # Timing first, smallest batch first: each figure is then what a process that ran only
-            # the file's load lines gives (big batches before, an accuracy pass above all, leave a
-            # process slower at batch 1: docs/torchscript-engine.md).
+            # the file's load lines gives (a pass at a big batch, as accuracy makes, before can
+            # leave batch 1 slower, far slower on oneDNN kernels: docs/torchscript-engine.md).
             for b in sorted(cfg.batch_sizes):
                 with tqdm(desc=f"timing batch {b}, process {k + 1}/{processes}", unit="round", leave=False,
                           disable=not cfg.progress) as bar:
