@@ -115,3 +115,122 @@ def test_quantized_engine_context_restores_on_error():
     assert torch.backends.quantized.engine == before
     with torchscript.quantized_engine(None):
         assert torch.backends.quantized.engine == before
+
+
+# ---------------------------------------------------------------- the load lines users are given
+def test_how_to_load_sets_the_sidecars_engine_first():
+    lines = torchscript.how_to_load("ptq-s.pt", {"engine": "fbgemm"})
+    assert lines == 'import torch; torch.backends.quantized.engine = "fbgemm"; m = torch.jit.load("ptq-s.pt")'
+    # no engine recorded (an fp32 file, a file made elsewhere): plain loading, nothing invented
+    assert torchscript.how_to_load("origin.pt", {"dtype": "fp32"}) == 'import torch; m = torch.jit.load("origin.pt")'
+    assert "engine" not in torchscript.how_to_load("origin.pt")
+
+
+# Executes each set of load lines, exactly as a user would paste them, in a fresh process with
+# torch's default engine; reports the engine after loading and the convs oneDNN runs in one call.
+USER_LINES = r"""
+import sys
+for lines in sys.argv[1:]:
+    scope = {}
+    exec(lines, scope)
+    torch = scope["torch"]
+    print("ENGINE", torch.backends.quantized.engine, flush=True)
+    with torch.inference_mode(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        scope["m"](torch.randn(1, 3, 32, 32))
+"""
+
+
+@pytest.mark.skipif(not {"fbgemm", "onednn"} <= set(torchscript.engines()), reason="needs fbgemm and onednn")
+def test_the_load_lines_run_the_file_under_its_engine(tiny_trained_checkpoint, tiny_dataset, tmp_path):
+    """What "ship this" tells a user to paste, run without quantbench: the process's engine is the
+    sidecar's, and the kernels are that engine's (fbgemm runs no conv through oneDNN, onednn all)."""
+    lines = []
+    for engine in ("fbgemm", "onednn"):
+        path = tmp_path / f"{engine}.pt"
+        _make(path, tiny_trained_checkpoint, tiny_dataset, engine=engine)
+        lines.append(torchscript.how_to_load(str(path), read_sidecar(path)))
+    out = subprocess.run([sys.executable, "-c", USER_LINES, *lines], capture_output=True, text=True, check=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": ""}).stdout.splitlines()  # no quantbench
+    runs = []
+    for line in out:
+        if line.startswith("ENGINE"):
+            runs.append([line.split()[1], 0])
+        elif runs and ",exec," in line and ",convolution," in line:
+            runs[-1][1] += 1
+    assert [tuple(r) for r in runs] == [("fbgemm", 0), ("onednn", RESNET10_CONVS)]
+
+
+def _results_with(engine: str | None):
+    from quantbench.results import BenchResults, LatencyStats, ModelResult, OpCounts, derive
+
+    def row(label, dtype, acc, ms, ops, **side):
+        return ModelResult(label=label, file=f"runs/x/{label}.pt", method="static", flow="eager",
+                           runtime="torchscript", dtype=dtype, file_bytes=2**20, accuracy=acc,
+                           latency={1: LatencyStats.of([ms] * 5, samples_ms=[ms] * 5)}, ops=ops,
+                           status=ops.status(dtype), sidecar={"label": label, "dtype": dtype, **side})
+    side = {"engine": engine} if engine else {}
+    rows = [row("origin", "fp32", 80.0, 8.0, OpCounts(0, 20, 0, 1)),
+            row("ptq-s", "int8", 79.9, 2.0, OpCounts(20, 0, 1, 0), **side)]
+    return BenchResults(machine={"cpu": "test cpu", "threads": 1}, config={"threads": 1}, created="now",
+                        models=derive(rows))
+
+
+def test_ship_this_gives_the_load_lines_with_the_engine():
+    from quantbench.report import recommendation_lines, render
+    want = 'import torch; torch.backends.quantized.engine = "fbgemm"; m = torch.jit.load("ptq-s.pt")'
+    [line] = recommendation_lines(_results_with("fbgemm"))
+    assert f"Load it with `{want}`" in line
+    assert f"`{want}`" in render(_results_with("fbgemm"))
+    [line] = recommendation_lines(_results_with(None))  # nothing recorded: plain loading
+    assert 'Load it with `import torch; m = torch.jit.load("ptq-s.pt")`' in line
+
+
+# ---------------------------------------------------------------- the table's figure is the lines'
+class _LoggingWorker:
+    """Stands in for bench's measuring subprocess: answers at once and logs what it is asked."""
+    log: list = []
+
+    def __init__(self, path, threads, input_shape, cpus=None):
+        self.name, self.load_s, self.model_rss_mb = Path(path).stem, 0.1, 1.0
+        type(self).log.append((self.name, "start"))
+
+    def ask(self, op, **cmd):
+        type(self).log.append((self.name, op, cmd.get("batch")))
+        return {"ops": {"ops": {"int8_conv": 1}}, "accuracy": {"accuracy": 50.0, "n": 10},
+                "time": {"times": [0.001] * cmd.get("n", 1), "cpu_s": 0.0}}[op]
+
+    def close(self):
+        type(self).log.append((self.name, "exit"))
+        return {"peak_rss_mb": 2.0}
+
+    def kill(self):
+        pass
+
+
+def test_bench_times_before_any_large_batch_or_accuracy_pass(tmp_path, monkeypatch):
+    """Each timed process has run nothing but loading and calls at the timed batch size or smaller:
+    what a process that pasted the load lines and serves gives. (After an accuracy pass, batch 1
+    ran slower, 2.8x on oneDNN's kernels: docs/torchscript-engine.md.)"""
+    from quantbench import bench as B
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "sleepy=support.sleepy")
+    monkeypatch.setattr(B, "Worker", _LoggingWorker)
+    _LoggingWorker.log = []
+    path = tmp_path / "m.sleep"
+    path.write_text('{"ms": 0}')
+    write_sidecar(path, label="m", method="static", flow="test", runtime="sleepy", dtype="int8")
+    cfg = B.BenchConfig(batch_sizes=(8, 1), processes=2, min_runs=2, round_s=0.01, warmup=0, pin=False,
+                        progress=False)
+    res = B.bench([path], cfg)
+    assert res.models[0].accuracy == 50.0
+    processes, ops = [], []
+    for entry in _LoggingWorker.log:
+        if entry[1] == "start":
+            processes.append(ops := [])
+        elif entry[1] in ("time", "accuracy"):
+            ops.append(entry[1] if entry[1] == "accuracy" else entry[2])
+    assert len(processes) == 2
+    first, second = processes
+    assert "accuracy" not in second and first[-1] == "accuracy" and first.count("accuracy") == 1
+    for p in processes:
+        batches = [b for b in p if b != "accuracy"]
+        assert batches == sorted(batches) and set(batches) == {1, 8}

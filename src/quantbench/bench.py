@@ -197,17 +197,20 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                     row.load_s = w.load_s
                     row.ops = OpCounts(**w.ask(op="ops")["ops"])
                     row.status = row.ops.status(row.dtype)
-            if k == 0 and cfg.accuracy:
-                for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
-                    a = workers[row.label].ask(op="accuracy", data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
-                                               image_size=cfg.data.image_size, batch_size=cfg.accuracy_batch_size)
-                    row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
-            for b in cfg.batch_sizes:
+            # Timing first, smallest batch first: each figure is then what a process that ran only
+            # the file's load lines gives (a pass at a big batch, as accuracy makes, before can
+            # leave batch 1 slower, far slower on oneDNN kernels: docs/torchscript-engine.md).
+            for b in sorted(cfg.batch_sizes):
                 with tqdm(desc=f"timing batch {b}, process {k + 1}/{processes}", unit="round", leave=False,
                           disable=not cfg.progress) as bar:
                     stats = measure_latency(workers, per_process, b, bar)
                 for label, st in stats.items():
                     timed[label][b].append(st)
+            if k == 0 and cfg.accuracy:
+                for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
+                    a = workers[row.label].ask(op="accuracy", data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
+                                               image_size=cfg.data.image_size, batch_size=cfg.accuracy_batch_size)
+                    row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
             for row in rows:
                 mem = workers[row.label].close()
                 if k == 0:

@@ -164,7 +164,7 @@ class Target:
     def identity(self) -> dict:
         """What decides the file(s), as recorded in every sidecar (`--resume` compares it)."""
         q = self.config
-        opts = q.runtime_options(self.runtime)
+        opts = None if self.method == ORIGIN else q.runtime_options(self.runtime)
         d = {"maker": self.maker, "method": self.method, "prune": q.prune, "seed": q.seed,
              "options": dataclasses.asdict(opts) if opts is not None else {}}
         if self.method not in (ORIGIN, "dynamic"):
@@ -210,12 +210,13 @@ def build(source: Source, target: Target, progress: bool = True,
     rt = runtimes.get(flow.RUNTIME)
     t0 = time.perf_counter()
     model, pruning = source.float_for(flow, target.method, q.prune, q.seed)
-    opts = _resolve_options(rt, q.runtime_options(flow.RUNTIME), pruning)
+    # the runtime's options shape int8 files (an fp32 file has no int8 kernels to choose)
+    opts = None if target.method == ORIGIN else _resolve_options(rt, q.runtime_options(flow.RUNTIME), pruning)
     rec = source.base_record().replace(
         label=target.label, method=target.method, flow=target.maker, runtime=flow.RUNTIME,
         dtype="fp32" if target.method == ORIGIN else "int8", target=target.identity(), pruning=pruning,
         options=dataclasses.asdict(opts) if opts is not None else {},
-        **(rt.record_fields(opts) if hasattr(rt, "record_fields") else {}))
+        **(rt.record_fields(opts) if opts is not None and hasattr(rt, "record_fields") else {}))
     if target.method == ORIGIN:
         return model, rec
     with _building(rt, opts):

@@ -5,6 +5,7 @@ is written atomically."""
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import sys
 from pathlib import Path
@@ -98,6 +99,14 @@ def machine_line(m: dict) -> str:
             + f", default quantized engine {m.get('quantized_engine')} (a TorchScript file's own: see Runtime)")
 
 
+def load_lines(runtime, name: str, sidecar: dict | None) -> str:
+    """The runtime's lines that load `name` at the measured speed; a runtime whose how_to_load
+    takes the sidecar gets it (TorchScript sets the quantized engine recorded there first)."""
+    if "sidecar" in inspect.signature(runtime.how_to_load).parameters:
+        return runtime.how_to_load(name, sidecar=sidecar)
+    return runtime.how_to_load(name)
+
+
 def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str]:
     """"Ship this", for batch 1 and for every throughput batch size measured."""
     from . import runtimes
@@ -112,13 +121,11 @@ def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str
         # the runtimes' own int8 rows (replicate --plain): what quantbench adds over each runtime alone
         vs += "".join(f", {m.median_ms(b) / rec.median_ms:.2f}x the speed of {m.label}"
                       for m in results.models if m.sidecar.get("plain") and m.median_ms(b) and m.label != rec.label)
+        sidecar = next((m.sidecar for m in results.models if m.label == rec.label), None)
         try:
-            hint = runtimes.get(rec.runtime).how_to_load(Path(rec.file).name)
+            hint = load_lines(runtimes.get(rec.runtime), Path(rec.file).name, sidecar)
         except (QuantbenchError, AttributeError):
             hint = None
-        engine = next((m.sidecar.get("engine") for m in results.models if m.label == rec.label), None)
-        if hint and engine:  # int8 TorchScript runs the kernels of the engine current at load
-            hint = f"torch.backends.quantized.engine = '{engine}'; {hint}"
         lines.append(f"- batch {b}: **{rec.label}** ({rec.runtime}, `{Path(rec.file).name}`): "
                      f"{rec.median_ms:.2f} ms per batch{vs}; accuracy {rec.accuracy_delta:+.2f} point vs fp32"
                      + (f". Load it with `{hint}`" if hint else "") + ".")

@@ -1,5 +1,7 @@
 """TorchScript (.pt): what the eager and FX flows deploy. A frozen TorchScript file runs in any
-process with plain `torch.jit.load`, without quantbench or the model's Python class.
+process with `torch.jit.load`, without quantbench or the model's Python class; at the speed
+quantbench measured only with the sidecar's engine set first (`how_to_load` gives the lines;
+docs/torchscript-engine.md).
 
 The quantized engine (torch.backends.quantized.engine) chooses the int8 kernels: "fbgemm",
 "onednn", "qnnpack", or "x86", which picks between fbgemm and oneDNN per layer. A file stores
@@ -10,6 +12,7 @@ process: the flows record theirs in the sidecar ("engine") and `load` sets it fr
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +58,19 @@ def files(path: Path) -> list[Path]:
     return [Path(path)]
 
 
-def how_to_load(name: str) -> str:
-    return f'torch.jit.load("{name}")'
+def how_to_load(name: str, sidecar: dict | None = None) -> str:
+    """The lines that load the file without quantbench AND run it at the speed quantbench measured:
+    the quantized engine the sidecar records is set before torch.jit.load, as `load` does. A plain
+    torch.jit.load packs the int8 weights for torch's default engine instead ("x86": on a VNNI CPU
+    it runs the pruned ResNet-18's convs on oneDNN, slower, and far slower after a large batch;
+    docs/torchscript-engine.md).
+    Without a recorded engine (fp32 files, files made elsewhere): plain torch.jit.load."""
+    engine = (sidecar or {}).get("engine")
+    lines = ["import torch"]
+    if engine:
+        lines.append(f'torch.backends.quantized.engine = "{engine}"')
+    lines.append(f"m = torch.jit.load({json.dumps(name)})")  # a Python string literal for any name
+    return "; ".join(lines)
 
 
 def is_deployment(path: Path) -> bool:
