@@ -203,3 +203,20 @@ def test_missing_executorch_is_a_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(QuantbenchError, match=r"pip install -e '\.\[edge\]'") as e:
         runtimes.load(f)
     assert "\n" not in str(e.value)
+
+
+def test_a_garbage_pte_is_one_line_not_an_abort(tmp_path):
+    """ExecuTorch's loader aborts the whole process (exit 134, no output) on some garbage: bytes
+    it logs that Python cannot decode. Loaded in a child here, so the old abort fails the test
+    instead of killing pytest."""
+    pytest.importorskip("executorch", reason="executorch not installed: pip install -e '.[edge]'")
+    import subprocess
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"\x00\x00\x00\x00\xff\xfe\xfd\xfc" + bytes(range(256)) * 4)
+    code = ("from pathlib import Path\nfrom quantbench.errors import QuantbenchError\n"
+            "from quantbench.runtimes import executorch as et\n"
+            f"try:\n    et.load(Path({str(bad)!r}))\nexcept QuantbenchError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.returncode
+    assert done.stdout.strip() == (f"{bad} is not an ExecuTorch program (.pte): it does not start with the ET12 "
+                                   "flatbuffer header (a damaged or different file?)")

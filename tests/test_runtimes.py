@@ -150,3 +150,29 @@ def test_onnxruntime_row_of_a_vision_transformer(tmp_path, capfd):
                               num_classes=3).eval()
     with pytest.raises(QuantbenchError, match="ONNX export failed"):
         export_paths(onnxrt, small, tmp_path / "small", [torch.randn(4, 3, 8, 8)], {})
+
+
+@pytest.mark.skipif(not _installed("openvino"), reason="openvino not installed: pip install '.[runtimes]'")
+def test_openvino_load_errors_say_what_is_wrong_with_which_file(tmp_path):
+    """OpenVINO's own message for all of these is "Exception from src/inference/src/cpp/core.cpp:132:"."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    xml = tmp_path / "m.xml"
+    openvino_rt._save(openvino_rt.convert_fp32(model, torch.randn(1, 3, 8, 8)), xml)
+    weights = xml.with_suffix(".bin").read_bytes()
+    assert openvino_rt.load(xml, 1)(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+    cases = [(weights[:100], f"{xml.with_suffix('.bin')} is truncated \\(100 bytes\\); "
+                             f"the model needs {len(weights)} bytes"),
+             (b"", "is empty; the model needs"),
+             (None, "is missing \\(No such file or directory\\)")]
+    for data, reason in cases:
+        if data is None:
+            xml.with_suffix(".bin").unlink()
+        else:
+            xml.with_suffix(".bin").write_bytes(data)
+        with pytest.raises(QuantbenchError, match=f"^cannot load OpenVINO model {xml}: its weights file .*{reason}") as e:
+            openvino_rt.load(xml, 1)
+        assert "core.cpp" not in str(e.value)
+    junk = tmp_path / "junk.xml"
+    junk.write_text("garbage <not xml")
+    with pytest.raises(QuantbenchError, match=f"^{junk} is not an OpenVINO model: its XML does not parse"):
+        openvino_rt.load(junk, 1)

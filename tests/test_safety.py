@@ -227,3 +227,125 @@ def test_shape_expressions_of_real_models_pass_and_calls_outside_sympy_do_not():
     for bad in ("Mul(__import__('os').system('x'))", "Mul(Integer(1)).__class__", "eval('1')",
                 "Symbol('a b')"):
         assert not _safe_expr(bad, calls), bad
+
+
+def from_file_program(victim) -> torch.export.ExportedProgram:
+    """A real program whose graph also maps `victim` (aten.from_file, shared) and fills its first
+    16 bytes with 'A' (aten.fill_) when it runs, beside a normal Linear's output."""
+    program = torch.export.export(nn.Linear(4, 3).eval(), (torch.randn(2, 4),))
+    graph = program.graph
+    with graph.inserting_before(next(n for n in graph.nodes if n.op == "output")):
+        mapped = graph.call_function(torch.ops.aten.from_file.default, (str(victim), True, 16), {"dtype": torch.uint8})
+        filled = graph.call_function(torch.ops.aten.fill_.Scalar, (mapped, 65))
+    fake = next(n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)).fake_mode
+    with fake:
+        mapped.meta["val"] = filled.meta["val"] = torch.empty(16, dtype=torch.uint8)
+    program.graph_module.recompile()
+    return program
+
+
+def test_an_operator_that_writes_files_is_refused(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("0123456789abcdef-rest")
+    evil = tmp_path / "evil.pt2"
+    buf = io.BytesIO()
+    torch.export.save(from_file_program(victim), buf)
+    evil.write_bytes(buf.getvalue())
+    # a real attack: plain torch loads it and running the program overwrites the file
+    torch.export.load(evil).module()(torch.randn(2, 4))
+    assert victim.read_text() == "A" * 16 + "-rest"
+    victim.write_text("0123456789abcdef-rest")
+    with pytest.raises(QuantbenchError) as e:
+        load_program(evil)
+    msg = str(e.value)
+    assert msg.startswith(f"refusing to load {evil}: its graph calls aten.from_file.default, ") and "\n" not in msg
+    assert victim.read_text() == "0123456789abcdef-rest"
+
+
+def test_the_loaded_graph_is_checked_too(tmp_path):
+    """check_graph looks at the operator objects torch resolved, whatever the file's text said."""
+    from quantbench.pt2_archive import check_graph
+    with pytest.raises(QuantbenchError, match="its graph calls aten.from_file.default, which reaches outside"):
+        check_graph(from_file_program(tmp_path / "v"), "x.pt2")
+
+
+@pytest.mark.parametrize("target,why", [
+    ("torch.os.system", "not an operator of a tensor library"),  # a Python callable torch would call
+    ("torch.ops.aten._print.default", "reaches outside"),
+    ("torch.ops.aten.save.default", "reaches outside"),
+    ("torch.ops.aten.warn.default", "reaches outside"),
+    ("torch.ops.prims.add.default", "belongs to the prims library"),
+    ("torch.ops.higher_order.while_loop", "higher-order operator"),
+    ("torch.ops.aten.add.str", "takes a string argument"),
+])
+def test_operators_outside_the_allow_list_are_refused_before_loading(saved, tmp_path, target, why):
+    evil = tmp_path / "evil.pt2"
+    rewrite(saved, evil, lambda entry, data: data.replace(b'"torch.ops.aten.relu.default"', f'"{target}"'.encode())
+            if entry == "models/model.json" else data)
+    with pytest.raises(QuantbenchError, match=f"refusing to load .*its graph calls {target.removeprefix('torch.ops.')}, "
+                                              f"which .*{why}"):
+        load_program(evil)
+
+
+def test_what_the_operator_check_allows():
+    from quantbench.pt2_archive import _operator_problem
+    aten, qd = torch.ops.aten, torch.ops.quantized_decomposed
+    for op in (aten.conv2d.default, aten.gelu.default, aten.div.Tensor_mode, aten.scaled_dot_product_attention.default,
+               aten.add_.Tensor, aten._assert_scalar.default, aten.sym_size.int, qd.quantize_per_tensor.default,
+               qd.dequantize_per_channel.default, qd.choose_qparams.tensor):
+        assert _operator_problem(op) is None, op
+    for op in (aten.from_file.default, aten.set_.source_Storage, aten.manual_seed.default, aten._print.default,
+               aten.split.str):
+        assert _operator_problem(op), op
+
+
+def guards_code(saved, tmp_path, marker):
+    """An archive whose input guards are Python source with a side effect."""
+    def change(entry, data):
+        if entry == "models/model.json":
+            model = json.loads(data)
+            model["guards_code"] = [f"open({str(marker)!r}, 'w').close() or True"]
+            return json.dumps(model)
+        return data
+    evil = tmp_path / "evil.pt2"
+    rewrite(saved, evil, change)
+    return evil
+
+
+def test_input_guards_with_code_are_refused(saved, tmp_path):
+    marker = tmp_path / "ran"
+    evil = guards_code(saved, tmp_path, marker)
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    torch.export.load(evil).module()(torch.randn(2, 3, 8, 8))  # plain torch: the module runs the guard source
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(QuantbenchError, match="refusing to load .*its input guards hold .*executes"):
+        load_program(evil)
+    assert not marker.exists()
+    from quantbench.pt2_archive import _safe_guard, _sympy_calls
+    assert _safe_guard("L['x'].size()[0] >= 2", _sympy_calls())
+    assert _safe_guard("(L['x'].size()[0]) % 576 == 0 and L['x'].size()[1] <= 2**10", _sympy_calls())
+    for bad in ("L['x'].__class__", "L['x'].size()[0] == 2\" + str(1) + \"", "L['x'].size()[0] >= 3**2**28"):
+        assert not _safe_guard(bad, _sympy_calls()), bad
+
+
+def test_shape_expressions_are_bounded():
+    """`3**2**28` is an exact integer of 400 million bits: sympy would hang loading it."""
+    from quantbench.pt2_archive import _safe_expr, _sympy_calls
+    calls = _sympy_calls()
+    for bomb in ("s0 + 0*3**2**28", "Add(Symbol('s0'), Mul(Integer(0), Pow(Integer(3), Pow(Integer(2), Integer(28)))))",
+                 "LShift(Integer(1), Integer(1099511627776))", "s0 + " + "9" * 30, "s0 + 1" * 1000):
+        assert not _safe_expr(bomb, calls), bomb[:60]
+    assert _safe_expr("Pow(Symbol('s0', integer=True), Rational(1, 2)) + 2**10 - s0**-1", calls)
+
+
+def test_an_expression_bomb_is_refused_at_once(saved, tmp_path):
+    evil = tmp_path / "evil.pt2"
+
+    def walk(tree):
+        if isinstance(tree, dict):
+            return {k: (f"{v} + 0*3**2**28" if k == "expr_str" else walk(v)) for k, v in tree.items()}
+        return [walk(v) for v in tree] if isinstance(tree, list) else tree
+    rewrite(saved, evil, lambda entry, data: json.dumps(walk(json.loads(data))) if entry == "models/model.json" else data)
+    with pytest.raises(QuantbenchError, match=r"refusing to load .*shape expression .*3\*\*2\*\*28"):
+        load_program(evil)

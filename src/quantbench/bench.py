@@ -186,13 +186,15 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
 
     processes = cfg.processes
     cpus = pinned_cpus(cfg.threads) if cfg.pin else None
+    timeouts = worker_timeouts(cfg)
     per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), timing_s=cfg.timing_s / processes)
     timed: dict[str, dict[int, list[LatencyStats]]] = {r.label: {b: [] for b in cfg.batch_sizes} for r in rows}
     for k in range(processes):
         workers: dict[str, Worker] = {}
         try:
             for row, p in zip(rows, paths):
-                workers[row.label] = w = Worker(p, cfg.threads, tuple(row.input_shape), cpus)
+                workers[row.label] = w = Worker(p, cfg.threads, tuple(row.input_shape), cpus,
+                                                timeout_s=timeouts["call"], load_timeout_s=timeouts["load"])
                 if k == 0:  # what does not depend on the process is measured once
                     row.load_s = w.load_s
                     row.ops = OpCounts(**w.ask(op="ops")["ops"])
@@ -208,8 +210,9 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                     timed[label][b].append(st)
             if k == 0 and cfg.accuracy:
                 for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
-                    a = workers[row.label].ask(op="accuracy", data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
-                                               image_size=cfg.data.image_size, batch_size=cfg.accuracy_batch_size)
+                    a = workers[row.label].ask(timeout_s=timeouts["accuracy"], op="accuracy", data_dir=_str(cfg.data.dir),
+                                               data_root=_str(cfg.data.root), image_size=cfg.data.image_size,
+                                               batch_size=cfg.accuracy_batch_size)
                     row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
             for row in rows:
                 mem = workers[row.label].close()
@@ -225,6 +228,16 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
     config["pinned_cpus"] = sorted(cpus) if cpus else None
     return BenchResults(machine=machine_record(cfg.threads), config=config,
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows))
+
+
+def worker_timeouts(cfg: BenchConfig) -> dict[str, float]:
+    """How long a measuring worker may take to answer, in seconds: one timing call or op count
+    well past the whole timing budget (10x, at least a minute) means the model hangs (an ONNX
+    Loop of 2**40 iterations) or is hopeless; loading also compiles (at least 5 minutes); the
+    accuracy pass runs the whole test set (at least an hour). Past it the worker is killed and
+    bench stops with one line naming the file."""
+    call = max(60.0, 10 * cfg.timing_s)
+    return {"call": call, "load": max(300.0, call), "accuracy": max(3600.0, call)}
 
 
 def pinned_cpus(threads: int) -> set[int] | None:

@@ -14,13 +14,17 @@ object per line on stdin/stdout:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import resource
+import select
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,42 +32,94 @@ from .errors import QuantbenchError, cause
 
 
 # ---------------------------------------------------------------- parent side
-class Worker:
-    """Parent-side handle on one measuring subprocess."""
+# How long one answer may take when the caller gives no deadline: a model that hangs (an ONNX
+# Loop of 2**40 iterations) must not hang bench or tune with it.
+CALL_TIMEOUT_S = 600.0
+LOAD_TIMEOUT_S = 600.0   # loading includes compilation (inductor) and the first call
 
-    def __init__(self, path: Path, threads: int, input_shape: tuple[int, ...], cpus: set[int] | None = None):
+
+class Worker:
+    """Parent-side handle on one measuring subprocess. Every answer has a deadline: past it the
+    worker is killed and reaped and the call raises a one-line QuantbenchError naming the file.
+    The worker dies with this process (see _die_with_parent)."""
+
+    def __init__(self, path: Path, threads: int, input_shape: tuple[int, ...], cpus: set[int] | None = None,
+                 timeout_s: float = CALL_TIMEOUT_S, load_timeout_s: float = LOAD_TIMEOUT_S):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONWARNINGS": "ignore"}
+               "PYTHONWARNINGS": "ignore", _PARENT: str(os.getpid())}
         # Pinned to `cpus`: every model's process runs on the same core(s), so all contenders see
         # that core's speed changes alike and their ratios hold (set before the child starts).
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
         self.path = path
+        self.timeout_s = timeout_s
+        self._buf = b""
         # stderr goes to a file: a chatty library must never block on a full pipe.
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "quantbench.worker", str(path), str(threads), ",".join(map(str, input_shape))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, bufsize=1,
-            preexec_fn=pin)
-        hello = self._read()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "quantbench.worker", str(path), str(threads), ",".join(map(str, input_shape))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env, bufsize=0,
+                preexec_fn=pin)
+        except BaseException:
+            self.stderr.close()
+            raise
+        try:
+            hello = self._read("load", load_timeout_s)
+        except BaseException:  # a file that fails to load leaves no pipes and no unreaped child
+            self.kill()
+            raise
         self.load_s = hello.get("load_s")
         self.model_rss_mb = hello["load_rss_mb"] - hello["base_rss_mb"]
 
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
+    def _line(self, deadline: float) -> bytes | None:
+        """One line from the worker, None at end of output; TimeoutError past `deadline`."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def _read(self, op: str, timeout_s: float | None = None) -> dict:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            line = self._line(time.monotonic() + timeout_s)
+        except TimeoutError:
+            self.kill(now=True)
+            raise QuantbenchError(f"measuring {self.path.name} failed: no answer to {op!r} within {timeout_s:.0f} s "
+                                  "(the model hangs, or is far slower than the time budget allows); "
+                                  "its worker was stopped") from None
+        if line is None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
             self.stderr.seek(0)
             err = self.stderr.read().strip().splitlines()
-            raise QuantbenchError(f"measuring {self.path.name} failed: {err[-1] if err else 'worker died'}")
+            code = self.proc.returncode
+            self.kill(now=True)
+            died = f"worker died (exit status {code})" if code is not None else "worker died"
+            raise QuantbenchError(f"measuring {self.path.name} failed: {err[-1] if err else died}")
         out = json.loads(line)
         if "error" in out:
             raise QuantbenchError(f"measuring {self.path.name} failed: {out['error']}")
         return out
 
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+    def ask(self, timeout_s: float | None = None, **cmd) -> dict:
+        """Send one command; its answer (within `timeout_s`, default the worker's)."""
+        try:
+            self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):  # the worker is gone: say why below
+            pass
+        return self._read(cmd.get("op", "?"), timeout_s)
 
     def close(self) -> dict:
         try:
@@ -72,16 +128,23 @@ class Worker:
             self.kill()
         return out
 
-    def kill(self) -> None:
+    def kill(self, now: bool = False) -> None:
+        """Stop the worker (at once with `now`, else after it has had 10 s to exit on its own),
+        reap it and close every pipe and file of it. Safe to call again."""
         if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            if not now:
+                with contextlib.suppress(OSError, ValueError):
+                    self.proc.stdin.close()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout, self.stderr):
-            f.close()
+            with contextlib.suppress(OSError, ValueError):
+                f.close()
 
 
 # ---------------------------------------------------------------- child side
@@ -99,7 +162,32 @@ def _current_rss_mb() -> float:
         return _rss_mb()
 
 
+_PARENT = "QUANTBENCH_WORKER_PARENT"  # the parent's pid, for _die_with_parent
+
+
+def _die_with_parent() -> None:
+    """End this worker when its parent ends, even killed with SIGKILL while the model runs (an
+    orphan would spin on a core for good): Linux's parent-death signal, and a watcher thread that
+    polls for the parent (for the rest, and for a parent that died before the signal was set)."""
+    parent = int(os.environ.get(_PARENT) or os.getppid())
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="quantbench-parent-watch", daemon=True).start()
+
+
 def main() -> int:
+    _die_with_parent()
     # The protocol owns the real stdout; anything a library prints goes to stderr instead.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)

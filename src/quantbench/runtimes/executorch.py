@@ -252,6 +252,32 @@ def _version() -> str | None:
 
 
 # ---------------------------------------------------------------- 3. run it
+def _identifier() -> bytes:
+    """The flatbuffer file identifier of the programs this ExecuTorch reads (its schema's)."""
+    import executorch
+    for folder in executorch.__path__:
+        with contextlib.suppress(OSError):
+            found = re.search(rb'file_identifier\s+"([^"]{4})"', (Path(folder) / "schema" / "program.fbs").read_bytes())
+            if found:
+                return found[1]
+    return b"ET12"
+
+
+def _check_header(path: Path) -> None:
+    """Refuse what is not an ExecuTorch program before its native loader sees it: given other
+    bytes, that loader logs them in a message Python cannot decode and the process aborts
+    (exit 134, no output). A program is a flatbuffer whose bytes 4-8 are the file identifier."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise QuantbenchError(f"cannot read ExecuTorch program {path}: {e.strerror or e}") from e
+    want = _identifier()
+    if len(head) < 8 or head[4:8] != want:
+        raise QuantbenchError(f"{path} is not an ExecuTorch program (.pte): it does not start with the "
+                              f"{want.decode()} flatbuffer header (a damaged or different file?)")
+
+
 def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The program's forward method, wrapped to take and return torch tensors.
 
@@ -260,6 +286,7 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     ExecuTorch model in the process; the measuring workers load one model each. None keeps
     ExecuTorch's default (one thread per core)."""
     _require("running ExecuTorch models")
+    _check_header(Path(path))
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,8 +272,53 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     return run
 
 
+def _check_files(path: Path) -> None:
+    """Say what is wrong with an IR before OpenVINO reads it: its own error for a missing, empty
+    or short .bin or an .xml that does not parse is "Exception from src/inference/src/cpp/core.cpp:132:"
+    and nothing else. The .xml must parse as IR, and the .bin must hold every weight it names."""
+    import xml.etree.ElementTree as ET
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except OSError as e:
+        raise QuantbenchError(f"cannot read OpenVINO model {path}: {e.strerror or e}") from e
+    except ET.ParseError as e:
+        raise QuantbenchError(f"{path} is not an OpenVINO model: its XML does not parse ({e})") from e
+    if root.tag != "net":
+        raise QuantbenchError(f"{path} is not an OpenVINO model: its XML is a <{root.tag}>, not an IR <net>")
+    need = 0
+    for data in root.iter("data"):
+        offset, size = data.get("offset"), data.get("size")
+        if offset is not None and size is not None:
+            try:
+                need = max(need, int(offset) + int(size))
+            except ValueError as e:
+                raise QuantbenchError(f"{path} is a damaged OpenVINO model: a weight's offset/size is "
+                                      f"{offset!r}/{size!r}") from e
+    if not need:
+        return
+    weights = path.with_suffix(".bin")
+    try:
+        have = weights.stat().st_size
+    except OSError as e:
+        raise QuantbenchError(f"cannot load OpenVINO model {path}: its weights file {weights} is missing "
+                              f"({e.strerror or e})") from e
+    if have < need:
+        state = "empty" if have == 0 else f"truncated ({have} bytes)"
+        raise QuantbenchError(f"cannot load OpenVINO model {path}: its weights file {weights} is {state}; "
+                              f"the model needs {need} bytes")
+
+
+def _reason(e: Exception) -> str:
+    """OpenVINO's message without its "Exception from src/...cpp:N:" location lines."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    useful = [line for line in lines if line and not re.fullmatch(r"Exception from \S+:\d+:?", line)]
+    return " ".join(useful)[:300] if useful else cause(e)
+
+
 def _compile(path: Path, threads: int | None, perf_count: bool = False):
     ov = _require("running OpenVINO models")
+    _check_files(path)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -281,7 +327,7 @@ def _compile(path: Path, threads: int | None, perf_count: bool = False):
     try:
         return ov.Core().compile_model(str(path), "CPU", config)
     except Exception as e:
-        raise QuantbenchError(f"cannot load OpenVINO model {path}: {cause(e)}") from e
+        raise QuantbenchError(f"cannot load OpenVINO model {path}: {_reason(e)}") from e
 
 
 def profile_ops(path: Path, calls: int, threads: int, model, input_shape) -> dict[str, tuple[float, int]]:
