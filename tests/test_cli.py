@@ -195,3 +195,45 @@ def test_deprecations_are_summarized_in_one_line():
     assert sum(counts.values()) == 51
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 1 and "hid 51 deprecation warnings" in lines[0]
+
+
+def test_a_plugged_in_runtimes_option_reaches_every_command(monkeypatch, capsys, tmp_path):
+    """A runtime added as one module + one registry line (here QUANTBENCH_RUNTIMES) with an option
+    of its own: quantize, replicate and tune all offer it, and pass it on in their configs."""
+    from pathlib import Path
+
+    from quantbench import cli, replicate, tune
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "sleepy=support.sleepy,fake=support.fakert")
+    for command in ("quantize", "replicate", "tune"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--fake-knob" in out and "how hard the fake runtime tries" in out, command
+    seen = {}
+    monkeypatch.setattr(replicate, "replicate", lambda cfg, progress=True: seen.setdefault("replicate", cfg) and 1 / 0)
+    monkeypatch.setattr(tune, "tune", lambda cfg, progress=True: seen.setdefault("tune", cfg) and 1 / 0)
+    ckpt = tmp_path / "c.pth"
+    ckpt.write_bytes(b"x")
+    for argv in (["replicate", "--checkpoint", str(ckpt), "--runtimes", "fake", "--fake-knob", "7",
+                  "--output", str(tmp_path / "r")],
+                 ["tune", str(ckpt), "--runtimes", "fake", "--fake-knob", "7", "--output", str(tmp_path / "t")]):
+        with pytest.raises(ZeroDivisionError):
+            cli.main(argv)
+    assert seen["replicate"].quantize.options["fake"].knob == 7 and seen["replicate"].runtimes == ("fake",)
+    assert seen["tune"].quantize.options["fake"].knob == 7
+    assert cli.main(["replicate", "--checkpoint", str(ckpt), "--fake-knob", "0", "--output", str(tmp_path / "r")]) == 2
+    assert "--fake-knob must be 1 to 9" in capsys.readouterr().err
+
+
+def test_old_option_names_still_work_with_a_notice(capsys, tmp_path, monkeypatch):
+    from quantbench import cli, tune
+    seen = {}
+    monkeypatch.setattr(tune, "tune", lambda cfg, progress=True: seen.setdefault("tune", cfg) and 1 / 0)
+    ckpt = tmp_path / "c.pth"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["tune", str(ckpt), "--time-budget", "30m", "--timing", "2", "--output", str(tmp_path / "t")])
+    assert seen["tune"].time_limit_s == 1800 and seen["tune"].timing_s == 2
+    err = capsys.readouterr().err
+    assert "--time-budget is now --time-limit" in err and "--timing is now --timing-seconds" in err

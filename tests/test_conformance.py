@@ -3,6 +3,7 @@ parameters. Adding a flow or runtime is one module plus one registry line; this 
 the new module lacks."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import types
@@ -64,14 +65,21 @@ def test_runtime_conforms(name, monkeypatch):
     assert mod.SUFFIXES and all(s.startswith(".") for s in mod.SUFFIXES)
     if hasattr(mod, "export"):
         params = inspect.signature(mod.export).parameters
-        assert list(params)[:4] == ["model", "out_dir", "calib_batches", "meta"]
-        # replicate and tune pass the calibration choices by keyword, defaults meaning "as before"
-        assert params["scheme"].default is None and params["bias_correction"].default == "fast"
+        assert list(params)[:4] == ["model", "out_dir", "calib_batches", "base"]
+        # deploy passes the calibration choices and the runtime's options by keyword
+        assert params["scheme"].default is None and params["options"].default is None
         assert mod.FILES, "an exporter declares the FILES it writes (replicate --resume reuses them)"
+        assert callable(getattr(mod, "available", None)), "an exporter says whether its packages are installed"
+    options = getattr(mod, "Options", None)
+    if options is not None:  # the runtime's own options: a frozen dataclass, every field with a default and help
+        assert dataclasses.is_dataclass(options) and options.__dataclass_params__.frozen
+        for f in dataclasses.fields(options):
+            assert f.default is not dataclasses.MISSING and f.metadata.get("help"), f"{name}: option {f.name}"
+        options()  # the defaults are valid
     if hasattr(mod, "profile_ops"):
         assert list(inspect.signature(mod.profile_ops).parameters) == ["path", "calls", "threads", "model",
                                                                        "input_shape"]
-    assert set(OPTIONAL) >= {"export", "FILES", "profile_ops"}
+    assert set(OPTIONAL) >= {"export", "FILES", "profile_ops", "Options", "available"}
 
 
 def test_suffixes_are_unambiguous(monkeypatch):
@@ -99,6 +107,16 @@ def test_the_check_names_what_is_missing():
     broken.how_to_load = lambda name: ""
     assert problems(broken, Runtime) == ["load('file', 'n') should take ('path', 'threads')", "missing op_counts"]
     assert not isinstance(broken, Runtime)
+
+
+def test_flows_and_runtimes_do_not_import_each_other():
+    """The shared vocabulary (qconfigs.Scheme) lives outside both packages."""
+    import re
+    src = Path(__file__).parents[1] / "src" / "quantbench"
+    for pkg, other in (("flows", "runtimes"), ("runtimes", "flows")):
+        for f in (src / pkg).glob("*.py"):
+            assert not re.search(rf"^\s*(from \.\.{other}\b|from \.\. import {other}|from quantbench\.{other}\b)",
+                                 f.read_text(), re.M), f"{f.name} imports {other}"
 
 
 def test_every_registered_module_imports():

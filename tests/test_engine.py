@@ -100,7 +100,7 @@ def test_unknown_engine_is_one_line(tiny_trained_checkpoint, tmp_path):
     # a file made for an engine this torch lacks
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
-    write_sidecar(path, options={"torchscript": {"engine": "tpu9000"}})
+    write_sidecar(path, engine="tpu9000")
     with pytest.raises(QuantbenchError, match="made for quantized engine 'tpu9000'") as e:
         torchscript.load(path)
     assert "\n" not in str(e.value)
@@ -147,7 +147,7 @@ def test_the_load_lines_run_the_file_under_its_engine(tiny_trained_checkpoint, t
     lines = []
     for engine in ("fbgemm", "onednn"):
         path = tmp_path / f"{engine}.pt"
-        _make(path, tiny_trained_checkpoint, tiny_dataset, engine=engine)
+        _make(path, tiny_trained_checkpoint, tiny_dataset, options={"torchscript": {"engine": engine}})
         lines.append(torchscript.how_to_load(str(path), read_sidecar(path)))
     out = subprocess.run([sys.executable, "-c", USER_LINES, *lines], capture_output=True, text=True, check=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": ""}).stdout.splitlines()  # no quantbench
@@ -190,11 +190,11 @@ class _LoggingWorker:
     """Stands in for bench's measuring subprocess: answers at once and logs what it is asked."""
     log: list = []
 
-    def __init__(self, path, threads, input_shape, cpus=None):
+    def __init__(self, path, threads, input_shape, cpus=None, **kw):
         self.name, self.load_s, self.model_rss_mb = Path(path).stem, 0.1, 1.0
         type(self).log.append((self.name, "start"))
 
-    def ask(self, op, **cmd):
+    def ask(self, op, timeout_s=None, **cmd):
         type(self).log.append((self.name, op, cmd.get("batch")))
         return {"ops": {"ops": {"int8_conv": 1}}, "accuracy": {"accuracy": 50.0, "n": 10},
                 "time": {"times": [0.001] * cmd.get("n", 1), "cpu_s": 0.0}}[op]

@@ -31,7 +31,7 @@ def _top1(path, data) -> tuple[float, torch.Tensor]:
 
 def test_sidecar_records_pruning(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     side = quantize_to_file(tiny_trained_checkpoint, tmp_path / "p.pt", _cfg("eager"), tiny_dataset, progress=False)
-    assert side == read_sidecar(tmp_path / "p.pt")
+    assert side.to_dict() == read_sidecar(tmp_path / "p.pt")
     p = side["pruning"]
     assert p["applied"] is True and {layer["name"]: layer["new_kernel"] for layer in p["layers"]} == PRUNED
     assert p["max_abs_diff"] is not None and p["max_abs_diff"] <= 1e-4
@@ -73,10 +73,13 @@ def test_pruned_and_unpruned_files_predict_alike(flow, tiny_trained_checkpoint, 
 
 def _content_bytes(path) -> int:
     """Bytes of a TorchScript archive's code, constants and tensors; its debug records (where the
-    tracing was called from) differ with the caller, not with the model."""
+    tracing was called from) differ with the caller, not with the model, and so do the numbers
+    TorchScript gives each class it makes in one process (___torch_mangle_N)."""
+    import re
     import zipfile
     with zipfile.ZipFile(path) as z:
-        return sum(i.file_size for i in z.infolist() if not i.filename.endswith(".debug_pkl"))
+        return sum(len(re.sub(rb"___torch_mangle_\d+", b"", z.read(i))) + len(re.sub(r"___torch_mangle_\d+", "", i.filename))
+                   for i in z.infolist() if not i.filename.endswith(".debug_pkl"))
 
 
 def test_no_prune_leaves_the_file_as_before(tiny_trained_checkpoint, tiny_dataset, tmp_path):

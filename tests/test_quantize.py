@@ -107,7 +107,7 @@ def test_quantizing_an_already_quantized_file(tiny_trained_checkpoint, tiny_data
     (["--method", "static", "--flow", "nope"], "unknown flow"),
     (["--method", "qat", "--qat-preset", "slow"], "unknown QAT schedule"),
     (["--method", "static", "--calib-batch-size", "0"], "--calib-batch-size"),
-    (["--method", "qat", "--epochs", "0"], "--epochs"),
+    (["--method", "qat", "--epochs", "0"], "--qat-epochs"),
     (["--method", "static", "--output-suffix", ".onnx"], "writes .pt files"),
 ])
 def test_bad_quantize_options(argv, expect, tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):

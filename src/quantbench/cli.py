@@ -78,7 +78,10 @@ def config_args(g, cls, names, defaults: dict | None = None, flags: dict | None 
             for a in old:
                 g.add_argument(a, dest=dest, nargs=0, action=_renamed(flag, not default), help=argparse.SUPPRESS)
             continue
-        conv = (types or {}).get(name) or (_list_of(typ) if is_list else typ)
+        conv = (types or {}).get(name) or typ
+        if is_list:  # parsed by config_values, so a bad item is one line like any other bad option
+            _LISTS[dest] = (typ, flag)
+            conv = str
         shown = ",".join(map(str, default)) if is_list else default
         extra = "" if default is None or default == () else f" (default: {shown})"
         if choices:
@@ -91,17 +94,23 @@ def config_args(g, cls, names, defaults: dict | None = None, flags: dict | None 
 
 
 def config_values(args, cls, names, dest_prefix: str = "") -> dict:
-    return {n: getattr(args, dest_prefix + n) for n in names if hasattr(args, dest_prefix + n)}
+    return {n: value(args, dest_prefix + n) for n in names if hasattr(args, dest_prefix + n)}
 
 
-def _list_of(typ):
-    def parse(s: str) -> tuple:
-        try:
-            return tuple(typ(x.strip()) for x in str(s).split(",") if x.strip())
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"a comma list of {typ.__name__} expected, not {s!r}") from e
-    parse.__name__ = f"comma list of {typ.__name__}"
-    return parse
+_LISTS: dict[str, tuple[type, str]] = {}  # dest -> (item type, flag) of comma-list options
+
+
+def value(args, dest: str):
+    """An option's value; comma lists parsed here, with a one-line error naming the option."""
+    v = getattr(args, dest)
+    if dest not in _LISTS or not isinstance(v, str):
+        return v
+    typ, flag = _LISTS[dest]
+    try:
+        return tuple(typ(x.strip()) for x in v.split(",") if x.strip())
+    except ValueError as e:
+        raise QuantbenchError(f"{flag} takes a comma list of {'numbers' if typ is int else 'names'}, "
+                              f"not {v!r}") from e
 
 
 _NOTICED: set[str] = set()
@@ -228,7 +237,7 @@ def _data_source(args):
 
 def _bench_config(args):
     from .bench import BenchConfig
-    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=args.batch_sizes, min_runs=args.min_runs,
+    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=value(args, "batch_sizes"), min_runs=args.min_runs,
                        timing_s=args.timing_s, processes=args.processes, max_drop=args.max_drop,
                        accuracy=not getattr(args, "no_accuracy", False), progress=not args.no_progress,
                        data=_data_source(args))
@@ -460,7 +469,7 @@ def _fp32_layers_arg(g) -> None:
 
 def _fp32_layers(args) -> dict:
     """fp32_layers (and where they came from) from --fp32-layers, --fallback and --sensitivity."""
-    layers = tuple(getattr(args, "fp32_layers", ()) or ())
+    layers = tuple(value(args, "fp32_layers") or ()) if hasattr(args, "fp32_layers") else ()
     if (args.fallback is None) != (args.sensitivity is None):
         raise QuantbenchError("--fallback K and --sensitivity FILE go together")
     out = {"fp32_layers": layers}

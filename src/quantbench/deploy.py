@@ -209,7 +209,8 @@ def build(source: Source, target: Target, progress: bool = True,
         raise QuantbenchError(f"{target.method} quantization needs training data (--data-dir)")
     rt = runtimes.get(flow.RUNTIME)
     t0 = time.perf_counter()
-    model, pruning = source.float_for(flow, target.method, q.prune, q.seed)
+    # the fp32 "origin" file is the plain float model, in this flow's format
+    model, pruning = source.float_for(None if target.method == ORIGIN else flow, target.method, q.prune, q.seed)
     # the runtime's options shape int8 files (an fp32 file has no int8 kernels to choose)
     opts = None if target.method == ORIGIN else _resolve_options(rt, q.runtime_options(flow.RUNTIME), pruning)
     rec = source.base_record().replace(
