@@ -103,7 +103,8 @@ def _model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
                                       "efficientnet_b0, ...), resnet10 or vit_tiny (default: resnet18)")
     p.add_argument("--model", metavar="SPEC",
                    help="your own model instead: FILE.py:FUNCTION or package.module:FUNCTION, a function "
-                        "that takes num_classes and returns an nn.Module (its code runs only because you name it)")
+                        "called as FUNCTION(num_classes=N), by keyword, returning an nn.Module; checked before "
+                        "any data is read (its code runs only because you name it)")
 
 
 def _list(s: str) -> tuple[str, ...]:
@@ -561,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise QuantbenchError("--threads must be at least 1")
                 import torch
                 torch.set_num_threads(args.threads)
+            if isinstance(getattr(args, "model", None), str):  # --model SPEC (profile's `model` is a Path):
+                # importable and callable, before any data is read
+                from .models import load_builder
+                load_builder(args.model)
             return COMMANDS[args.command].run(args) or 0
     except QuantbenchError as e:
         if args.debug:
