@@ -197,6 +197,17 @@ def test_deprecations_are_summarized_in_one_line():
     assert len(lines) == 1 and "hid 51 deprecation warnings" in lines[0]
 
 
+def test_interrupt_without_resume_does_not_suggest_it(capsys, tmp_path, monkeypatch):
+    """bench, eval, sensitivity, profile and report have no --resume: the Ctrl-C line must not name it."""
+    import quantbench.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(quantbench.report, "report_runs", interrupted)
+    rc, _, err = run_cli(capsys, "report", tmp_path)
+    assert rc == 130 and "interrupted" in err and "--resume" not in err and "Traceback" not in err
+
+
 @pytest.fixture
 def no_data(monkeypatch):
     """Any attempt to read data fails the test: the checks under test must come first."""

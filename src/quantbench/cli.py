@@ -573,8 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         print("quantbench: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
-        print("quantbench: interrupted (checkpoints written so far are intact; rerun with --resume)",
-              file=sys.stderr)
+        if hasattr(args, "resume"):  # train, quantize, replicate, tune
+            print("quantbench: interrupted (checkpoints written so far are intact; rerun with --resume)",
+                  file=sys.stderr)
+        else:
+            print("quantbench: interrupted (files written so far are intact)", file=sys.stderr)
         return 130
 
 
