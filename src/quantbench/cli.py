@@ -142,6 +142,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
     p.add_argument("--output", type=Path, default=Path("runs/train"), help="run directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the training run already in OUTPUT (default: refuse; --resume continues it)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0)
     _common(p)
@@ -154,10 +156,17 @@ def _arch(args) -> str | None:
 
 
 def train_cmd(args) -> int:
-    from .train import get_recipe, train
+    from .train import check_device, check_image_size, check_output, get_recipe, train
     recipe = get_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-    data = _data_source(args).load(train=True, progress=not args.no_progress)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes (and holds the lock)
+    check_device(args.device)  # every option checked before any data is read
+    if args.image_size is not None:
+        if args.image_size < 1:
+            raise QuantbenchError(f"--image-size must be at least 1, not {args.image_size}")
+        check_image_size(args.image_size, args.image_size, recipe)
+    if main_rank:
+        check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    data = _data_source(args).load(train=True, progress=not args.no_progress)
     with run_lock(args.output) if main_rank else contextlib.nullcontext():  # before any training
         result = train(data, recipe, args.output, arch=_arch(args), model_spec=args.model, resume=args.resume,
                        device=args.device, seed=args.seed, progress=not args.no_progress)
