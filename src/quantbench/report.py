@@ -17,14 +17,15 @@ from .results import BenchResults, ModelResult, QuantStatus, ResultsFormatError,
 
 MiB = 2 ** 20
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~])")
 
 
 def md(value) -> str:
     """A value read from a file (a label, a sidecar's warning, a machine's name) as Markdown
     text that stays one inline run: line breaks become spaces and the characters that make
-    tables, emphasis, links, code or HTML are escaped, so a label with `|` and a newline cannot
-    add a row to a table or a line to "Ship this"."""
+    tables, bold, links, code or HTML are escaped, so a label with `|` and a newline cannot
+    add a row to a table or a line to "Ship this". (Underscores are left alone: names and paths
+    are full of them, and inside a word they emphasize nothing.)"""
     text = " ".join(str(value).split())
     return _MD_SPECIAL.sub(r"\\\1", text)
 
