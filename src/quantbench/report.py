@@ -146,7 +146,7 @@ def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str
                       for m in results.models if m.sidecar.get("plain") and m.median_ms(b) and m.label != rec.label)
         try:
             hint = runtimes.get(rec.runtime).how_to_load(Path(rec.file).name)
-        except (QuantbenchError, AttributeError):
+        except (QuantbenchError, AttributeError, ImportError):  # a runtime not installed here
             hint = None
         engine = next((m.sidecar.get("engine") for m in results.models if m.label == rec.label), None)
         if hint and engine:  # int8 TorchScript runs the kernels of the engine current at load
