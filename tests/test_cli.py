@@ -237,3 +237,64 @@ def test_old_option_names_still_work_with_a_notice(capsys, tmp_path, monkeypatch
     assert seen["tune"].time_limit_s == 1800 and seen["tune"].timing_s == 2
     err = capsys.readouterr().err
     assert "--time-budget is now --time-limit" in err and "--timing is now --timing-seconds" in err
+
+
+def test_interrupt_without_resume_does_not_suggest_it(capsys, tmp_path, monkeypatch):
+    """bench, eval, sensitivity, profile and report have no --resume: the Ctrl-C line must not name it."""
+    import quantbench.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(quantbench.report, "report_runs", interrupted)
+    rc, _, err = run_cli(capsys, "report", tmp_path)
+    assert rc == 130 and "interrupted" in err and "--resume" not in err and "Traceback" not in err
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Any attempt to read data fails the test: the checks under test must come first."""
+    from quantbench.data import DataSource
+
+    def read(*args, **kwargs):
+        raise AssertionError("data was read before the options were checked")
+    monkeypatch.setattr(DataSource, "load", read)
+    monkeypatch.setattr(DataSource, "load_for", read)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("torchvision.models:no_such_builder", "torchvision.models has no function 'no_such_builder'"),
+    ("no_such_package_qb:build", "cannot import no_such_package_qb"),
+    ("os:getcwd", "os:getcwd cannot be called with the class count"),
+])
+def test_model_spec_checked_before_data(capsys, tiny_checkpoint, tiny_data_dir, tmp_path, no_data, spec, message):
+    for argv in (["train", "--data-dir", tiny_data_dir, "--preset", "smoke", "--output", tmp_path / "t"],
+                 ["eval", tiny_checkpoint, "--data-dir", tiny_data_dir],
+                 ["quantize", tiny_checkpoint, "--method", "static", "--output", tmp_path / "q.pt",
+                  "--data-dir", tiny_data_dir],
+                 ["tune", tiny_checkpoint, "--data-dir", tiny_data_dir, "--output", tmp_path / "u"]):
+        rc, _, err = run_cli(capsys, *argv, "--model", spec, "--no-progress")
+        assert_one_line_error(rc, err, message)
+
+
+def test_torchvision_spec_trains_offline(capsys, tiny_data_dir, tmp_path, monkeypatch):
+    """The first spec a user tries builds an untrained torchvision model, no download (issue 18)."""
+    import torchvision.models._api
+
+    def no_download(*a, **k):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_download)
+    rc, out, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--preset", "smoke", "--epochs", "1",
+                           "--model", "torchvision.models:resnet18", "--output", tmp_path, "--no-progress")
+    assert rc == 0, err
+    _, meta = models.read_checkpoint(tmp_path / "best.pth")
+    assert meta["model"] == "torchvision.models:resnet18"
+
+
+def test_model_file_that_exits_at_import(capsys, tiny_data_dir, tmp_path, no_data):
+    f = tmp_path / "cli_model.py"
+    f.write_text("import argparse\nargparse.ArgumentParser().parse_args()\ndef build(num_classes):\n    pass\n")
+    rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--model", f"{f}:build",
+                         "--output", tmp_path / "out", "--no-progress")
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("quantbench: error: the model file ")
+    assert "exited (status 2) while it was imported" in err

@@ -88,6 +88,17 @@ def test_cache_invalidated_by_added_file(tiny_data_copy, monkeypatch):
     assert [n.split("-")[0] for n in _cache_files(tiny_data_copy / ".quantbench-cache")] == ["test", "train"]
 
 
+def test_caches_of_other_image_sizes_are_kept(tiny_data_copy, monkeypatch):
+    """Writing the cache of one image size deleted those of the other sizes of the split (issue 18):
+    switching between --image-size 16 and the native size decoded everything again each time."""
+    load_dataset(tiny_data_copy, progress=False)
+    load_dataset(tiny_data_copy, image_size=16, progress=False)
+    assert len(_cache_files(tiny_data_copy / ".quantbench-cache")) == 4  # two splits x two sizes
+    monkeypatch.setattr(data, "_decode", _no_decode)
+    assert load_dataset(tiny_data_copy, progress=False).train.images.shape[2:] == (32, 32)
+    assert load_dataset(tiny_data_copy, image_size=16, progress=False).train.images.shape[2:] == (16, 16)
+
+
 def test_cache_invalidated_by_changed_file(tiny_data_copy, monkeypatch):
     before = load_dataset(tiny_data_copy, progress=False)
     path = tiny_data_copy / "test" / "blue" / "000.jpg"

@@ -78,13 +78,50 @@ def test_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
     assert child.returncode == -signal.SIGKILL
     [left] = temps(tmp_path)
     assert left.name.startswith(f".last.pth.{child.pid}-")  # the writer's pid is in the name
-    # A fresh temp file of a dead pid is kept for a while (the pid could be another machine's).
+    # The usual case: --resume right after the kill. The writer is dead here, so its fresh temp
+    # file goes at once (issue 21: it used to stay until it was a minute old).
     write_text(p, "one")
-    assert temps(tmp_path) == [left]
+    assert temps(tmp_path) == [] and p.read_text() == "one"
+
+
+def test_temp_of_a_live_writer_is_kept_whatever_its_age(tmp_path):
+    p = tmp_path / "best.pth"
+    child = python("import sys, time\n"
+                   "from quantbench.fileio import atomic_path\n"
+                   f"with atomic_path({str(p)!r}) as tmp:\n"
+                   "    tmp.write_bytes(b'writing')\n"
+                   "    print('in', flush=True)\n"
+                   "    sys.stdin.readline()\n", stdin=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == "in\n"
+        [live] = temps(tmp_path)
+        old = time.time() - fileio.STALE_TEMP_NO_PID_S - 5
+        os.utime(live, (old, old))
+        write_text(p, "mine")
+        assert temps(tmp_path) == [live]
+    finally:
+        child.communicate("\n", timeout=60)
+    assert child.returncode == 0 and temps(tmp_path) == [] and p.read_text() == "writing"
+
+
+def test_temp_of_a_reused_pid_or_another_process_table(tmp_path):
+    """The pid of a killed writer may belong to another process by now (its start time differs):
+    its temp goes. A temp from another machine or container (another process table) stays until
+    it is old, since its pid says nothing here."""
+    table = fileio._process_table()
+    if table is None:
+        pytest.skip("no /proc here")
+    me = os.getpid()
+    reused = tmp_path / f".x.txt.{me}-{table}-1-abcd1234.tmp"              # this pid, another start
+    elsewhere = tmp_path / f".x.txt.{2**22 + 7}-{'0' * 8}-12345-abcd1234.tmp"  # another table's
+    for f in (reused, elsewhere):
+        f.write_bytes(b"")
+    write_text(tmp_path / "x.txt", "new")
+    assert temps(tmp_path) == [elsewhere]
     old = time.time() - fileio.STALE_TEMP_S - 5
-    os.utime(left, (old, old))
-    write_text(p, "two")
-    assert temps(tmp_path) == [] and p.read_text() == "two"
+    os.utime(elsewhere, (old, old))
+    write_text(tmp_path / "x.txt", "newer")
+    assert temps(tmp_path) == []
 
 
 def test_temps_of_live_writers_and_of_other_files_are_kept(tmp_path):

@@ -164,3 +164,40 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_checkpoint, monkey
         models.save_checkpoint(path, models.build("resnet10", 3), meta={"arch": "resnet10"})
     assert path.read_bytes() == tiny_checkpoint.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------- the user's builder (--model)
+def test_torchvision_builder_by_keyword_builds_offline(monkeypatch):
+    """`--model torchvision.models:resnet18`, the first spec a user tries: resnet18(3) would read 3
+    as the legacy `pretrained` argument and download ImageNet weights (issue 18)."""
+    import torchvision.models._api
+
+    def no_download(*a, **k):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_download)
+    model = models.load_builder("torchvision.models:resnet18")(3)
+    assert type(model).__name__ == "ResNet" and model.fc.out_features == 3
+
+
+def test_builder_call_styles(tmp_path):
+    f = tmp_path / "styles.py"
+    f.write_text("import torch\n"
+                 "def kw(*, num_classes, pretrained=False):\n    return torch.nn.Linear(2, num_classes)\n"
+                 "def pos(k):\n    return torch.nn.Linear(2, k)\n"
+                 "def none():\n    return torch.nn.Linear(2, 2)\n")
+    assert models.load_builder(f"{f}:kw")(5).out_features == 5
+    assert models.load_builder(f"{f}:pos")(4).out_features == 4
+    with pytest.raises(QuantbenchError, match=r"styles.py:none cannot be called with the class count"):
+        models.load_builder(f"{f}:none")
+
+
+@pytest.mark.parametrize("code, when", [
+    ("import sys\nsys.exit(3)\n", "imported"),
+    ("import argparse\nargparse.ArgumentParser().parse_args(['--bogus'])\n", "imported"),
+    ("import sys\ndef build(num_classes):\n    sys.exit(4)\n", "built"),
+])
+def test_model_file_that_exits_is_one_line(tmp_path, code, when):
+    f = tmp_path / "exits.py"
+    f.write_text(code + ("def build(num_classes):\n    pass\n" if "def build" not in code else ""))
+    with pytest.raises(QuantbenchError, match=rf"the model file .*exits.py exited \(status \d\) while .*{when}"):
+        models.load_builder(f"{f}:build")(3)

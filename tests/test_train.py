@@ -151,3 +151,60 @@ def test_ddp_two_processes(tiny_data_dir, tmp_path):
     assert last["epoch"] == 2 and not any(k.startswith("module.") for k in last["model"])
     model, _ = models.load_checkpoint(out / "best.pth")
     assert model.fc.out_features == 3
+
+
+# ---------------------------------------------------------------- options refused before any data is read
+@pytest.fixture
+def no_data(monkeypatch):
+    from quantbench.data import DataSource
+
+    def read(*args, **kwargs):
+        raise AssertionError("data was read before the options were checked")
+    monkeypatch.setattr(DataSource, "load", read)
+
+
+def _train_cli(capsys, *argv) -> tuple[int, str]:
+    from quantbench.cli import main
+    rc = main(["train", "--preset", "smoke", "--arch", "resnet10", "--no-progress", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def test_train_refuses_to_replace_a_run(capsys, tiny_train_run, tiny_data_dir, tmp_path, no_data):
+    """A second run without --resume silently replaced best.pth with a worse model (issue 21)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_train_run, run)
+    before = {n: (run / n).read_bytes() for n in ("best.pth", "last.pth", "metrics.jsonl")}
+    rc, err = _train_cli(capsys, "--data-dir", tiny_data_dir, "--epochs", "1", "--output", run)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
+
+
+def test_train_overwrite_replaces_the_run(capsys, tiny_train_run, tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_train_run, run)
+    rc, err = _train_cli(capsys, "--data-dir", tiny_data_dir, "--epochs", "1", "--output", run, "--overwrite")
+    assert rc == 0, err
+    assert [r["epoch"] for r in _metrics(run)] == [1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--image-size", "1"], "too small to train"),
+    (["--image-size", "4"], "images of 4x4 are too small to train with the smoke recipe"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
+])
+def test_bad_train_options_are_one_line(capsys, tiny_data_dir, tmp_path, no_data, argv, message):
+    rc, err = _train_cli(capsys, "--data-dir", tiny_data_dir, "--output", tmp_path / "out", *argv)
+    assert rc == 2 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith("quantbench: error: ") and message in line
+
+
+def test_images_too_small_for_the_augmentation(tiny_dataset, tmp_path):
+    """Native images smaller than the crop padding: one line from train(), not a traceback from F.pad."""
+    crop = lambda split: dataclasses.replace(split, images=split.images[:, :, :4, :4])
+    small = dataclasses.replace(tiny_dataset, train=crop(tiny_dataset.train), test=crop(tiny_dataset.test))
+    with pytest.raises(QuantbenchError, match="images of 4x4 are too small"):
+        train(small, get_recipe("smoke", epochs=1), tmp_path, arch="resnet10", progress=False)

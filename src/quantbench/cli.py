@@ -223,7 +223,8 @@ def _model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
                                       "efficientnet_b0, ...), resnet10 or vit_tiny (default: resnet18)")
     p.add_argument("--model", metavar="SPEC",
                    help="your own model instead: FILE.py:FUNCTION or package.module:FUNCTION, a function "
-                        "that takes num_classes and returns an nn.Module (its code runs only because you name it)")
+                        "called as FUNCTION(num_classes=N), by keyword, returning an nn.Module; checked before "
+                        "any data is read (its code runs only because you name it)")
 
 
 def _list(s: str) -> tuple[str, ...]:
@@ -262,6 +263,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
     p.add_argument("--output", type=Path, default=Path("runs/train"), help="run directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the training run already in OUTPUT (default: refuse; --resume continues it)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0)
     _common(p)
@@ -274,10 +277,17 @@ def _arch(args) -> str | None:
 
 
 def train_cmd(args) -> int:
-    from .train import get_recipe, train
+    from .train import check_device, check_image_size, check_output, get_recipe, train
     recipe = get_recipe(args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-    data = _data_source(args).load(train=True, progress=not args.no_progress)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes (and holds the lock)
+    check_device(args.device)  # every option checked before any data is read
+    if args.image_size is not None:
+        if args.image_size < 1:
+            raise QuantbenchError(f"--image-size must be at least 1, not {args.image_size}")
+        check_image_size(args.image_size, args.image_size, recipe)
+    if main_rank:
+        check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    data = _data_source(args).load(train=True, progress=not args.no_progress)
     with run_lock(args.output) if main_rank else contextlib.nullcontext():  # before any training
         result = train(data, recipe, args.output, arch=_arch(args), model_spec=args.model, resume=args.resume,
                        device=args.device, seed=args.seed, progress=not args.no_progress)
@@ -637,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise QuantbenchError("--threads must be at least 1")
                 import torch
                 torch.set_num_threads(args.threads)
+            if isinstance(getattr(args, "model", None), str):  # --model SPEC (profile's `model` is a Path):
+                # importable and callable, before any data is read
+                from .models import load_builder
+                load_builder(args.model)
             return COMMANDS[args.command].run(args) or 0
     except QuantbenchError as e:
         if args.debug:
@@ -644,8 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         print("quantbench: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
-        print("quantbench: interrupted (checkpoints written so far are intact; rerun with --resume)",
-              file=sys.stderr)
+        if hasattr(args, "resume"):  # train, quantize, replicate, tune
+            print("quantbench: interrupted (checkpoints written so far are intact; rerun with --resume)",
+                  file=sys.stderr)
+        else:
+            print("quantbench: interrupted (files written so far are intact)", file=sys.stderr)
         return 130
 
 

@@ -22,11 +22,12 @@ they came from in `Dataset.norm_source`.
 from __future__ import annotations
 
 import dataclasses
-
+import glob
 import hashlib
 import math
 import numbers
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -360,7 +361,8 @@ def _load_split(split_dir: Path, samples: list[tuple[Path, int]], image_size: in
     `ref`: (an image, its (H, W)) that every image must match when `image_size` is None.
     """
     key = _cache_key(split_dir, samples, image_size)
-    cache = _cache_dir(split_dir) / f"{split_dir.name}-{key}.pt"
+    size_tag = str(image_size) if image_size else "native"
+    cache = _cache_dir(split_dir) / f"{split_dir.name}-{size_tag}-{key}.pt"
     if cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True, mmap=mmap)
@@ -394,8 +396,12 @@ def _load_split(split_dir: Path, samples: list[tuple[Path, int]], image_size: in
             bar.update()
     split = Split(torch.from_numpy(np.stack(arrays)), torch.tensor([l for _, l in samples]))
     stats = channel_stats(split.images)
-    for old in cache.parent.glob(f"{split_dir.name}-*.pt"):  # drop stale caches of this split
-        old.unlink(missing_ok=True)
+    # Drop the stale caches of this split at this size (the files changed), and those named the
+    # way earlier versions did (no size in the name, unreachable now); other sizes' caches stay.
+    stale = re.compile(rf"{re.escape(split_dir.name)}-(?:{size_tag}-)?[0-9a-f]{{16}}\.pt")
+    for old in cache.parent.glob(f"{glob.escape(split_dir.name)}-*.pt"):
+        if old != cache and stale.fullmatch(old.name):
+            old.unlink(missing_ok=True)
     save_torch({"images": split.images, "labels": split.labels, "classes": sorted({p.parent.name for p, _ in samples}),
                 "mean": list(stats[0]), "std": list(stats[1])}, cache)
     return split, stats

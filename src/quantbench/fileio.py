@@ -2,8 +2,9 @@
 
 - an interrupted run never leaves a half-written file: the bytes go to a temp file that is
   renamed over the target only once complete (atomic_path);
-- a killed run does not leave that temp file behind for ever: the next write of the same file
-  removes it (the temp name carries the writer's pid, so a live writer's file is never touched);
+- a killed run does not leave that temp file behind: the next write of the same file removes it
+  at once (the temp name carries the writer's pid, its start time and which process table the pid
+  belongs to, so a live writer's file is never touched, nor one of a process that reused the pid);
 - a full disk or an unwritable folder ends in one line that names the file, with the earlier
   file intact (QuantbenchError), and check_writable says so before the work rather than after;
 - torch's own writers never write to disk themselves (save_torch, save_torchscript): they write
@@ -18,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
+import hashlib
 import io
 import json
 import os
@@ -33,8 +36,9 @@ from typing import Any, Iterator
 from .errors import QuantbenchError
 
 LOCK_NAME = ".quantbench.lock"
-# A temp file whose writer is dead is removed only once it is this old: pids are per machine
-# (and per container), so a live writer on another machine sharing the folder looks dead here.
+# A temp file written on another machine (or container: another process table) is removed only
+# once it is this old and its pid is not alive here: pids are per process table, so a live writer
+# there may look dead here. Temps of this process table are judged by their writer alone.
 STALE_TEMP_S = 60
 # Temp files from quantbench versions that did not put the pid in the name: age is all we have.
 STALE_TEMP_NO_PID_S = 3600
@@ -80,11 +84,62 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's field 22), or None
+    when it does not exist, has ended (a zombie not yet reaped) or /proc cannot say."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state is field 3
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _process_table() -> str | None:
+    """A short tag of the process table this process's pids belong to: the boot (a reboot
+    starts pids afresh) and the pid namespace (a container has its own), or None without /proc."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = None
+    if not boot or not ns:
+        return None
+    return hashlib.sha1(f"{boot.strip()}:{ns}".encode()).hexdigest()[:8]
+
+
+def _writer_tag() -> str:
+    """PID-TABLE-START- for this process (see _remove_stale_temps), or PID- without /proc."""
+    pid, table = os.getpid(), _process_table()
+    start = _start_time(pid) if table else None
+    return f"{pid}-{table}-{start}-" if start else f"{pid}-"
+
+
+def _writer_gone(pid: int, table: str | None, start: str | None, age: float) -> bool:
+    """Whether the writer of a temp file has ended, so that its temp file may go."""
+    if table is not None and table == _process_table():
+        return _start_time(pid) != start  # dead, or the pid is another process's now, whatever the age
+    # another process table's pid (another machine or container), or a name with the pid only
+    # (no /proc, or an older version): the pid may be alive elsewhere, so only old temps go
+    return age > STALE_TEMP_S and not _pid_alive(pid)
+
+
 def _remove_stale_temps(path: Path) -> None:
     """Remove temp files of `path` left by writers that were killed (see atomic_path's names)."""
-    # .NAME.PID-RANDOM.tmp, or .NAME.RANDOM.tmp from older versions. RANDOM has no dots or dashes,
-    # so the temp files of another target (say NAME.1) never match.
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]+\.tmp")
+    # .NAME.PID-TABLE-START-RANDOM.tmp, .NAME.PID-RANDOM.tmp (no /proc, or older versions), or
+    # .NAME.RANDOM.tmp (older versions). RANDOM has no dots or dashes, so the temp files of
+    # another target (say NAME.1) never match.
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-(?:([0-9a-f]{{8}})-(\d+)-)?)?[a-z0-9_]+\.tmp")
     now = time.time()
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for entry in entries:
@@ -93,7 +148,7 @@ def _remove_stale_temps(path: Path) -> None:
                 continue
             with contextlib.suppress(OSError):  # gone already, or not ours to remove
                 age = now - entry.stat().st_mtime
-                stale = (age > STALE_TEMP_S and not _pid_alive(int(m[1]))) if m[1] else age > STALE_TEMP_NO_PID_S
+                stale = _writer_gone(int(m[1]), m[2], m[3], age) if m[1] else age > STALE_TEMP_NO_PID_S
                 if stale:
                     os.unlink(entry.path)
 
@@ -108,7 +163,7 @@ def atomic_path(path: str | os.PathLike, *, nbytes: int | None = None) -> Iterat
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise _write_error(path, e, nbytes) from e

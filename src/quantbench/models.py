@@ -21,6 +21,7 @@ says how to rebuild the model: "arch" (or "model", the user's builder), "num_cla
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
@@ -220,7 +221,11 @@ def load_builder(spec: str) -> Callable[[int], nn.Module]:
     """The user's model builder named by `path/to/file.py:build` or `package.module:build`.
 
     This imports (runs) the user's code, so call it only with a spec the user gave. The result
-    calls `build(num_classes)` and checks that it returns an nn.Module."""
+    calls `build(num_classes=N)` (by keyword, so that builders such as torchvision's, whose first
+    positional parameter is something else, get it right; a function whose one parameter has
+    another name gets N positionally) and checks that it returns an nn.Module. Importing is the
+    check a command makes before reading any data: the module imports, the function exists, is
+    callable and can take num_classes."""
     where, sep, fn_name = spec.rpartition(":")
     if not sep or not where or not fn_name:
         raise QuantbenchError(f"--model wants FILE.py:FUNCTION or package.module:FUNCTION, not {spec!r}")
@@ -228,7 +233,10 @@ def load_builder(spec: str) -> Callable[[int], nn.Module]:
         module = _import_file(Path(where))
     else:
         try:
-            module = importlib.import_module(where)
+            with _no_exit(f"the module {where}", "it was imported"):
+                module = importlib.import_module(where)
+        except QuantbenchError:
+            raise
         except Exception as e:
             raise QuantbenchError(f"cannot import {where}: {type(e).__name__}: {_first_line(e)}") from e
     if not hasattr(module, fn_name):
@@ -236,10 +244,16 @@ def load_builder(spec: str) -> Callable[[int], nn.Module]:
     fn = getattr(module, fn_name)
     if not callable(fn):
         raise QuantbenchError(f"{spec} is a {type(fn).__name__}, not a function")
+    by_keyword = _takes_num_classes_by_keyword(fn, spec)
+    what = f"the model file {where}" if where.endswith(".py") or os.sep in where or "/" in where \
+        else f"the module {where}"
 
     def build_user_model(num_classes: int) -> nn.Module:
         try:
-            model = fn(num_classes)
+            with _no_exit(what, f"{spec} built the model"):
+                model = fn(num_classes=num_classes) if by_keyword else fn(num_classes)
+        except QuantbenchError:
+            raise
         except Exception as e:
             raise QuantbenchError(f"{spec}({num_classes}) failed: {type(e).__name__}: {_first_line(e)}") from e
         if not isinstance(model, nn.Module):
@@ -247,6 +261,46 @@ def load_builder(spec: str) -> Callable[[int], nn.Module]:
         return model
 
     return build_user_model
+
+
+def _takes_num_classes_by_keyword(fn: Callable, spec: str) -> bool:
+    """Whether to call `fn(num_classes=N)` (True) or `fn(N)`: by keyword when it has a parameter
+    named num_classes, or takes **kwargs and needs no positional argument (torchvision's
+    builders: their first positional parameter is the legacy `pretrained`, so fn(N) would ask
+    for downloaded weights); positionally for `def build(k)`. A function that can take
+    neither is refused now, before any data is read."""
+    import inspect
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: try the documented call
+        return True
+    params = sig.parameters.values()
+    named = sig.parameters.get("num_classes")
+    if named is not None and named.kind is not inspect.Parameter.POSITIONAL_ONLY:
+        return True
+    for by_keyword, args, kwargs in ((True, (), {"num_classes": 1}), (False, (1,), {})):
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError:
+            continue
+        if by_keyword and any(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            continue  # **kwargs, but a positional parameter first (`def build(k, **kw)`): positional
+        return by_keyword
+    raise QuantbenchError(f"{spec} cannot be called with the class count: quantbench calls it as "
+                          f"{spec.rpartition(':')[2]}(num_classes=N) (or with N as its one argument); "
+                          f"its signature is {sig}")
+
+
+@contextlib.contextmanager
+def _no_exit(what: str, during: str):
+    """A user's code that calls sys.exit (or exits through argparse) ends quantbench silently
+    with its own status unless caught: say so in one line instead."""
+    try:
+        yield
+    except SystemExit as e:
+        status = e.code if e.code is None or isinstance(e.code, int) else repr(e.code)
+        raise QuantbenchError(f"{what} exited (status {status}) while {during}: it must not call sys.exit "
+                              "or parse the command line when imported or called") from e
 
 
 def _import_file(path: Path):
@@ -262,7 +316,11 @@ def _import_file(path: Path):
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and pickling look the module up by name
-        spec.loader.exec_module(module)
+        with _no_exit(f"the model file {path}", "it was imported"):
+            spec.loader.exec_module(module)
+    except QuantbenchError:
+        sys.modules.pop(name, None)
+        raise
     except Exception as e:
         sys.modules.pop(name, None)
         raise QuantbenchError(f"cannot import {path}: {type(e).__name__}: {_first_line(e)}") from e

@@ -29,6 +29,12 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
+def _text(label: str) -> str:
+    """A label read from a file, shown as it is: matplotlib would read $...$ as math (and fail
+    on what is not), so dollars are escaped; line breaks become spaces."""
+    return " ".join(str(label).split()).replace("$", r"\$")
+
+
 def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """(latency, accuracy, label) points no other point beats on both: lower latency, higher accuracy."""
     front, best = [], float("-inf")
@@ -78,7 +84,7 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
         height_pt = ax.get_window_extent().height * 72 / fig.dpi
         where = [((math.log(lat) - lo) / (hi - lo), (acc - ylo) / (yhi - ylo) * height_pt) for lat, acc, _ in pts]
         for (lat, acc, name), off in zip(pts, label_offsets(where)):
-            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, off), fontsize=8)
+            ax.annotate(_text(name), (lat, acc), textcoords="offset points", xytext=(4, off), fontsize=8)
         front = pareto_front(pts)
         ax.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="grey", label="Pareto front")
         for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
@@ -92,7 +98,7 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
         written.append(out_dir / "accuracy_vs_latency.png")
 
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
-    labels = [r.label for r in rows]
+    labels = [_text(r.label) for r in rows]
     ax.barh(labels, [r.file_bytes / MiB for r in rows], color=["tab:blue" if r.dtype == "fp32" else "tab:orange"
                                                              for r in rows])
     ax.invert_yaxis()
@@ -105,7 +111,7 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
     if lat_rows:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(lat_rows) + 1.2))
         ax.boxplot([r.latency[1].samples_ms for r in lat_rows], orientation="horizontal", whis=(10, 90),
-                   showfliers=False, tick_labels=[r.label for r in lat_rows])
+                   showfliers=False, tick_labels=[_text(r.label) for r in lat_rows])
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("latency per call, batch 1 (ms, log scale; box: quartiles, whiskers: p10-p90)")

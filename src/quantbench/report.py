@@ -7,14 +7,37 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import re
 import sys
 from pathlib import Path
 
+from . import runtimes
 from .errors import QuantbenchError, cause
-from .fileio import read_json, sha256, write_json, write_text
-from .results import BenchResults, ModelResult, QuantStatus, recommend
+from .fileio import read_json, sha256, write_bytes, write_json, write_text
+from .results import BenchResults, ModelResult, QuantStatus, ResultsFormatError, recommend
 
 MiB = 2 ** 20
+
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~])")
+
+
+def md(value) -> str:
+    """A value read from a file (a label, a sidecar's warning, a machine's name) as Markdown
+    text that stays one inline run: line breaks become spaces and the characters that make
+    tables, bold, links, code or HTML are escaped, so a label with `|` and a newline cannot
+    add a row to a table or a line to "Ship this". (Underscores are left alone: names and paths
+    are full of them, and inside a word they emphasize nothing.)"""
+    text = " ".join(str(value).split())
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def code(value) -> str:
+    """A value read from a file as an inline code span (a file name, a load line): one line, and
+    a fence longer than any run of backticks inside it."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _fmt(x, spec: str, suffix: str = "", missing: str = "n/a") -> str:
@@ -29,7 +52,7 @@ def dtype_cell(row: ModelResult) -> str:
         if ops is not None and ops.int8_linear + ops.float_linear > 1:
             return f"int8 (linear only: {ops.int8_linear} of {ops.int8_linear + ops.float_linear})"
         return "int8 (fc only)"
-    return row.dtype
+    return md(row.dtype)
 
 
 def markdown_table(results: BenchResults, seed_format: bool = False) -> str:
@@ -40,7 +63,7 @@ def markdown_table(results: BenchResults, seed_format: bool = False) -> str:
              "|-------|-------|---------------:|---------------:|---------------:|---------:|-----------:|"]
     for r in results.models:
         lines.append(
-            f"| {r.label} | {dtype_cell(r)} | {_fmt(r.accuracy, '.2f', '%')} | "
+            f"| {md(r.label)} | {dtype_cell(r)} | {_fmt(r.accuracy, '.2f', '%')} | "
             f"{_fmt(r.median_ms(), '.2f', ' ms')} | {r.file_bytes / MiB:.1f} MiB | "
             f"{_fmt(r.speedup, '.2f', 'x', '')} | {_fmt(r.size_ratio, '.2f', 'x', '')} |")
     if seed_format:
@@ -58,11 +81,14 @@ def detail_table(results: BenchResults) -> str:
         lat, ops = r.latency.get(1), r.ops
         op_cell = (f"{ops.int8_conv}+{ops.int8_linear} / {ops.float_conv}+{ops.float_linear}") if ops else "n/a"
         wb = r.weight_bytes
-        runtime = r.runtime + (f" ({r.sidecar['engine']})" if r.sidecar.get("engine") else "")
+        runtime = md(r.runtime) + (f" ({md(r.sidecar['engine'])})" if r.sidecar.get("engine") else "")
+        # the spread relative to the p50 shown beside it (the median of the per-process medians),
+        # not to the pooled median that bench's iqr_rel divides by
+        iqr = (lat.p75_ms - lat.p25_ms) / lat.median_ms if lat and lat.median_ms else None
         lines.append(
-            f"| {r.label} | {runtime} | {_fmt(r.accuracy_delta, '+.2f', '', '')} | "
+            f"| {md(r.label)} | {runtime} | {_fmt(r.accuracy_delta, '+.2f', '', '')} | "
             f"{_fmt(lat and lat.median_ms, '.3f')} | {_fmt(lat and lat.p90_ms, '.3f')} | "
-            f"{_fmt(lat and lat.p99_ms, '.3f')} | {_fmt(lat and lat.iqr_rel, '.1%')} | "
+            f"{_fmt(lat and lat.p99_ms, '.3f')} | {_fmt(iqr, '.1%')} | "
             f"{_fmt(lat and lat.process_spread, '.1%')} | {_fmt(r.speedup_vs_fastest_fp32, '.2f', 'x')} | "
             f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.model_rss_mb, '.0f', ' MB')} | "
             f"{_fmt(r.load_s, '.1f', ' s')} | {op_cell} |")
@@ -76,7 +102,7 @@ def throughput_table(results: BenchResults) -> str:
     lines = ["| Model | " + " | ".join(f"batch {b} (img/s)" for b in batches) + " |",
              "|---|" + "---:|" * len(batches)]
     for r in results.models:
-        lines.append(f"| {r.label} | " + " | ".join(
+        lines.append(f"| {md(r.label)} | " + " | ".join(
             _fmt(r.latency[b].throughput_ips if b in r.latency else None, ".0f") for b in batches) + " |")
     return "\n".join(lines)
 
@@ -91,12 +117,12 @@ def busy_cores(results: BenchResults) -> float | None:
 
 
 def machine_line(m: dict) -> str:
-    isa = ", ".join(k for k, v in (m.get("isa") or {}).items() if v) or "none detected"
-    v = m.get("versions", {})
-    return (f"{m.get('cpu')} ({m.get('cores')} cores; ISA: {isa}; VNNI: {'yes' if m.get('vnni') else 'no'}), "
-            f"{m.get('threads')} thread(s), {m.get('os')}, Python {m.get('python')}, "
-            + ", ".join(f"{k} {x}" for k, x in v.items())
-            + f", default quantized engine {m.get('quantized_engine')} (a TorchScript file's own: see Runtime)")
+    isa = ", ".join(md(k) for k, v in (m.get("isa") or {}).items() if v) or "none detected"
+    v = m.get("versions") or {}
+    return (f"{md(m.get('cpu'))} ({md(m.get('cores'))} cores; ISA: {isa}; VNNI: {'yes' if m.get('vnni') else 'no'}), "
+            f"{md(m.get('threads'))} thread(s), {md(m.get('os'))}, Python {md(m.get('python'))}, "
+            + ", ".join(f"{md(k)} {md(x)}" for k, x in v.items())
+            + f", default quantized engine {md(m.get('quantized_engine'))} (a TorchScript file's own: see Runtime)")
 
 
 def load_lines(runtime, name: str, sidecar: dict | None) -> str:
@@ -109,26 +135,32 @@ def load_lines(runtime, name: str, sidecar: dict | None) -> str:
 
 def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str]:
     """"Ship this", for batch 1 and for every throughput batch size measured."""
-    from . import runtimes
     lines = []
+    fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
     for b in results.batch_sizes():
         rec = recommend(results, budget, b)
-        if rec is None:
-            lines.append(f"- batch {b}: no int8 model is within {budget} point of fp32 accuracy; ship the fp32 model.")
+        if rec is None and not fp32:  # nothing to judge the int8 rows against, nothing to ship
+            lines.append(f"- batch {b}: no fp32 model's accuracy was measured in this run, so no int8 model can be "
+                         f"judged against it; measure the fp32 file alongside the int8 ones.")
             continue
-        vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({rec.fastest_fp32})"
+        if rec is None:
+            best = max(fp32, key=lambda m: m.accuracy)
+            lines.append(f"- batch {b}: no int8 model is within {budget} point of fp32 accuracy; ship the fp32 model "
+                         f"(**{md(best.label)}**, {code(Path(best.file).name)}).")
+            continue
+        vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({md(rec.fastest_fp32)})"
               if rec.speedup_vs_fastest_fp32 else "")
         # the runtimes' own int8 rows (replicate --plain): what quantbench adds over each runtime alone
-        vs += "".join(f", {m.median_ms(b) / rec.median_ms:.2f}x the speed of {m.label}"
+        vs += "".join(f", {m.median_ms(b) / rec.median_ms:.2f}x the speed of {md(m.label)}"
                       for m in results.models if m.sidecar.get("plain") and m.median_ms(b) and m.label != rec.label)
         sidecar = next((m.sidecar for m in results.models if m.label == rec.label), None)
         try:
             hint = load_lines(runtimes.get(rec.runtime), Path(rec.file).name, sidecar)
-        except (QuantbenchError, AttributeError):
+        except (QuantbenchError, AttributeError, ImportError):  # a runtime not installed here
             hint = None
-        lines.append(f"- batch {b}: **{rec.label}** ({rec.runtime}, `{Path(rec.file).name}`): "
+        lines.append(f"- batch {b}: **{md(rec.label)}** ({md(rec.runtime)}, {code(Path(rec.file).name)}): "
                      f"{rec.median_ms:.2f} ms per batch{vs}; accuracy {rec.accuracy_delta:+.2f} point vs fp32"
-                     + (f". Load it with `{hint}`" if hint else "") + ".")
+                     + (f". Load it with {code(hint)}" if hint else "") + ".")
     return lines
 
 
@@ -139,7 +171,7 @@ def model_warnings(results: BenchResults) -> list[str]:
     for r in results.models:
         for w in r.sidecar.get("warnings") or []:
             seen.setdefault(w, []).append(r.label)
-    return [f"**Warning:** {w} ({', '.join(labels)})" for w, labels in seen.items()]
+    return [f"**Warning:** {md(w)} ({', '.join(md(x) for x in labels)})" for w, labels in seen.items()]
 
 
 def analysis_sections(run_dir: Path | None) -> list[str]:
@@ -150,20 +182,24 @@ def analysis_sections(run_dir: Path | None) -> list[str]:
     run_dir, parts = Path(run_dir), []
     sens = run_dir / "sensitivity.json"
     if sens.is_file():
-        from .fileio import read_json
-        d = read_json(sens)
-        rows = sorted(d.get("layers") or [], key=lambda r: (-r["drop"], r["sqnr_db"]))[:5]
+        try:
+            d = read_json(sens)
+            rows = sorted(d.get("layers") or [], key=lambda r: (-r["drop"], r["sqnr_db"]))[:5]
+            table = [f"| {md(r['layer'])} | {r['drop']:+.2f} | {r['gain']:+.2f} | {md(r['sqnr_db'])} |" for r in rows]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise QuantbenchError(f"{sens} is not a sensitivity.json this version reads ({cause(e)})") from e
         parts += ["## Layer sensitivity", "",
-                  f"`quantbench sensitivity` ({d.get('flow')} flow, {d.get('val_samples')} validation images): fp32 "
-                  f"{d.get('fp32_acc')} %, all int8 {d.get('int8_acc')} %; the layers int8 hurts most (full table: "
-                  "[sensitivity.md](sensitivity.md)):", "",
-                  "| layer | drop alone | gain if fp32 | SQNR dB |", "|---|---|---|---|"]
-        parts += [f"| {r['layer']} | {r['drop']:+.2f} | {r['gain']:+.2f} | {r['sqnr_db']} |" for r in rows] + [""]
+                  f"`quantbench sensitivity` ({md(d.get('flow'))} flow, {md(d.get('val_samples'))} validation "
+                  f"images): fp32 {md(d.get('fp32_acc'))} %, all int8 {md(d.get('int8_acc'))} %; the layers int8 "
+                  "hurts most (full table: [sensitivity.md](sensitivity.md)):", "",
+                  "| layer | drop alone | gain if fp32 | SQNR dB |", "|---|---|---|---|"] + table + [""]
     tune = run_dir / "tune.json"
     if tune.is_file():
-        from .fileio import read_json
-        d = read_json(tune)
-        parts += ["## Tune", "", d.get("sentence", ""), "", "All trials: [tune.md](tune.md).", ""]
+        try:
+            sentence = read_json(tune).get("sentence", "")
+        except (OSError, ValueError, AttributeError) as e:
+            raise QuantbenchError(f"{tune} is not a tune.json this version reads ({cause(e)})") from e
+        parts += ["## Tune", "", md(sentence), "", "All trials: [tune.md](tune.md).", ""]
     return parts
 
 
@@ -172,13 +208,13 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     fastest = next((r.fastest_fp32 for r in results.models if r.fastest_fp32), None)
     parts = ["# quantbench report", "",
              f"Machine: {machine_line(results.machine)}.", "",
-             f"Latency: >= {cfg.get('min_runs')} timed calls per model after warm-up, batch 1, "
-             f"{cfg.get('threads')} thread(s), rounds interleaved across models, in "
-             f"{cfg.get('processes', 1)} fresh process(es) per model; the median of the per-process medians "
+             f"Latency: >= {md(cfg.get('min_runs'))} timed calls per model after warm-up, batch 1, "
+             f"{md(cfg.get('threads'))} thread(s), rounds interleaved across models, in "
+             f"{md(cfg.get('processes', 1))} fresh process(es) per model; the median of the per-process medians "
              "(process spread: (max - min) / median of those). "
              "Accuracy: top-1 on the whole test split. File size: the deployment file and its companions. "
              "Speed-up, size ratio and accuracy delta: against the fp32 row of the same runtime"
-             + (f"; \"vs fastest fp32\": against {fastest}" if fastest else "") + ".", ""]
+             + (f"; \"vs fastest fp32\": against {md(fastest)}" if fastest else "") + ".", ""]
     warned = model_warnings(results)
     if warned:  # before the table: its figures describe a model that did not learn
         parts += warned + ["", "The table below measures these models as they are; their int8 rows say little "
@@ -186,7 +222,7 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     parts += [markdown_table(results), ""]
     skipped = (results.replicate or {}).get("skipped") or []
     if skipped:  # rows this model cannot have in that flow, said instead of silently missing
-        parts += ["Rows not made: " + "; ".join(f"{s['row']}: {s['why']}" for s in skipped) + ".", ""]
+        parts += ["Rows not made: " + "; ".join(f"{md(s['row'])}: {md(s['why'])}" for s in skipped) + ".", ""]
     parts += ["## Ship this", "",
              "The fastest int8 model whose top-1 is within 0.3 point of the fp32 model's, measured in this run "
              "(ties within the process spread are ties):", ""] + recommendation_lines(results) + [
@@ -201,7 +237,7 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     if busy is not None and busy >= BUSY_WARN_CORES:
         parts += [f"**Warning:** other work used {busy:.2f} of the machine's cores on average while timing: "
                   "latencies are inflated and will not repeat. Re-run on a quiet machine.", ""]
-    flagged = [r.label for r in results.models if r.status is QuantStatus.NOT_QUANTIZED]
+    flagged = [md(r.label) for r in results.models if r.status is QuantStatus.NOT_QUANTIZED]
     if flagged:
         parts += [f"**Warning:** {', '.join(flagged)} claim int8 but run no int8 operator.", ""]
     return "\n".join(parts)
@@ -236,15 +272,25 @@ def write_report(results: BenchResults, json_path=None, markdown_path=None, run_
     if json_path:
         write_json(json_path, results.to_dict())
     if run_dir is not None:
-        from .plots import plot_all
-        write_text(run_dir / "results.csv", to_csv(results))
-        write_text(run_dir / "results.md", markdown_table(results, seed_format=True) + "\n")
-        figures = plot_all(results, run_dir)
-        # report.md names the results.json it was made from, so a stale one can be told apart
-        write_text(run_dir / "report.md", render(results, figures, run_dir) + f"\n{_STAMP}{sha256(json_path)} -->\n")
+        write_derived(results, run_dir, json_path)
     if markdown_path:
         write_text(markdown_path, markdown_table(results, seed_format=True) + "\n")
     return markdown_table(results)
+
+
+def write_derived(results: BenchResults, run_dir: Path, source: Path) -> None:
+    """results.csv, results.md, the figures and report.md of `run_dir`, made from `results` as
+    read from (or written to) `source`, a results.json, which this never writes. The texts are
+    made before the first write, so a failure leaves the run directory as it was."""
+    from .plots import plot_all
+    csv_text, table = to_csv(results), markdown_table(results, seed_format=True) + "\n"
+    render(results, [], run_dir)  # fails here, before any file is written, if anything cannot be shown
+    figures = plot_all(results, run_dir)
+    # report.md names the results.json it was made from, so a stale one can be told apart
+    report = render(results, figures, run_dir) + f"\n{_STAMP}{sha256(source)} -->\n"
+    write_text(run_dir / "results.csv", csv_text)
+    write_text(run_dir / "results.md", table)
+    write_text(run_dir / "report.md", report)
 
 
 def load_results(run: Path) -> BenchResults:
@@ -257,6 +303,8 @@ def load_results(run: Path) -> BenchResults:
         raise QuantbenchError(f"{path} is not valid JSON ({cause(e)})") from e
     try:
         return BenchResults.from_dict(raw)
+    except ResultsFormatError as e:
+        raise QuantbenchError(f"{path} is not a quantbench results file: {e}") from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise QuantbenchError(f"{path} is not a quantbench results file ({cause(e)})") from e
 
@@ -273,7 +321,7 @@ def compare_table(runs: list[BenchResults], names: list[str]) -> str:
     head = (["Model"] + [f"run {i + 1} (ms)" for i in range(len(runs))] + [f"run {i + 1} vs 1" for i in later]
             + [f"speed-up run {i + 1}" for i in range(len(runs))] + [f"speed-up run {i + 1} vs 1" for i in later]
             + [f"acc. run {i + 1}" for i in range(len(runs))])
-    lines = ["Runs: " + "; ".join(f"{i + 1} = {name}" for i, name in enumerate(names)), "",
+    lines = ["Runs: " + "; ".join(f"{i + 1} = {md(name)}" for i, name in enumerate(names)), "",
              "Speed-up: against the fp32 row of the same runtime in the same run (the ratio that can repeat on a "
              "machine whose speed drifts; absolute times need not).", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -283,7 +331,7 @@ def compare_table(runs: list[BenchResults], names: list[str]) -> str:
         up = [r[label].speedup if label in r else None for r in rows]
         acc = [r[label].accuracy if label in r else None for r in rows]
         worst += [abs(c) for c in change(up) if c is not None and rows[0][label].dtype != "fp32"]
-        lines.append("| " + " | ".join([label] + [_fmt(m, ".3f") for m in med] + [_fmt(c, "+.1%") for c in change(med)]
+        lines.append("| " + " | ".join([md(label)] + [_fmt(m, ".3f") for m in med] + [_fmt(c, "+.1%") for c in change(med)]
                                        + [_fmt(u, ".2f", "x") for u in up] + [_fmt(c, "+.1%") for c in change(up)]
                                        + [_fmt(a, ".2f", "%") for a in acc]) + " |")
     if worst:
@@ -310,14 +358,20 @@ def report_runs(runs: list[Path], output: Path | None = None) -> Path:
     change against the first run), then each run's table, in compare.md. Returns the file."""
     results = [load_results(r) for r in runs]
     if len(results) == 1:
-        out = Path(output or runs[0])
-        if Path(runs[0]).is_dir() and out == Path(runs[0]) and (out / "report.md").is_file() and stale_report(out):
-            print(f"{out / 'report.md'} did not match {out / 'results.json'}: rebuilt", file=sys.stderr)
-        write_report(results[0], run_dir=out)
+        run = Path(runs[0])
+        source = run / "results.json" if run.is_dir() else run
+        out = Path(output or (run if run.is_dir() else run.parent))
+        if out.resolve() == source.parent.resolve():
+            if (out / "report.md").is_file() and stale_report(out):
+                print(f"{out / 'report.md'} did not match {source}: rebuilt", file=sys.stderr)
+        else:  # another folder: a copy of the file as it is (keys this version does not know included)
+            write_bytes(out / "results.json", source.read_bytes())
+            source = out / "results.json"
+        write_derived(results[0], out, source)  # results.json itself is never rewritten
         return out / "report.md"
     out = Path(output or runs[0])
     parts = ["# quantbench: runs compared", "", compare_table(results, [str(r) for r in runs]), ""]
     for path, res in zip(runs, results):
-        parts += [f"## {path}", "", f"Machine: {machine_line(res.machine)}.", "", markdown_table(res), ""]
+        parts += [f"## {md(path)}", "", f"Machine: {machine_line(res.machine)}.", "", markdown_table(res), ""]
     write_text(out / "compare.md", "\n".join(parts))
     return out / "compare.md"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,16 +140,124 @@ class BenchResults:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BenchResults":
+        """The results a results.json holds, every field checked (ResultsFormatError names the
+        first bad one): a report must fail in one line before writing anything, not halfway."""
+        _check(d, "the file", dict)
+        _check(d.get("models"), "models", list)
         models = []
-        for row in d["models"]:
-            row = dict(row)
-            row["latency"] = {int(b): LatencyStats(**s) for b, s in (row.get("latency") or {}).items()}
-            row["ops"] = OpCounts(**row["ops"]) if row.get("ops") else None
-            row["status"] = QuantStatus(row.get("status", "unchecked"))
-            known = {f.name for f in dataclasses.fields(ModelResult)}
-            models.append(ModelResult(**{k: v for k, v in row.items() if k in known}))
-        return cls(machine=d.get("machine", {}), config=d.get("config", {}), created=d.get("created", ""),
-                   models=models, replicate=d.get("replicate"))
+        for i, row in enumerate(d["models"]):
+            models.append(_model_result(row, f"models[{i}]"))
+        machine = _check(d.get("machine", {}), "machine", dict)
+        for key in ("isa", "versions"):
+            _check(machine.get(key), f"machine.{key}", dict, optional=True)
+        replicate = _check(d.get("replicate"), "replicate", dict, optional=True)
+        for j, s in enumerate(_check((replicate or {}).get("skipped"), "replicate.skipped", list, optional=True) or []):
+            _check(s, f"replicate.skipped[{j}]", dict)
+            for key in ("row", "why"):
+                _check(s.get(key), f"replicate.skipped[{j}].{key}", str)
+        return cls(machine=machine, config=_check(d.get("config", {}), "config", dict),
+                   created=_check(d.get("created", ""), "created", str), models=models, replicate=replicate)
+
+
+class ResultsFormatError(ValueError):
+    """A results.json field that is missing or of the wrong kind; the message names the field."""
+
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a whole number",
+               float: "a number"}
+
+
+def _check(value, field: str, kind: type, optional: bool = False, minimum: float | None = None,
+           maximum: float | None = None):
+    """`value` if it is a `kind` (float: any finite number; int: a whole number, not a bool)
+    within [minimum, maximum], else ResultsFormatError naming `field`. None passes if optional."""
+    if value is None and optional:
+        return None
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ResultsFormatError(f"{field} must be {_TYPE_NAMES[kind]}, not {_shown(value)}")
+    if minimum is not None and value < minimum:
+        raise ResultsFormatError(f"{field} must be at least {minimum:g}, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ResultsFormatError(f"{field} must be at most {maximum:g}, not {value!r}")
+    return value
+
+
+def _shown(value) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ModelResult's fields read from a file: (kind, optional, minimum, maximum)
+_ROW_FIELDS = {
+    "label": (str, False, None, None), "file": (str, False, None, None), "method": (str, False, None, None),
+    "flow": (str, False, None, None), "runtime": (str, False, None, None), "dtype": (str, False, None, None),
+    "file_bytes": (int, False, 0, None), "weight_bytes": (int, True, 0, None), "sidecar": (dict, True, None, None),
+    "accuracy": (float, True, 0, 100), "accuracy_n": (int, True, 0, None), "load_s": (float, True, 0, None),
+    "peak_rss_mb": (float, True, 0, None), "model_rss_mb": (float, True, 0, None), "baseline": (str, True, None, None),
+    "speedup": (float, True, 0, None), "size_ratio": (float, True, 0, None), "accuracy_delta": (float, True, -100, 100),
+    "fastest_fp32": (str, True, None, None), "speedup_vs_fastest_fp32": (float, True, 0, None),
+    "input_shape": (list, True, None, None),
+}
+_LATENCY_INTS = ("n", "rounds", "processes")
+_LATENCY_LISTS = ("process_medians_ms", "samples_ms")
+
+
+def _model_result(row, where: str) -> ModelResult:
+    _check(row, where, dict)
+    row = dict(row)
+    for name, (kind, optional, lo, hi) in _ROW_FIELDS.items():
+        _check(row.get(name), f"{where}.{name}", kind, optional, lo, hi)
+    for j, d in enumerate(row.get("input_shape") or []):
+        _check(d, f"{where}.input_shape[{j}]", int, minimum=1)
+    sidecar = row.get("sidecar") or {}
+    for j, w in enumerate(_check(sidecar.get("warnings"), f"{where}.sidecar.warnings", list, optional=True) or []):
+        _check(w, f"{where}.sidecar.warnings[{j}]", str)
+    _check(sidecar.get("engine"), f"{where}.sidecar.engine", str, optional=True)
+    row["sidecar"] = sidecar
+    latency = {}
+    for b, st in (_check(row.get("latency"), f"{where}.latency", dict, optional=True) or {}).items():
+        at = f"{where}.latency[{b!r}]"
+        if not str(b).isdigit() or int(b) < 1:
+            raise ResultsFormatError(f"{where}.latency has a batch size {b!r}; batch sizes are whole numbers >= 1")
+        _check(st, at, dict)
+        for f in dataclasses.fields(LatencyStats):
+            v = st.get(f.name)
+            if f.name in _LATENCY_INTS:
+                _check(v, f"{at}.{f.name}", int, optional=f.name != "n", minimum=0)
+            elif f.name in _LATENCY_LISTS:
+                for k, x in enumerate(_check(v, f"{at}.{f.name}", list, optional=True) or []):
+                    _check(x, f"{at}.{f.name}[{k}]", float, minimum=0)
+            elif f.name == "stable":
+                _check(v, f"{at}.stable", bool, optional=True)
+            else:  # times, ratios, throughput, cores: non-negative numbers
+                _check(v, f"{at}.{f.name}", float, optional=f.default is not dataclasses.MISSING, minimum=0)
+        try:
+            latency[int(b)] = LatencyStats(**{k: v for k, v in st.items() if k in _LATENCY_FIELDS and v is not None})
+        except TypeError as e:
+            raise ResultsFormatError(f"{at}: {e}") from e
+    row["latency"] = latency
+    ops = _check(row.get("ops"), f"{where}.ops", dict, optional=True)
+    if ops:
+        for f in dataclasses.fields(OpCounts):
+            _check(ops.get(f.name, 0), f"{where}.ops.{f.name}", int, minimum=0)
+    row["ops"] = OpCounts(**{f.name: ops.get(f.name, 0) for f in dataclasses.fields(OpCounts)}) if ops else None
+    status = row.get("status", "unchecked")
+    try:
+        row["status"] = QuantStatus(status)
+    except ValueError as e:
+        raise ResultsFormatError(f"{where}.status must be one of {', '.join(s.value for s in QuantStatus)}, "
+                                 f"not {_shown(status)}") from e
+    return ModelResult(**{k: v for k, v in row.items() if k in _ROW_KNOWN})
+
+
+_ROW_KNOWN = {f.name for f in dataclasses.fields(ModelResult)}
+_LATENCY_FIELDS = {f.name for f in dataclasses.fields(LatencyStats)}
 
 
 def derive(rows: list[ModelResult]) -> list[ModelResult]:

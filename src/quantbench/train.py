@@ -127,6 +127,43 @@ def get_recipe(preset: str, **overrides) -> Recipe:
     return PRESETS[preset].replace(**overrides, fixed=fixed or None)
 
 
+RUN_FILES = ("best.pth", "last.pth", "metrics.jsonl")  # what a training run leaves in its folder
+
+
+def check_output(output: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before any work, to start a fresh run in a folder that holds another run's files:
+    a second run would replace its best.pth (perhaps with a worse model), last.pth and metrics."""
+    output = Path(output)
+    found = [name for name in RUN_FILES if (output / name).exists()]
+    if found and not resume and not overwrite:
+        raise QuantbenchError(f"{output} already holds a training run ({', '.join(found)}); use --resume to "
+                              "continue it, another --output, or --overwrite to replace it")
+
+
+def check_device(device: str) -> str:
+    """`device` if training can run there (cpu, cuda, cuda:N), else a one-line error."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise QuantbenchError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
+    if kind not in ("cpu", "cuda"):
+        raise QuantbenchError(f"device {device!r} is not supported for training; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise QuantbenchError(f"--device {device}: no CUDA GPU is available here")
+    return device
+
+
+CROP_PAD = 4  # crop-flip's reflect padding (data.augment_crop_flip): images must be larger than it
+
+
+def check_image_size(height: int, width: int, recipe: Recipe) -> None:
+    """Images too small for the recipe's augmentation fail here in one line, not in F.pad."""
+    if recipe.augment == "crop-flip" and min(height, width) <= CROP_PAD:
+        raise QuantbenchError(f"images of {width}x{height} are too small to train with the {recipe.name} recipe "
+                              f"(its crop-flip augmentation pads by {CROP_PAD} pixels): use --image-size "
+                              f"{CROP_PAD + 1} or more")
+
+
 def make_optimizer(params, r: Recipe) -> torch.optim.Optimizer:
     if r.optimizer == "adam":
         return torch.optim.Adam(params, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
@@ -207,7 +244,8 @@ def train(data: Dataset, recipe: Recipe, output: str | os.PathLike, arch: str | 
         raise QuantbenchError("training needs the train split")
     output = Path(output)
     recipe = recipe.fit(len(data.train))
-    rank, world, device = _distributed(device)
+    check_image_size(*data.input_shape[1:], recipe)
+    rank, world, device = _distributed(check_device(device))
     is_main = rank == 0
     torch.manual_seed(seed)
 
@@ -287,8 +325,6 @@ def _distributed(device: str) -> tuple[int, int, str]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise QuantbenchError("--device cuda: no CUDA GPU is available here")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else device
     return rank, world, device
 
