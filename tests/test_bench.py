@@ -236,7 +236,7 @@ def test_bench_cli_latency_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     model = _sleep_model(tmp_path, "m", 5)
     out = tmp_path / "r.json"
-    rc = main(["bench", str(model), "--no-accuracy", "--processes", "1", "--min-runs", "5", "--budget", "1",
+    rc = main(["bench", str(model), "--no-accuracy", "--processes", "1", "--min-runs", "5", "--timing-seconds", "1",
                "--json", str(out), "--no-progress"])
     assert rc == 0
     row = json.loads(out.read_text())["models"][0]
@@ -251,11 +251,11 @@ def test_recommendation_is_the_fastest_int8_within_budget():
                    _row("fast-bad", "torchscript", "int8", 1, 79.0, 1.0, OpCounts(20, 0, 1, 0)),
                    _row("noop", "torchscript", "int8", 4, 80.0, 0.5, OpCounts(0, 20, 0, 1))])
     res = BenchResults(machine={}, config={}, created="now", models=rows)
-    rec = recommend(res, budget=0.3)
+    rec = recommend(res, max_drop=0.3)
     assert rec.label == "ptq-s" and rec.accuracy_delta == pytest.approx(-0.2)  # fast-bad loses 1 point
     assert rec.speedup_vs_fastest_fp32 == pytest.approx(4.0)                    # noop is NOT QUANTIZED
-    assert recommend(res, budget=1.5).label == "fast-bad"
-    assert recommend(res, budget=0.1) is None
+    assert recommend(res, max_drop=1.5).label == "fast-bad"
+    assert recommend(res, max_drop=0.1) is None
     text = render(res)
     assert "## Ship this" in text and "**ptq-s**" in text and 'torch.jit.load("ptq-s.pt")' in text
 

@@ -4,8 +4,6 @@ The same target made through `quantize`, `replicate` and `tune` is the same file
 with the same record; a run reads its checkpoint once."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,9 @@ from quantbench.bench import BenchConfig
 from quantbench.deploy import Source, Target, make
 from quantbench.errors import QuantbenchError
 from quantbench.quantize import QuantizeConfig, quantize_to_file
-from quantbench.record import FileRecord, read_record, same_making, sidecar_path
+from quantbench.record import read_record, same_making
 
 SUPPORT = Path(__file__).parent / "support"
-DATA = Path(__file__).parent / "data"
 
 
 def _empty():
@@ -127,35 +124,3 @@ def test_a_runtime_option_of_its_own_reaches_the_record(tiny_trained_checkpoint,
         _q(options={"fake": {"knob": 0}})
     with pytest.raises(QuantbenchError, match="unknown option"):
         _q(options={"fake": {"dial": 1}})
-
-
-# ---------------------------------------------------------------- the record
-def test_a_sidecar_from_the_previous_version_still_loads(tmp_path):
-    path = tmp_path / "ptq-s.pt"
-    shutil.copy(DATA / "legacy-v1-ptq-s.pt.json", sidecar_path(path))
-    rec = read_record(path)
-    assert rec.schema_version == 1 and rec.label == "ptq-s" and rec.runtime == "torchscript"
-    assert rec.engine == "fbgemm" and rec.shape == (3, 32, 32) and rec.calibration["samples"] == 16
-    assert rec.config["calib_samples"] == 16 and rec.target is None  # made before targets were recorded
-
-
-def test_a_record_round_trips_and_keeps_a_runtimes_own_fields(tmp_path):
-    rec = FileRecord(file="m.onnx", label="onnxrt-int8", method="static", dtype="int8", runtime="onnxruntime",
-                     input_shape=[3, 32, 32], extra={"opset": 17, "max_batch": 8})
-    d = rec.to_dict()
-    assert d["opset"] == 17 and d["schema_version"] == 2 and "extra" not in d
-    assert FileRecord.from_dict(d) == rec
-
-
-@pytest.mark.parametrize("bad, match", [
-    ([], "must hold a JSON object"), (None, "must hold a JSON object"),
-    ({"max_batch": -5}, "max_batch"), ({"max_batch": "abc"}, "max_batch"),
-    ({"image_size": 20000}, "image_size"), ({"input_shape": [3, 20000, 20000]}, "input_shape"),
-    ({"label": 5}, "label"), ({"classes": "abc"}, "classes"), ({"schema_version": 99}, "newer quantbench"),
-])
-def test_a_bad_sidecar_is_one_line(bad, match, tmp_path):
-    path = tmp_path / "m.pt"
-    sidecar_path(path).write_text(json.dumps(bad))
-    with pytest.raises(QuantbenchError, match=match) as e:
-        read_record(path)
-    assert "\n" not in str(e.value) and str(sidecar_path(path)) in str(e.value)

@@ -201,3 +201,19 @@ def test_model_file_that_exits_is_one_line(tmp_path, code, when):
     f.write_text(code + ("def build(num_classes):\n    pass\n" if "def build" not in code else ""))
     with pytest.raises(QuantbenchError, match=rf"the model file .*exits.py exited \(status \d\) while .*{when}"):
         models.load_builder(f"{f}:build")(3)
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"num_classes": "ten"}, "num_classes"), ({"image_size": 20000}, "image_size"),
+    ({"input_shape": [3, 1, 99999]}, "input_shape"), (["arch"], "meta must be a mapping"),
+    ({"normalize_std": ["a"]}, "normalize_std"), ({"classes": 5}, "classes"),
+])
+def test_checkpoint_meta_is_checked_when_read(meta, match, tmp_path):
+    """Issue 21 items 6 and 16: what a checkpoint's meta says sizes memory later; one line if bad."""
+    from quantbench.errors import QuantbenchError
+    from quantbench.models import read_checkpoint
+    path = tmp_path / "c.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": meta}, path)
+    with pytest.raises(QuantbenchError, match=match) as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)

@@ -12,7 +12,7 @@ def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir,
     out = tmp_path / "run"
     argv = ["replicate", "--checkpoint", str(tiny_trained_checkpoint), "--data-dir", str(tiny_data_dir),
             "--output", str(out), "--qat-preset", "smoke", "--calib-samples", "32", "--runtimes", "none",
-            "--min-runs", "5", "--budget", "0.5", "--no-progress"]
+            "--min-runs", "5", "--timing-seconds", "0.5", "--no-progress"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "Ship this" in table and "batch 1: " in table
@@ -125,3 +125,25 @@ def test_replicate_skips_rows_a_flow_cannot_make_and_says_so(tiny_data_dir, tmp_
     assert [s["row"] for s in res.replicate["skipped"]] == ["ptq-s"]
     assert "no quantizable twin" in res.replicate["skipped"][0]["why"]
     assert "Rows not made: ptq-s: mobilenet_v3_small has no quantizable twin" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_resume_with_other_data_is_refused(tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):
+    """Issue 21 item 9: files calibrated on other images must not be measured as if made from these."""
+    from conftest import write_tiny_image_folder
+    out = tmp_path / "run"
+    argv = ["replicate", "--checkpoint", str(tiny_trained_checkpoint), "--output", str(out), "--methods", "dynamic",
+            "--runtimes", "none", "--min-runs", "3", "--timing-seconds", "0.2", "--processes", "1", "--no-progress"]
+    assert main(argv + ["--data-dir", str(tiny_data_dir)]) == 0
+    other = write_tiny_image_folder(tmp_path / "other", seed=3)
+    capsys.readouterr()
+    assert main(argv + ["--data-dir", str(other), "--resume"]) == 2
+    assert "was made from other data" in capsys.readouterr().err
+
+
+def test_unknown_fp32_layer_is_refused_before_training(tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """Issue 21 item 18: --fp32-layers nosuchlayer used to be refused only after training."""
+    import quantbench.train as T
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("trained before checking --fp32-layers"))
+    rc = main(["replicate", "--data-dir", str(tiny_data_dir), "--arch", "resnet10", "--preset", "smoke",
+               "--fp32-layers", "nosuchlayer", "--output", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 2 and "unknown layer 'nosuchlayer'" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from quantbench.errors import QuantbenchError
 
 # Only the FX flow and no other runtime: each trial is a few seconds on the tiny model.
 FAST = ["--flows", "fx", "--runtimes", "none", "--val-samples", "30", "--calib-samples", "32",
-        "--timing", "0.4", "--no-progress"]
+        "--timing-seconds", "0.4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_tune_survives_kill_9_resumes_and_delivers_when_the_budget_is_impossible
 def test_tune_options_fail_in_one_line(tiny_trained_checkpoint, tmp_path):
     from quantbench.tune import TuneConfig, parse_duration
     assert parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400 and parse_duration("90") == 90
-    with pytest.raises(QuantbenchError, match="--time-budget"):
+    with pytest.raises(QuantbenchError, match="--time-limit"):
         parse_duration("soon")
     with pytest.raises(QuantbenchError, match="objective"):
         TuneConfig(checkpoint=tiny_trained_checkpoint, objective="speed")
@@ -142,3 +142,82 @@ def test_report_includes_tune_and_sensitivity_when_present(tmp_path):
     assert "## Tune" in report and "Picked fx static int8: the fastest of 2." in report
     sens = report[report.index("## Layer sensitivity"):]
     assert sens.index("| conv1 |") < sens.index("| fc |")  # the layer that hurts most first
+
+
+# ---------------------------------------------------------------- never lose or mix the user's files (issue 21)
+def test_tune_never_deletes_its_input(tiny_trained_checkpoint, tune_data, tmp_path, capsys):
+    """Item 2: `tune runs/x/best.pth --output runs/x` used to delete the checkpoint it was asked to tune."""
+    import shutil
+    run = tmp_path / "x"
+    run.mkdir()
+    ckpt = run / "best.pth"
+    shutil.copy(tiny_trained_checkpoint, ckpt)
+    (run / "best.json").write_text('{"mine": true}')
+    before = ckpt.read_bytes()
+    rc = main(["tune", str(ckpt), "--data-dir", str(tune_data), "--output", str(run), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds best.pth, an input of this search" in err
+    assert ckpt.read_bytes() == before and json.loads((run / "best.json").read_text()) == {"mine": True}
+    # a folder holding best.* files no tune made is refused too
+    other = tmp_path / "y"
+    other.mkdir()
+    (other / "best.onnx").write_bytes(b"mine")
+    rc = main(["tune", str(tiny_trained_checkpoint), "--data-dir", str(tune_data), "--output", str(other), *FAST])
+    assert rc == 2 and "which no earlier tune made" in capsys.readouterr().err
+    assert (other / "best.onnx").read_bytes() == b"mine"
+
+
+def test_resume_refuses_other_data_and_retries_passing_failures(tiny_trained_checkpoint, tune_data, tmp_path,
+                                                                monkeypatch, capsys):
+    """Items 8, 9, 10: a trial that failed for a passing reason (disk full) is made again on
+    --resume; --resume with another --data-dir is refused; best.* always agrees with tune.jsonl."""
+    import errno
+
+    from quantbench.tune import trials as T
+    out = tmp_path / "tune"
+    real_make = T.Search.make
+    calls = {"n": 0}
+
+    def full_disk_once(self, c, index):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise QuantbenchError("no space left") from OSError(errno.ENOSPC, "No space left on device")
+        return real_make(self, c, index)
+
+    monkeypatch.setattr(T.Search, "make", full_disk_once)
+    args = ["tune", str(tiny_trained_checkpoint), "--data-dir", str(tune_data), "--output", str(out),
+            "--max-drop", "100", *FAST]
+    assert main(args) == 0
+    first = _trials(out)
+    assert first[0]["error"] and first[0]["transient"]
+    # the kill between a trial's line and the copy of best.*: best.json names another trial
+    (out / "best.json").write_text(json.dumps({"key": "nothing"}))
+    for p in out.glob("best.pt*"):
+        p.unlink()
+    monkeypatch.setattr(T.Search, "make", real_make)
+    assert main(args + ["--resume"]) == 0
+    redone = [t for t in _trials(out) if t["key"] == first[0]["key"]]
+    assert len(redone) == 2 and redone[-1]["error"] is None  # retried, and it worked this time
+    best = json.loads((out / "best.json").read_text())
+    assert (out / best["file"]).is_file() and best["key"] == json.loads((out / "tune.json").read_text())["pick"]["key"]
+    # another folder of images: refused, nothing measured against the old fp32 accuracy
+    other = write_tiny_image_folder(tmp_path / "other", train_per_class=24, test_per_class=6, seed=1)
+    capsys.readouterr()
+    rc = main(["tune", str(tiny_trained_checkpoint), "--data-dir", str(other), "--output", str(out),
+               "--max-drop", "100", *FAST, "--resume"])
+    assert rc == 2 and "belongs to another search (another data)" in capsys.readouterr().err
+
+
+def test_fallback_refuses_a_ranking_of_another_checkpoint(tiny_trained_checkpoint, tiny_checkpoint, tmp_path):
+    """Item 15: --fallback K --sensitivity FILE checks that FILE ranks this checkpoint."""
+    from quantbench.fileio import sha256
+    from quantbench.sensitivity import most_sensitive
+    f = tmp_path / "sensitivity.json"
+    rows = [{"layer": "conv1", "gain": 1.0, "drop": 1.0, "sqnr_db": 10.0}]
+    f.write_text(json.dumps({"checkpoint": "a.pth", "checkpoint_sha256": sha256(tiny_checkpoint), "layers": rows}))
+    assert most_sensitive(f, 1, checkpoint=tiny_checkpoint) == ("conv1",)
+    with pytest.raises(QuantbenchError, match="ranks the layers of another checkpoint"):
+        most_sensitive(f, 1, checkpoint=tiny_trained_checkpoint)
+    f.write_text(json.dumps({"checkpoint": "a.pth", "layers": rows}))  # made before it said which
+    with pytest.raises(QuantbenchError, match="does not say which checkpoint"):
+        most_sensitive(f, 1, checkpoint=tiny_checkpoint)

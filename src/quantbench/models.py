@@ -393,11 +393,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         raise QuantbenchError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint "
                               f"({cause(e)})") from e
     if isinstance(blob, dict) and "state_dict" in blob:
-        state, meta = blob["state_dict"], dict(blob.get("meta") or {})
+        state, meta = blob["state_dict"], blob.get("meta")
     elif isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
-        state, meta = blob["model"], dict(blob.get("meta") or {})  # a trainer's last.pth
+        state, meta = blob["model"], blob.get("meta")  # a trainer's last.pth
     else:
         state, meta = blob, {}
+    from .record import check_meta
+    # what the meta says sizes memory and shapes models later: checked now, one line if bad
+    meta = dict(check_meta(meta, f"checkpoint {path}"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise QuantbenchError(f"{path} does not hold a state dict of tensors")
     if any(k.endswith(("scale", "zero_point", "_packed_params")) for k in state):

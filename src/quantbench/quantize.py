@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .data import Batches, Dataset
 from .errors import FlowUnsupported, QuantbenchError, cause
-from .flows import check_method, get_flow
+from .flows import check_method
 from .qconfigs import QCONFIGS, ActScheme, Observer, Scheme, WeightScheme, why
 from .train import Recipe, train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import runtimes
 from .errors import QuantbenchError, cause
 from .fileio import read_json, sha256, write_bytes, write_json, write_text
-from .results import BenchResults, ModelResult, QuantStatus, ResultsFormatError, recommend
+from .results import BenchResults, ModelResult, QuantStatus, ResultsFormatError, max_drop_of, recommend
 
 MiB = 2 ** 20
 
@@ -133,19 +133,20 @@ def load_lines(runtime, name: str, sidecar: dict | None) -> str:
     return runtime.how_to_load(name)
 
 
-def recommendation_lines(results: BenchResults, budget: float = 0.3) -> list[str]:
+def recommendation_lines(results: BenchResults, max_drop: float | None = None) -> list[str]:
     """"Ship this", for batch 1 and for every throughput batch size measured."""
     lines = []
+    max_drop = max_drop_of(results) if max_drop is None else max_drop
     fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
     for b in results.batch_sizes():
-        rec = recommend(results, budget, b)
+        rec = recommend(results, max_drop, b)
         if rec is None and not fp32:  # nothing to judge the int8 rows against, nothing to ship
             lines.append(f"- batch {b}: no fp32 model's accuracy was measured in this run, so no int8 model can be "
                          f"judged against it; measure the fp32 file alongside the int8 ones.")
             continue
         if rec is None:
             best = max(fp32, key=lambda m: m.accuracy)
-            lines.append(f"- batch {b}: no int8 model is within {budget} point of fp32 accuracy; ship the fp32 model "
+            lines.append(f"- batch {b}: no int8 model is within {max_drop} point of fp32 accuracy; ship the fp32 model "
                          f"(**{md(best.label)}**, {code(Path(best.file).name)}).")
             continue
         vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({md(rec.fastest_fp32)})"
@@ -224,7 +225,8 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     if skipped:  # rows this model cannot have in that flow, said instead of silently missing
         parts += ["Rows not made: " + "; ".join(f"{md(s['row'])}: {md(s['why'])}" for s in skipped) + ".", ""]
     parts += ["## Ship this", "",
-             "The fastest int8 model whose top-1 is within 0.3 point of the fp32 model's, measured in this run "
+             f"The fastest int8 model whose top-1 is within {max_drop_of(results)} point of the fp32 model's "
+             "(--max-drop), measured in this run "
              "(ties within the process spread are ties):", ""] + recommendation_lines(results) + [
              "", "## Details", "", detail_table(results), ""]
     tp = throughput_table(results)

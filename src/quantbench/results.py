@@ -60,7 +60,7 @@ class LatencyStats:
     iqr_rel: float                   # (p75 - p25) / median
     throughput_ips: float            # images per second at the median
     rounds: int = 0
-    stable: bool = True              # the median settled before the time budget ran out
+    stable: bool = True              # the median settled before its timing seconds ran out
     other_cores: float | None = None  # CPU used by other work on the machine while timing
     processes: int = 1
     process_medians_ms: list[float] = field(default_factory=list)
@@ -284,22 +284,31 @@ def derive(rows: list[ModelResult]) -> list[ModelResult]:
 
 @dataclass
 class Recommendation:
-    """"Ship this": the fastest int8 row within an accuracy budget, at one batch size."""
+    """"Ship this": the fastest int8 row at most `max_drop` accuracy points below fp32, at one batch size."""
     label: str
     file: str
     runtime: str
     batch: int
     median_ms: float
     accuracy_delta: float          # against the fp32 model's accuracy
-    budget: float
+    max_drop: float
     speedup_vs_fastest_fp32: float | None
     fastest_fp32: str | None
 
 
-def recommend(results: BenchResults, budget: float = 0.3, batch: int = 1) -> Recommendation | None:
-    """The fastest int8 model at `batch` whose top-1 is at most `budget` points below the fp32
+def max_drop_of(results: BenchResults) -> float:
+    """The accuracy points below fp32 that the run's "ship this" accepts (bench --max-drop)."""
+    v = (results.config or {}).get("max_drop")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.3
+
+
+def recommend(results: BenchResults, max_drop: float | None = None, batch: int = 1) -> Recommendation | None:
+    """The fastest int8 model at `batch` whose top-1 is at most `max_drop` points (default: the
+    run's --max-drop, 0.3 for runs made before it existed) below the fp32
     model's (its own runtime's fp32 row, else the most accurate fp32 row); None when no int8
     row qualifies (or nothing was measured at that batch size)."""
+    if max_drop is None:
+        max_drop = max_drop_of(results)
     fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
     best_fp32_acc = max((m.accuracy for m in fp32), default=None)
     timed_fp32 = [m for m in results.models if m.dtype == "fp32" and m.median_ms(batch)]
@@ -310,12 +319,12 @@ def recommend(results: BenchResults, budget: float = 0.3, batch: int = 1) -> Rec
             continue
         delta = m.accuracy_delta if m.accuracy_delta is not None else (
             m.accuracy - best_fp32_acc if best_fp32_acc is not None else None)
-        if delta is not None and delta >= -budget:
+        if delta is not None and delta >= -max_drop:
             picks.append((m.median_ms(batch), m, delta))
     if not picks:
         return None
     ms, m, delta = min(picks, key=lambda p: p[0])
     return Recommendation(label=m.label, file=m.file, runtime=m.runtime, batch=batch, median_ms=ms,
-                          accuracy_delta=delta, budget=budget,
+                          accuracy_delta=delta, max_drop=max_drop,
                           speedup_vs_fastest_fp32=fastest.median_ms(batch) / ms if fastest else None,
                           fastest_fp32=fastest.label if fastest else None)

@@ -63,7 +63,7 @@ def test_user_model_end_to_end(user_data, tmp_path, capsys):
     assert side["input_shape"] == [3, 24, 24] and side["model"] == f"{spec}:build"
 
     assert main(["bench", str(out), "--data-dir", str(user_data), "--processes", "1", "--min-runs", "5",
-                 "--budget", "0.5", "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+                 "--timing-seconds", "0.5", "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
     row = json.loads((tmp_path / "r.json").read_text())["models"][0]
     assert row["accuracy_n"] == 12 and row["input_shape"] == [3, 24, 24] and row["status"] == "int8"
 

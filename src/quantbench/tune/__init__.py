@@ -48,7 +48,7 @@ from ..quantize import QuantizeConfig
 from .journal import TUNE_FILES, Journal, Trial, clean_start, copy_deployment  # noqa: F401
 from .render import explain, hms, render, trial_line
 from .space import CALIBRATION_VARIANTS, FALLBACK_SIZES, REFERENCE, Candidate, candidates  # noqa: F401
-from .trials import Search, sqnr_ranking  # noqa: F401
+from .trials import Search, sqnr_ranking  # noqa: F401  (the package's API)
 
 Objective = Literal["latency", "size"]
 

@@ -1,7 +1,13 @@
 """tune's words: the pick explained in one sentence, tune.md, and one log line per trial."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .space import Candidate
+
+if TYPE_CHECKING:
+    from .journal import Trial
+    from .trials import Search
 
 
 def explain(s: Search, summary: dict) -> str:
