@@ -138,14 +138,16 @@ def test_most_sensitive_errors_are_one_line(tmp_path, setup, k, message):
 
 def test_cli_fallback_merges_into_fp32_layers(tiny_checkpoint, tiny_data_dir, tmp_path, capsys):
     from quantbench.cli import main
+    from quantbench.fileio import sha256
     f = tmp_path / "sensitivity.json"
-    f.write_text(json.dumps(SENS))
+    f.write_text(json.dumps({**SENS, "checkpoint_sha256": sha256(tiny_checkpoint)}))  # it ranks this checkpoint
     out = tmp_path / "m.pt"
     base = ["quantize", str(tiny_checkpoint), "--method", "static", "--flow", "fx", "--output", str(out),
             "--data-dir", str(tiny_data_dir), "--calib-samples", "16", "--no-progress"]
     assert main(base + ["--fp32-layers", "conv1,fc", "--fallback", "2", "--sensitivity", str(f)]) == 0
     side = json.loads((tmp_path / "m.pt.json").read_text())
     assert side["fp32_layers"] == ["conv1", "fc", "layer1.0.conv2"]  # merged, once each
+    assert side["config"]["fp32_layers_from"].startswith(f"{f}: the 2 layer(s)")  # where the ranking came from
     assert main(base + ["--fallback", "2"]) == 2
     assert "--fallback K and --sensitivity FILE go together" in capsys.readouterr().err
     assert main(base + ["--fallback", "9", "--sensitivity", str(f)]) == 2

@@ -105,7 +105,7 @@ def test_quantizing_an_already_quantized_file(tiny_trained_checkpoint, tiny_data
     (["--method", "static", "--qconfig", "nine-bit"], "unknown qconfig"),
     (["--method", "static", "--calib-samples", "0"], "--calib-samples"),
     (["--method", "static", "--flow", "nope"], "unknown flow"),
-    (["--method", "qat", "--qat-preset", "slow"], "unknown QAT schedule"),
+    (["--method", "qat", "--qat-schedule", "slow"], "unknown QAT schedule"),
     (["--method", "static", "--calib-batch-size", "0"], "--calib-batch-size"),
     (["--method", "qat", "--epochs", "0"], "--qat-epochs"),
     (["--method", "static", "--output-suffix", ".onnx"], "writes .pt files"),

@@ -11,7 +11,7 @@ from quantbench.cli import main
 def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["replicate", "--checkpoint", str(tiny_trained_checkpoint), "--data-dir", str(tiny_data_dir),
-            "--output", str(out), "--qat-preset", "smoke", "--calib-samples", "32", "--runtimes", "none",
+            "--output", str(out), "--qat-schedule", "smoke", "--calib-samples", "32", "--runtimes", "none",
             "--min-runs", "5", "--timing-seconds", "0.5", "--no-progress"]
     assert main(argv) == 0
     table = capsys.readouterr().out

@@ -292,8 +292,7 @@ def write_runtime_files(rt, model: nn.Module, out_dir: Path, calib, base: FileRe
     """A runtime's exporter, then the sidecars of what it wrote (records come back from the
     exporter; they are written here, after the files they describe)."""
     from .record import as_record
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # the exporter makes it, once it knows it can export
     made = rt.export(model, out_dir, calib, as_record(base), scheme=scheme, options=options)
     out = []
     for rec in made:

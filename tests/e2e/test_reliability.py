@@ -42,18 +42,21 @@ def test_02_qat_resume_refuses_another_checkpoint_or_flow(tiny_trained_checkpoin
 
 
 def test_03_replicate_resume_remakes_files_made_otherwise(tmp_path):
+    from quantbench.deploy import Target
     from quantbench.export import write_sidecar
     from quantbench.quantize import QuantizeConfig
     from quantbench.replicate import _reusable
     f = tmp_path / "ptq-s.pt"
     f.write_bytes(b"x")
-    made = QuantizeConfig(method="static", calib_samples=100)
-    write_sidecar(f, source_sha256="a" * 64, config=made.shaping())
-    same = {"source_sha256": "a" * 64, "config": made.shaping()}
-    assert _reusable(f, True, same)
-    assert not _reusable(f, False, same)  # without --resume nothing is reused
-    assert not _reusable(f, True, {**same, "source_sha256": "b" * 64})  # another checkpoint
-    assert not _reusable(f, True, {**same, "config": made.replace(calib_samples=200).shaping()})
+    t = Target("eager", "static", QuantizeConfig(method="static", calib_samples=100))
+    write_sidecar(f, source_sha256="a" * 64, target=t.identity())
+    assert _reusable(t, f, True, "a" * 64)
+    assert not _reusable(t, f, False, "a" * 64)  # without --resume nothing is reused
+    assert not _reusable(t, f, True, "b" * 64)  # another checkpoint
+    other = Target("eager", "static", QuantizeConfig(method="static", calib_samples=200))
+    assert not _reusable(other, f, True, "a" * 64)  # another configuration
+    write_sidecar(f, source_sha256="a" * 64)  # made before records named their target
+    assert not _reusable(t, f, True, "a" * 64)
 
 
 def test_04_renamed_class_folder_is_refused(tiny_trained_checkpoint, tiny_data_copy, capsys):
@@ -152,7 +155,7 @@ def test_11_not_an_archive_pt2_is_one_quiet_line(tmp_path, tiny_data_dir, capsys
 @pytest.mark.parametrize("extra, expect", [
     (["--runtimes", "bogus"], "unknown runtime 'bogus'"),
     (["--qconfig", "bogus"], "unknown qconfig"),
-    (["--qat-preset", "bogus"], "unknown QAT schedule"),
+    (["--qat-schedule", "bogus"], "unknown QAT schedule"),
     (["--calib-samples", "0"], "--calib-samples"),
     (["--flows", "eager,nope"], "unknown flow"),
 ])

@@ -31,6 +31,7 @@ def available() -> bool:
 
 def export(model, out_dir, calib_batches, base, scheme=None, options=None):
     calls.append(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     options = options or Options()
     base = as_record(base)
     made = []

@@ -85,7 +85,9 @@ class Search:
         """The fp32 model's validation accuracy, from its TorchScript file (made once)."""
         if self.fp32_acc is None:
             self.trials_dir.mkdir(parents=True, exist_ok=True)
-            make(self.source, self._target(REFERENCE), self.ref_file, progress=False)
+            # fp32 TorchScript, as the eager flow exports its "origin" file
+            make(self.source, Target("eager", ORIGIN, self.cfg.quantize.replace(seed=self.cfg.seed)), self.ref_file,
+                 progress=False)
             self.fp32_acc = round(self.accuracy(self.ref_file), 2)
             self.journal.append({"type": "fp32", "file": str(self.ref_file.relative_to(self.out)),
                                  "val_acc": self.fp32_acc})
