@@ -388,3 +388,24 @@ def test_eval_samples_is_an_option_of_bench_replicate_and_eval(tmp_path, tiny_da
     assert main(["eval", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--eval-samples", "20",
                  "--no-progress"]) == 0
     assert "on 20 of 24 (a seeded subset) test images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_workers_pair_every_row_on_the_eval_samples(tiny_trained_checkpoint, tiny_data_dir, tmp_path):
+    """Through the measuring subprocesses (replicate: fp32 and static int8 TorchScript files):
+    --eval-samples 20 of the 24 images, every row paired with its fp32 row, all in results.json."""
+    from quantbench.data import DataSource
+    from quantbench.quantize import QuantizeConfig
+    from quantbench.replicate import ReplicateConfig, replicate
+    from quantbench.report import load_results
+    cfg = ReplicateConfig(output=tmp_path / "run", data=DataSource(tiny_data_dir), checkpoint=tiny_trained_checkpoint,
+                          methods=("static",), runtimes=(), quantize=QuantizeConfig(method="static", calib_samples=16),
+                          bench=B.BenchConfig(min_runs=3, timing_s=0.3, processes=1, progress=False, eval_samples=20))
+    replicate(cfg, progress=False)
+    res = load_results(tmp_path / "run")
+    fp32, int8 = res.models
+    assert fp32.accuracy_n == int8.accuracy_n == int8.paired_n == 20
+    lo, hi = int8.accuracy_delta_ci
+    assert lo <= int8.accuracy_delta <= hi and 0 <= int8.agreement <= 100
+    assert res.config["test_images"] == 24 and res.ship
+    assert "20 of the 24 test images" in (tmp_path / "run" / "report.md").read_text()
