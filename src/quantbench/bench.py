@@ -68,8 +68,8 @@ class BenchConfig:
                              ("processes", "--processes"), ("accuracy_batch_size", "the accuracy batch size")):
             if getattr(self, name) < 1:
                 raise QuantbenchError(f"{option} must be at least 1, not {getattr(self, name)}")
-        if self.eval_samples is not None and (isinstance(self.eval_samples, bool) or not isinstance(self.eval_samples, int)
-                                              or self.eval_samples < 1):
+        n = self.eval_samples
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise QuantbenchError(f"--eval-samples must be a whole number of at least 1, not {self.eval_samples!r}")
         if not self.timing_s > 0:
             raise QuantbenchError(f"--timing-seconds must be above 0 seconds, not {self.timing_s}")
@@ -257,7 +257,9 @@ def pair_rows(rows: list[ModelResult], evaluated: dict[str, dict]) -> tuple[dict
         a = evaluated.get(row.label) or {}
         total = a.get("total", total)
         preds, labels, idx = a.get("predictions"), a.get("labels"), a.get("indices")
-        if preds is None or labels is None or idx is None or not len(preds) == len(labels) == len(idx) == row.accuracy_n:
+        if preds is None or labels is None or idx is None:
+            continue
+        if not len(preds) == len(labels) == len(idx) == row.accuracy_n:
             continue
         if images is None:
             images = idx

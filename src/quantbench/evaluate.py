@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from .data import Batches, Dataset, Split
+from .errors import QuantbenchError
 
 EVAL_SEED = 0  # the seed of --eval-samples' subset: every row, every run, the same images
 
@@ -15,6 +16,8 @@ EVAL_SEED = 0  # the seed of --eval-samples' subset: every row, every run, the s
 def eval_subset(total: int, samples: int | None, seed: int = EVAL_SEED) -> list[int] | None:
     """The test images an accuracy figure rests on, in split order: None for all of them, else
     `samples` of the `total` drawn with `seed` (the same images for every model and run)."""
+    if samples is not None and samples < 1:
+        raise QuantbenchError(f"--eval-samples must be at least 1, not {samples}")
     if samples is None or samples >= total:
         return None
     gen = torch.Generator().manual_seed(seed)

@@ -189,8 +189,8 @@ def recommendation_lines(results: BenchResults, max_drop: float | None = None) -
         except (QuantbenchError, AttributeError, ImportError):  # a runtime not installed here
             hint = None
         lines.append(f"- batch {b}: **{md(rec.label)}** ({md(rec.runtime)}, {code(Path(rec.file).name)}): "
-                     f"{rec.median_ms:.2f} ms per batch{vs}; accuracy {delta_cell(rec.accuracy_delta, rec.accuracy_delta_ci)} "
-                     f"point vs fp32" + (f" on {rec.accuracy_n} images" if rec.accuracy_n else "")
+                     f"{rec.median_ms:.2f} ms per batch{vs}; "
+                     f"accuracy {delta_cell(rec.accuracy_delta, rec.accuracy_delta_ci)} point vs fp32" + (f" on {rec.accuracy_n} images" if rec.accuracy_n else "")
                      + "".join(f"; {t}" for t in ties(rec))
                      + (f". Load it with {code(hint)}" if hint else "") + ".")
     return lines
