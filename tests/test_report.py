@@ -169,3 +169,16 @@ def test_an_old_results_file_renders_without_intervals():
     text = render(res)
     _, rows = _cells(detail_table(res))
     assert rows[1][2] == "-0.50" and "not distinguishable" not in text
+
+
+def test_more_images_are_suggested_only_for_a_subset_and_the_fp32_row_is_not_paired_with_itself():
+    for total, suggested in ((1000, False), (10000, True)):
+        res = _paired_results(n=1000, lost=2, gained=0, eval_samples=1000 if total > 1000 else None,
+                              test_images=total)
+        [line] = recommendation_lines(res)
+        assert "whether it is within --max-drop is not settled" in line
+        assert ("more with --eval-samples" in line) is suggested
+    fp32 = res.models[0]
+    assert fp32.accuracy_delta_ci is None and fp32.agreement is None
+    _, rows = _cells(detail_table(res))
+    assert rows[0][2] == "+0.00" and rows[0][-2:] == ["", "1000"]

@@ -119,8 +119,9 @@ def accuracy_basis(results: BenchResults) -> str:
     else:
         text = f"Accuracy: top-1 on all {ns[0]} test images."
     if any(r.accuracy_delta_ci for r in results.models):
-        text += (" Accuracy deltas are paired, image by image, on those images: each with its 95 % interval (a paired "
-                 "bootstrap over the images) and the agreement of its top-1 classes with the fp32 row's.")
+        text += (" Accuracy deltas are paired, image by image, on those images: each with its 95 % interval (the "
+                 "paired bootstrap over the images united with the exact McNemar-style interval: docs/measuring.md) "
+                 "and the agreement of its top-1 classes with the fp32 row's.")
     return text
 
 
@@ -191,19 +192,25 @@ def recommendation_lines(results: BenchResults, max_drop: float | None = None) -
         lines.append(f"- batch {b}: **{md(rec.label)}** ({md(rec.runtime)}, {code(Path(rec.file).name)}): "
                      f"{rec.median_ms:.2f} ms per batch{vs}; "
                      f"accuracy {delta_cell(rec.accuracy_delta, rec.accuracy_delta_ci)} point vs fp32" + (f" on {rec.accuracy_n} images" if rec.accuracy_n else "")
-                     + "".join(f"; {t}" for t in ties(rec))
+                     + "".join(f"; {t}" for t in ties(rec, subset=_subset(results, rec.accuracy_n)))
                      + (f". Load it with {code(hint)}" if hint else "") + ".")
     return lines
 
 
-def ties(rec) -> list[str]:
-    """What the intervals say of "ship this": differences inside their interval, said in words."""
+def _subset(results: BenchResults, n: int | None) -> bool:
+    total = (results.config or {}).get("test_images")
+    return isinstance(total, int) and n is not None and n < total
+
+
+def ties(rec, subset: bool = False) -> list[str]:
+    """What the intervals say of "ship this": differences inside their interval, said in words
+    (`subset`: the images are --eval-samples' subset, and more of them would narrow it)."""
     out = []
     if rec.fp32_tie:
         out.append("not distinguishable from fp32 on these images (its interval includes 0: a tie)")
     if rec.threshold_inside:
         out.append(f"its interval reaches below -{rec.max_drop}: whether it is within --max-drop is not settled "
-                   "by these images (more with --eval-samples)")
+                   "by these images" + (" (more with --eval-samples)" if subset else ""))
     if rec.runner_up is not None and rec.runner_up_diff is not None:
         slower = f", {rec.runner_up_ms / rec.median_ms:.2f}x its time" if rec.runner_up_ms and rec.median_ms else ""
         diff = delta_cell(rec.runner_up_diff, rec.runner_up_ci)

@@ -445,7 +445,7 @@ def derive(rows: list[ModelResult], predictions: dict | None = None) -> list[Mod
             r.size_ratio = r.file_bytes / base.file_bytes
             if r.accuracy is not None and base.accuracy is not None:
                 r.accuracy_delta = r.accuracy - base.accuracy
-            pair = paired_delta(r, base)
+            pair = paired_delta(r, base) if r is not base else None  # the baseline itself: nothing to pair
             if pair is not None:
                 r.accuracy_delta_ci, r.paired_n = [pair.low, pair.high], pair.n
                 mine, theirs = predictions.get(r.label), predictions.get(base.label)
