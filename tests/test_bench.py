@@ -290,3 +290,122 @@ def test_dtype_cell_says_which_layers_are_int8():
     assert dtype_cell(row(OpCounts(int8_linear=1, float_linear=24, float_conv=1))) == "int8 (linear only: 1 of 25)"
     assert dtype_cell(row(OpCounts(int8_conv=20, int8_linear=1))) == "int8"
     assert dtype_cell(row(OpCounts(float_conv=20, float_linear=1))) == "**fp32 (NOT QUANTIZED)**"
+
+
+class _ColourWorker:
+    """Stands in for the measuring subprocess: timing answers at once, and the accuracy pass is the
+    worker's own (worker._run), in this process, on a model that names the tiny images' dominant
+    colour, pushed toward class 0 by the file's "bias". Logs each op and what the model saw."""
+    log: list = []
+    seen: dict = {}
+
+    def __init__(self, path, threads, input_shape, cpus=None, **kw):
+        self.path, self.load_s, self.model_rss_mb = Path(path), 0.1, 1.0
+        bias = json.loads(self.path.read_text())["bias"]
+        seen = type(self).seen.setdefault(self.path.stem, [])
+
+        def model(x):
+            seen.append(len(x))
+            logits = x.mean((2, 3))[:, [2, 1, 0]].clone()  # TINY_CLASSES: blue, green, red
+            logits[:, 0] += bias
+            return logits
+        self.model = model
+        type(self).log.append((self.path.stem, "start", None))
+
+    def ask(self, op, timeout_s=None, **cmd):
+        from quantbench import worker
+        if op == "time":
+            return {"times": [0.001] * cmd["n"], "cpu_s": 0.0}
+        if op == "ops":
+            return {"ops": {"int8_conv": 1} if "int8" in self.path.stem else {"float_conv": 1}}
+        out = worker._run(op, {"op": op, **cmd}, self.model, None, self.path, (3, 32, 32), None)
+        type(self).log.append((self.path.stem, op, out.get("indices")))
+        return out
+
+    def close(self):
+        return {"peak_rss_mb": 2.0}
+
+    def kill(self):
+        pass
+
+
+def _colour_model(tmp_path, name, bias, dtype):
+    from conftest import TINY_CLASSES
+    path = tmp_path / f"{name}.sleep"
+    path.write_text(json.dumps({"ms": 0, "bias": bias}))
+    write_sidecar(path, label=name, method="origin" if dtype == "fp32" else "static", flow="test", runtime="sleepy",
+                  dtype=dtype, classes=list(TINY_CLASSES), input_shape=[3, 32, 32])
+    return path
+
+
+def test_the_fp32_pass_runs_once_and_every_row_is_paired_on_the_same_eval_samples(tmp_path, monkeypatch,
+                                                                                   tiny_data_dir):
+    """--eval-samples 20 of the 24 tiny test images: each file is evaluated once (fp32 included,
+    though 3 int8 rows are compared with it and there are 2 processes), on exactly those 20
+    images, the same for every row; the deltas are paired, with intervals and agreement."""
+    from quantbench.data import DataSource
+    from quantbench.evaluate import eval_subset
+    from quantbench.report import render
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    monkeypatch.setattr(B, "Worker", _ColourWorker)
+    _ColourWorker.log, _ColourWorker.seen = [], {}
+    files = [_colour_model(tmp_path, "fp32", 0.0, "fp32"), _colour_model(tmp_path, "int8-same", 0.0, "int8"),
+             _colour_model(tmp_path, "int8-blue", 100.0, "int8"), _colour_model(tmp_path, "int8-b", 0.0, "int8")]
+    cfg = B.BenchConfig(data=DataSource(tiny_data_dir), eval_samples=20, processes=2, min_runs=2, round_s=0.01,
+                        warmup=0, pin=False, progress=False)
+    res = B.bench(files, cfg)
+    passes = [(name, idx) for name, op, idx in _ColourWorker.log if op == "accuracy"]
+    assert sorted(name for name, _ in passes) == sorted(f.stem for f in files)  # once each: fp32 once
+    assert all(sum(_ColourWorker.seen[f.stem]) == 20 for f in files)  # the model saw those 20 images, no more
+    assert all(idx == eval_subset(24, 20) for _, idx in passes) and len(passes[0][1]) == 20
+    rows = res.by_label()
+    assert all(r.accuracy_n == 20 for r in rows.values())
+    assert res.config["eval_samples"] == 20 and res.config["test_images"] == 24
+    same, blue = rows["int8-same"], rows["int8-blue"]
+    assert same.accuracy_delta == 0 and same.accuracy_delta_ci == [0.0, 0.0] and same.agreement == 100.0
+    assert same.paired_n == 20
+    # every image called blue: right on the blue ones only
+    assert blue.agreement < 50 and blue.accuracy_delta_ci[0] <= blue.accuracy_delta <= blue.accuracy_delta_ci[1] < 0
+    # results.json keeps it all, and the report says what each figure rests on
+    again = BenchResults.from_dict(json.loads(json.dumps(res.to_dict(), default=str)))
+    assert again.by_label()["int8-blue"].accuracy_delta_ci == blue.accuracy_delta_ci
+    assert again.ship and again.ship[0]["label"] == "int8-same" and again.ship[0]["fp32_tie"] is True
+    text = render(again)
+    assert "20 of the 24 test images" in text and "+0.00 [+0.00, +0.00]" in text
+    lo, hi = blue.accuracy_delta_ci
+    assert f"{blue.accuracy_delta:+.2f} [{lo:+.2f}, {hi:+.2f}]" in text
+
+
+def test_eval_samples_is_an_option_of_bench_replicate_and_eval(tmp_path, tiny_data_dir, tiny_checkpoint, capsys):
+    from quantbench.cli import _bench_config, build_parser, main
+    _, subs = build_parser()
+    for cmd, extra in (("bench", ["m.pt"]), ("replicate", [])):
+        args = subs[cmd].parse_args(extra + ["--eval-samples", "20"])
+        args.bench_threads = getattr(args, "bench_threads", "1")
+        assert _bench_config(args).eval_samples == 20
+    with pytest.raises(QuantbenchError, match="--eval-samples"):
+        B.BenchConfig(eval_samples=0)
+    assert main(["eval", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--eval-samples", "20",
+                 "--no-progress"]) == 0
+    assert "on 20 of 24 (a seeded subset) test images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_workers_pair_every_row_on_the_eval_samples(tiny_trained_checkpoint, tiny_data_dir, tmp_path):
+    """Through the measuring subprocesses (replicate: fp32 and static int8 TorchScript files):
+    --eval-samples 20 of the 24 images, every row paired with its fp32 row, all in results.json."""
+    from quantbench.data import DataSource
+    from quantbench.quantize import QuantizeConfig
+    from quantbench.replicate import ReplicateConfig, replicate
+    from quantbench.report import load_results
+    cfg = ReplicateConfig(output=tmp_path / "run", data=DataSource(tiny_data_dir), checkpoint=tiny_trained_checkpoint,
+                          methods=("static",), runtimes=(), quantize=QuantizeConfig(method="static", calib_samples=16),
+                          bench=B.BenchConfig(min_runs=3, timing_s=0.3, processes=1, progress=False, eval_samples=20))
+    replicate(cfg, progress=False)
+    res = load_results(tmp_path / "run")
+    fp32, int8 = res.models
+    assert fp32.accuracy_n == int8.accuracy_n == int8.paired_n == 20
+    lo, hi = int8.accuracy_delta_ci
+    assert lo <= int8.accuracy_delta <= hi and 0 <= int8.agreement <= 100
+    assert res.config["test_images"] == 24 and res.ship
+    assert "20 of the 24 test images" in (tmp_path / "run" / "report.md").read_text()

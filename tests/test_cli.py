@@ -36,7 +36,8 @@ def test_eval_prints_top1(capsys, tiny_trained_checkpoint, tiny_data_dir, tiny_d
     rc, out, err = run_cli(capsys, "eval", tiny_trained_checkpoint, "--data-dir", tiny_data_dir,
                            "--no-progress", "--batch-size", "7")
     assert rc == 0, err
-    m = re.fullmatch(rf"{re.escape(str(tiny_trained_checkpoint))}: top-1 (\d+\.\d\d)%", out.strip())
+    m = re.fullmatch(rf"{re.escape(str(tiny_trained_checkpoint))}: top-1 (\d+\.\d\d)% on all 24 test images",
+                     out.strip())
     assert m, out
     model, _ = models.load_checkpoint(tiny_trained_checkpoint)
     assert float(m.group(1)) == pytest.approx(accuracy(model, tiny_dataset, progress=False), abs=0.005)

@@ -113,3 +113,72 @@ def test_figures_show_labels_as_text(tmp_path):
     res.models[1].label = r"int8 $\frac{bad$ label"
     write_report(res, run_dir=tmp_path)
     assert (tmp_path / "size.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _paired_results(n=2000, lost=3, gained=1, eval_samples=2000, test_images=10000):
+    """fp32 and one int8 row on the same n images: `lost` only fp32 gets right, `gained` only int8."""
+    from quantbench.results import correct_bits
+    fp = [i < int(0.9 * n) for i in range(n)]
+    q = list(fp)
+    for i in range(lost):
+        q[i] = False
+    for i in range(gained):
+        q[n - 1 - i] = True
+    res = _fake_results()
+    for m, c in zip(res.models, (fp, q)):
+        m.accuracy, m.accuracy_n, m.correct = 100.0 * sum(c) / n, n, correct_bits(c)
+    res.models = derive(res.models, predictions={"origin": [0] * n, "ptq-s": [0] * (n - 5) + [1] * 5})
+    res.config.update(eval_samples=eval_samples, test_images=test_images, eval_seed=0, max_drop=0.3)
+    return res
+
+
+def test_the_report_shows_each_delta_with_its_interval_agreement_and_images():
+    res = _paired_results()
+    q = res.models[1]
+    lo, hi = q.accuracy_delta_ci
+    assert lo < q.accuracy_delta < hi and q.accuracy_delta == pytest.approx(-0.1)
+    assert q.agreement == pytest.approx(99.75)
+    text = render(res)
+    assert "top-1 on 2000 of the 10000 test images, a seeded subset (--eval-samples 2000, seed 0)" in text
+    assert "95 % interval" in text
+    head, rows = _cells(detail_table(res))
+    row = dict(zip(head, rows[1]))
+    assert row["Acc. delta [95 % interval]"] == f"-0.10 [{lo:+.2f}, {hi:+.2f}]"
+    assert row["Agreement"] == "99.75%" and row["Images"] == "2000"
+    [line] = recommendation_lines(res)
+    assert f"-0.10 [{lo:+.2f}, {hi:+.2f}] point vs fp32 on 2000 images" in line
+    assert "not distinguishable from fp32" in line
+    from quantbench.report import to_csv
+    csv_head, _, csv_row = (x.split(",") for x in to_csv(res).splitlines())
+    row = dict(zip(csv_head, csv_row))
+    assert float(row["accuracy_delta_low"]) == lo and row["accuracy_n"] == "2000" and row["paired_n"] == "2000"
+
+
+def test_a_real_drop_is_not_called_a_tie_and_all_images_are_said():
+    res = _paired_results(lost=60, gained=0, eval_samples=None, test_images=2000)
+    text = render(res)
+    assert "top-1 on all 2000 test images" in text
+    assert "ship the fp32 model" in text  # -3 points: nothing qualifies
+    res = _paired_results(lost=2, gained=0, eval_samples=None, test_images=2000)  # 2 lost: chance, 1 time in 4
+    [line] = recommendation_lines(res)
+    assert "not distinguishable from fp32" in line
+
+
+def test_an_old_results_file_renders_without_intervals():
+    res = _fake_results()  # no per-image results, as before this version
+    text = render(res)
+    _, rows = _cells(detail_table(res))
+    assert rows[1][2] == "-0.50" and "not distinguishable" not in text
+
+
+def test_more_images_are_suggested_only_for_a_subset_and_the_fp32_row_is_not_paired_with_itself():
+    for total, suggested in ((1000, False), (10000, True)):
+        res = _paired_results(n=1000, lost=2, gained=0, eval_samples=1000 if total > 1000 else None,
+                              test_images=total)
+        [line] = recommendation_lines(res)
+        assert "whether it is within --max-drop is not settled" in line
+        assert ("more with --eval-samples" in line) is suggested
+    fp32 = res.models[0]
+    assert fp32.accuracy_delta_ci is None and fp32.agreement is None
+    _, rows = _cells(detail_table(res))
+    assert rows[0][2] == "+0.00" and rows[0][-2:] == ["", "1000"]

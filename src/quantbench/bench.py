@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import DataSource
+from .evaluate import EVAL_SEED
 from .errors import QuantbenchError
 from .record import read_record, sidecar_path
-from .results import BenchResults, LatencyStats, ModelResult, OpCounts, derive
+from .results import BenchResults, LatencyStats, ModelResult, OpCounts, correct_bits, derive, recommend
 from .worker import Worker
 
 
@@ -46,6 +47,9 @@ class BenchConfig:
     # "ship this": the fastest int8 file whose accuracy is at most this many points below fp32
     max_drop: float = field(default=0.3, metadata={
         "help": "accuracy points below fp32 that 'ship this' accepts"})
+    eval_samples: int | None = field(default=None, metadata={
+        "help": "measure accuracy on this many test images, a seeded subset, the same for every model "
+                "(default: all)"})
     warmup: int = 20
     round_s: float = 0.5                  # about this long per model per round
     rel_tol: float = 0.01                 # "stable": the median moved by < 1 % in the last round
@@ -64,6 +68,9 @@ class BenchConfig:
                              ("processes", "--processes"), ("accuracy_batch_size", "the accuracy batch size")):
             if getattr(self, name) < 1:
                 raise QuantbenchError(f"{option} must be at least 1, not {getattr(self, name)}")
+        n = self.eval_samples
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise QuantbenchError(f"--eval-samples must be a whole number of at least 1, not {self.eval_samples!r}")
         if not self.timing_s > 0:
             raise QuantbenchError(f"--timing-seconds must be above 0 seconds, not {self.timing_s}")
         if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
@@ -189,6 +196,7 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
     timeouts = worker_timeouts(cfg)
     per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), timing_s=cfg.timing_s / processes)
     timed: dict[str, dict[int, list[LatencyStats]]] = {r.label: {b: [] for b in cfg.batch_sizes} for r in rows}
+    evaluated: dict[str, dict] = {}  # label -> the worker's accuracy answer (each model's one pass)
     for k in range(processes):
         workers: dict[str, Worker] = {}
         try:
@@ -212,8 +220,10 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                 for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
                     a = workers[row.label].ask(timeout_s=timeouts["accuracy"], op="accuracy", data_dir=_str(cfg.data.dir),
                                                data_root=_str(cfg.data.root), image_size=cfg.data.image_size,
-                                               batch_size=cfg.accuracy_batch_size)
+                                               batch_size=cfg.accuracy_batch_size, samples=cfg.eval_samples,
+                                               seed=EVAL_SEED)
                     row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
+                    evaluated[row.label] = a
             for row in rows:
                 mem = workers[row.label].close()
                 if k == 0:
@@ -224,10 +234,49 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                 w.kill()
     for row in rows:
         row.latency = {b: combine_processes(timed[row.label][b], b) for b in cfg.batch_sizes}
+    predictions, test_images = pair_rows(rows, evaluated)
     config = asdict(cfg)
     config["pinned_cpus"] = sorted(cpus) if cpus else None
-    return BenchResults(machine=machine_record(cfg.threads), config=config,
-                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows))
+    config["eval_seed"] = EVAL_SEED
+    config["test_images"] = test_images
+    results = BenchResults(machine=machine_record(cfg.threads), config=config,
+                           created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows, predictions))
+    results.ship = ship_record(results)
+    return results
+
+
+def pair_rows(rows: list[ModelResult], evaluated: dict[str, dict]) -> tuple[dict[str, list[int]], int | None]:
+    """Each row's per-image right/wrong (row.correct) from its accuracy pass, where every row was
+    measured on the same images, so that derive() and "ship this" can pair them; returns (label ->
+    each image's top-1 class, for the agreement with fp32; the test split's size). A row measured
+    on other images (it cannot happen within one bench run; a worker of an older protocol sends
+    none) is left unpaired rather than paired wrongly."""
+    predictions: dict[str, list[int]] = {}
+    images, total = None, None
+    for row in rows:
+        a = evaluated.get(row.label) or {}
+        total = a.get("total", total)
+        preds, labels, idx = a.get("predictions"), a.get("labels"), a.get("indices")
+        if preds is None or labels is None or idx is None:
+            continue
+        if not len(preds) == len(labels) == len(idx) == row.accuracy_n:
+            continue
+        if images is None:
+            images = idx
+        if idx != images:
+            continue
+        row.correct = correct_bits([p == y for p, y in zip(preds, labels)])
+        predictions[row.label] = preds
+    return predictions, total
+
+
+def ship_record(results: BenchResults) -> list[dict]:
+    """"Ship this" at each batch size as judged now, for results.json (report.py words it)."""
+    out = []
+    for b in results.batch_sizes():
+        rec = recommend(results, batch=b)
+        out.append(asdict(rec) if rec is not None else {"batch": b, "label": None})
+    return out
 
 
 def worker_timeouts(cfg: BenchConfig) -> dict[str, float]:

@@ -240,7 +240,8 @@ def _bench_config(args):
     from .bench import BenchConfig
     return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=value(args, "batch_sizes"), min_runs=args.min_runs,
                        timing_s=args.timing_s, processes=args.processes, max_drop=args.max_drop,
-                       accuracy=not getattr(args, "no_accuracy", False), progress=not args.no_progress,
+                       accuracy=not getattr(args, "no_accuracy", False), eval_samples=args.eval_samples,
+                       progress=not args.no_progress,
                        data=_data_source(args))
 
 
@@ -298,20 +299,25 @@ def train_cmd(args) -> int:
 
 # ------------------------------------------------------------------ eval
 def eval_args(p: argparse.ArgumentParser) -> None:
+    from .bench import BenchConfig
     p.add_argument("file", type=Path, help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, .onnx, .xml)")
     _data_args(p)
+    config_args(p, BenchConfig, ("eval_samples",))
     _model_args(p, arch=False)
     p.add_argument("--batch-size", type=int, default=500)
     _common(p)
 
 
 def eval_cmd(args) -> int:
-    from .evaluate import evaluate_file
+    from .bench import BenchConfig
+    from .evaluate import evaluate
     if args.batch_size < 1:
         raise QuantbenchError("--batch-size must be at least 1")
-    acc = evaluate_file(args.file, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress,
-                        model_spec=args.model)
-    print(f"{args.file}: top-1 {acc:.2f}%")
+    BenchConfig(eval_samples=args.eval_samples)  # checks it, before any data is read
+    ev = evaluate(args.file, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress,
+                  model_spec=args.model, samples=args.eval_samples)
+    of = f"all {ev.n}" if ev.n == ev.total else f"{ev.n} of {ev.total} (a seeded subset)"
+    print(f"{args.file}: top-1 {ev.accuracy:.2f}% on {of} test images")
     return 0
 
 
@@ -355,6 +361,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--markdown", type=Path, help="write the table here")
     p.add_argument("--no-accuracy", action="store_true", help="latency, size and memory only (no test data needed)")
+    from .bench import BenchConfig
+    config_args(p.add_argument_group("accuracy"), BenchConfig, ("eval_samples",))
     _timing_args(p)
     _common(p)
 
@@ -402,6 +410,8 @@ def replicate_args(p: argparse.ArgumentParser) -> None:
                         "calibration), labelled e.g. openvino-int8-plain: the baseline to measure quantbench against")
     _quantize_args(p)
     p.add_argument("--output", type=Path, default=Path("runs/replicate"), help="run directory")
+    from .bench import BenchConfig
+    config_args(p.add_argument_group("accuracy"), BenchConfig, ("eval_samples",))
     _timing_args(p)
     p.add_argument("--resume", action="store_true", help="reuse models already made in OUTPUT")
     _common(p)

@@ -1,7 +1,8 @@
 """Report figures (matplotlib, PNG, written atomically):
 
 - accuracy_vs_latency.png: each model as a point, the Pareto front (no other model is both
-  faster and more accurate) as a line: the configurations worth shipping;
+  faster and more accurate) as a line: the configurations worth shipping; error bars: the 95 %
+  interval of a row's accuracy delta against its fp32 row, paired on the same images;
 - size.png: deployment file size per model;
 - latency_distribution.png: per-call latency (box = quartiles, whiskers = p10/p90): the
   spread a median hides.
@@ -75,8 +76,14 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
 
         from matplotlib.ticker import FormatStrFormatter
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for lat, acc, _ in pts:
+        by_label = {r.label: r for r in rows}
+        for lat, acc, name in pts:
             ax.scatter(lat, acc, s=30)
+            r = by_label[name]
+            if r.accuracy_delta_ci and r.accuracy_delta is not None:  # the paired 95 % interval of its delta
+                lo, hi = r.accuracy_delta_ci
+                ax.errorbar(lat, acc, yerr=[[max(0.0, r.accuracy_delta - lo)], [max(0.0, hi - r.accuracy_delta)]],
+                            fmt="none", ecolor="grey", elinewidth=1, capsize=2)
         ax.set_xscale("log")
         fig.canvas.draw()  # fixes the limits, so positions can be turned into points
         lo, hi = (math.log(v) for v in ax.get_xlim())
@@ -91,7 +98,8 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
             axis(FormatStrFormatter("%g"))
         ax.set_xlabel("latency, batch 1 (ms, median, log scale)")
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title("Accuracy vs latency")
+        bars = any(by_label[name].accuracy_delta_ci for _, _, name in pts)
+        ax.set_title("Accuracy vs latency" + (" (bars: 95 % interval of the delta vs fp32, paired)" if bars else ""))
         ax.legend(loc="lower right")
         ax.grid(True, alpha=0.3)
         _save(fig, out_dir / "accuracy_vs_latency.png")

@@ -74,9 +74,9 @@ def markdown_table(results: BenchResults, seed_format: bool = False) -> str:
 
 
 def detail_table(results: BenchResults) -> str:
-    lines = ["| Model | Runtime | Acc. delta | p50 | p90 | p99 | IQR/p50 | Process spread | vs fastest fp32 | "
-             "Weights | Model RSS | Load (compile) | int8 / float ops |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| Model | Runtime | Acc. delta [95 % interval] | p50 | p90 | p99 | IQR/p50 | Process spread | "
+             "vs fastest fp32 | Weights | Model RSS | Load (compile) | int8 / float ops | Agreement | Images |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results.models:
         lat, ops = r.latency.get(1), r.ops
         op_cell = (f"{ops.int8_conv}+{ops.int8_linear} / {ops.float_conv}+{ops.float_linear}") if ops else "n/a"
@@ -86,13 +86,43 @@ def detail_table(results: BenchResults) -> str:
         # not to the pooled median that bench's iqr_rel divides by
         iqr = (lat.p75_ms - lat.p25_ms) / lat.median_ms if lat and lat.median_ms else None
         lines.append(
-            f"| {md(r.label)} | {runtime} | {_fmt(r.accuracy_delta, '+.2f', '', '')} | "
+            f"| {md(r.label)} | {runtime} | {delta_cell(r.accuracy_delta, r.accuracy_delta_ci)} | "
             f"{_fmt(lat and lat.median_ms, '.3f')} | {_fmt(lat and lat.p90_ms, '.3f')} | "
             f"{_fmt(lat and lat.p99_ms, '.3f')} | {_fmt(iqr, '.1%')} | "
             f"{_fmt(lat and lat.process_spread, '.1%')} | {_fmt(r.speedup_vs_fastest_fp32, '.2f', 'x')} | "
             f"{_fmt(wb and wb / MiB, '.1f', ' MiB')} | {_fmt(r.model_rss_mb, '.0f', ' MB')} | "
-            f"{_fmt(r.load_s, '.1f', ' s')} | {op_cell} |")
+            f"{_fmt(r.load_s, '.1f', ' s')} | {op_cell} | {_fmt(r.agreement, '.2f', '%', '')} | "
+            f"{_fmt(r.paired_n or r.accuracy_n, 'd', '', '')} |")
     return "\n".join(lines)
+
+
+def delta_cell(delta: float | None, ci) -> str:
+    """An accuracy delta in points with its 95 % interval: "-0.12 [-0.40, +0.15]"."""
+    if delta is None:
+        return ""
+    return f"{delta:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+def accuracy_basis(results: BenchResults) -> str:
+    """What the accuracy figures rest on: how many test images (all, or --eval-samples' seeded
+    subset), and how deltas are compared."""
+    cfg = results.config or {}
+    ns = sorted({r.accuracy_n for r in results.models if r.accuracy is not None and r.accuracy_n})
+    total, samples = cfg.get("test_images"), cfg.get("eval_samples")
+    if not ns:
+        return "Accuracy: top-1 on the test split."
+    if len(ns) > 1:
+        text = "Accuracy: top-1 on the test images in the Images column of the details."
+    elif total and ns[0] < total:
+        text = (f"Accuracy: top-1 on {ns[0]} of the {total} test images, a seeded subset (--eval-samples "
+                f"{md(samples)}, seed {md(cfg.get('eval_seed', 0))}), the same images for every model.")
+    else:
+        text = f"Accuracy: top-1 on all {ns[0]} test images."
+    if any(r.accuracy_delta_ci for r in results.models):
+        text += (" Accuracy deltas are paired, image by image, on those images: each with its 95 % interval (the "
+                 "paired bootstrap over the images united with the exact McNemar-style interval: docs/measuring.md) "
+                 "and the agreement of its top-1 classes with the fp32 row's.")
+    return text
 
 
 def throughput_table(results: BenchResults) -> str:
@@ -160,9 +190,44 @@ def recommendation_lines(results: BenchResults, max_drop: float | None = None) -
         except (QuantbenchError, AttributeError, ImportError):  # a runtime not installed here
             hint = None
         lines.append(f"- batch {b}: **{md(rec.label)}** ({md(rec.runtime)}, {code(Path(rec.file).name)}): "
-                     f"{rec.median_ms:.2f} ms per batch{vs}; accuracy {rec.accuracy_delta:+.2f} point vs fp32"
+                     f"{rec.median_ms:.2f} ms per batch{vs}; "
+                     f"accuracy {delta_cell(rec.accuracy_delta, rec.accuracy_delta_ci)} point vs fp32" + (f" on {rec.accuracy_n} images" if rec.accuracy_n else "")
+                     + "".join(f"; {t}" for t in ties(rec, subset=_subset(results, rec.accuracy_n)))
                      + (f". Load it with {code(hint)}" if hint else "") + ".")
     return lines
+
+
+def _subset(results: BenchResults, n: int | None) -> bool:
+    total = (results.config or {}).get("test_images")
+    return isinstance(total, int) and n is not None and n < total
+
+
+def ties(rec, subset: bool = False) -> list[str]:
+    """What the intervals say of "ship this": differences inside their interval, said in words
+    (`subset`: the images are --eval-samples' subset, and more of them would narrow it)."""
+    out = []
+    if rec.fp32_tie:
+        out.append("not distinguishable from fp32 on these images (its interval includes 0: a tie)")
+    if rec.threshold_inside:
+        out.append(f"its interval reaches below -{rec.max_drop}: whether it is within --max-drop is not settled "
+                   "by these images" + (" (more with --eval-samples)" if subset else ""))
+    if rec.runner_up is not None and rec.runner_up_diff is not None:
+        slower = f", {rec.runner_up_ms / rec.median_ms:.2f}x its time" if rec.runner_up_ms and rec.median_ms else ""
+        diff = delta_cell(rec.runner_up_diff, rec.runner_up_ci)
+        if rec.runner_up_tie:
+            out.append(f"the next candidate, {md(rec.runner_up)}{slower}, is {diff} point against it: a tie in "
+                       "accuracy, not distinguishable on these images")
+        elif rec.runner_up_ci:
+            better = "more" if rec.runner_up_diff > 0 else "less"
+            out.append(f"the next candidate, {md(rec.runner_up)}{slower}, is {better} accurate, {diff} point against "
+                       "it, beyond the interval")
+        else:
+            out.append(f"the next candidate, {md(rec.runner_up)}{slower}, is {diff} point against it (not paired: "
+                       "no per-image results)")
+    if rec.borderline:
+        out.append("faster, left out by their measured delta though their interval reaches -"
+                   f"{rec.max_drop} (not distinguishable from qualifying): " + ", ".join(md(x) for x in rec.borderline))
+    return out
 
 
 def model_warnings(results: BenchResults) -> list[str]:
@@ -213,7 +278,7 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
              f"{md(cfg.get('threads'))} thread(s), rounds interleaved across models, in "
              f"{md(cfg.get('processes', 1))} fresh process(es) per model; the median of the per-process medians "
              "(process spread: (max - min) / median of those). "
-             "Accuracy: top-1 on the whole test split. File size: the deployment file and its companions. "
+             + accuracy_basis(results) + " File size: the deployment file and its companions. "
              "Speed-up, size ratio and accuracy delta: against the fp32 row of the same runtime"
              + (f"; \"vs fastest fp32\": against {md(fastest)}" if fastest else "") + ".", ""]
     warned = model_warnings(results)
@@ -227,7 +292,8 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     parts += ["## Ship this", "",
              f"The fastest int8 model whose top-1 is within {max_drop_of(results)} point of the fp32 model's "
              "(--max-drop), measured in this run "
-             "(ties within the process spread are ties):", ""] + recommendation_lines(results) + [
+             "(ties within the process spread are ties; accuracy differences inside their 95 % interval are ties, "
+             "and said so):", ""] + recommendation_lines(results) + [
              "", "## Details", "", detail_table(results), ""]
     tp = throughput_table(results)
     if tp:
@@ -247,7 +313,8 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
 
 LATENCY_COLUMNS = ("median_ms", "p90_ms", "p99_ms", "iqr_rel", "process_spread", "other_cores",
                    "throughput_ips", "n")
-ROW_COLUMNS = ("label", "runtime", "flow", "method", "dtype", "accuracy", "accuracy_delta", "file_bytes",
+ROW_COLUMNS = ("label", "runtime", "flow", "method", "dtype", "accuracy", "accuracy_n", "accuracy_delta",
+               "accuracy_delta_low", "accuracy_delta_high", "agreement", "paired_n", "file_bytes",
                "weight_bytes", "baseline", "speedup", "speedup_vs_fastest_fp32", "size_ratio", "peak_rss_mb",
                "model_rss_mb", "load_s", "status")
 
@@ -258,8 +325,9 @@ def to_csv(results: BenchResults) -> str:
     batches = results.batch_sizes()
     w.writerow(list(ROW_COLUMNS) + [f"b{b}_{k}" for b in batches for k in LATENCY_COLUMNS])
     for r in results.models:
-        row = [getattr(r, c) for c in ROW_COLUMNS]
-        row[-1] = r.status.value
+        ci = r.accuracy_delta_ci or [None, None]
+        cells = {"status": r.status.value, "accuracy_delta_low": ci[0], "accuracy_delta_high": ci[1]}
+        row = [cells[c] if c in cells else getattr(r, c) for c in ROW_COLUMNS]
         w.writerow(row + [getattr(r.latency[b], k) if b in r.latency else None
                           for b in batches for k in LATENCY_COLUMNS])
     return buf.getvalue()

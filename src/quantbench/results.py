@@ -97,7 +97,10 @@ class ModelResult:
     input_shape: list[int] | None = None
     sidecar: dict = field(default_factory=dict)
     accuracy: float | None = None
-    accuracy_n: int | None = None
+    accuracy_n: int | None = None    # how many test images the accuracy rests on (--eval-samples)
+    # which of those images the model got right (top-1), in test-split order, as correct_bits()
+    # packs them: what pairs two rows' accuracies on the same images (paired_delta)
+    correct: str | None = None
     load_s: float | None = None      # loading, and compiling where the runtime compiles
     ops: OpCounts | None = None
     status: QuantStatus = QuantStatus.UNCHECKED
@@ -109,6 +112,9 @@ class ModelResult:
     speedup: float | None = None
     size_ratio: float | None = None
     accuracy_delta: float | None = None
+    accuracy_delta_ci: list[float] | None = None  # 95 % interval of accuracy_delta, from the paired images
+    agreement: float | None = None   # % of those images whose top-1 class is the baseline's
+    paired_n: int | None = None      # the images accuracy_delta, its interval and agreement rest on
     fastest_fp32: str | None = None
     speedup_vs_fastest_fp32: float | None = None
 
@@ -124,6 +130,9 @@ class BenchResults:
     created: str
     models: list[ModelResult]
     replicate: dict | None = None    # how a replicate run made the models
+    # "ship this" as bench judged it, one per batch size (Recommendation's fields; {"batch": B,
+    # "label": None} where nothing qualified): the pick, its interval, and the ties it has
+    ship: list[dict] | None = None
 
     def by_label(self) -> dict[str, ModelResult]:
         return {m.label: m for m in self.models}
@@ -155,8 +164,14 @@ class BenchResults:
             _check(s, f"replicate.skipped[{j}]", dict)
             for key in ("row", "why"):
                 _check(s.get(key), f"replicate.skipped[{j}].{key}", str)
+        ship = _check(d.get("ship"), "ship", list, optional=True)
+        for j, s in enumerate(ship or []):
+            _check(s, f"ship[{j}]", dict)
+            _check(s.get("batch"), f"ship[{j}].batch", int, minimum=1)
+            _check(s.get("label"), f"ship[{j}].label", str, optional=True)
         return cls(machine=machine, config=_check(d.get("config", {}), "config", dict),
-                   created=_check(d.get("created", ""), "created", str), models=models, replicate=replicate)
+                   created=_check(d.get("created", ""), "created", str), models=models, replicate=replicate,
+                   ship=ship)
 
 
 class ResultsFormatError(ValueError):
@@ -202,7 +217,9 @@ _ROW_FIELDS = {
     "peak_rss_mb": (float, True, 0, None), "model_rss_mb": (float, True, 0, None), "baseline": (str, True, None, None),
     "speedup": (float, True, 0, None), "size_ratio": (float, True, 0, None), "accuracy_delta": (float, True, -100, 100),
     "fastest_fp32": (str, True, None, None), "speedup_vs_fastest_fp32": (float, True, 0, None),
-    "input_shape": (list, True, None, None),
+    "input_shape": (list, True, None, None), "correct": (str, True, None, None),
+    "accuracy_delta_ci": (list, True, None, None), "agreement": (float, True, 0, 100),
+    "paired_n": (int, True, 0, None),
 }
 _LATENCY_INTS = ("n", "rounds", "processes")
 _LATENCY_LISTS = ("process_medians_ms", "samples_ms")
@@ -215,6 +232,17 @@ def _model_result(row, where: str) -> ModelResult:
         _check(row.get(name), f"{where}.{name}", kind, optional, lo, hi)
     for j, d in enumerate(row.get("input_shape") or []):
         _check(d, f"{where}.input_shape[{j}]", int, minimum=1)
+    ci = row.get("accuracy_delta_ci")
+    if ci is not None:
+        if len(ci) != 2:
+            raise ResultsFormatError(f"{where}.accuracy_delta_ci must be [low, high], not {_shown(ci)}")
+        for j, x in enumerate(ci):
+            _check(x, f"{where}.accuracy_delta_ci[{j}]", float, minimum=-100, maximum=100)
+    if row.get("correct") is not None:
+        try:
+            decode_correct(row["correct"], row.get("accuracy_n"))
+        except ValueError as e:
+            raise ResultsFormatError(f"{where}.correct: {e}") from e
     sidecar = row.get("sidecar") or {}
     for j, w in enumerate(_check(sidecar.get("warnings"), f"{where}.sidecar.warnings", list, optional=True) or []):
         _check(w, f"{where}.sidecar.warnings[{j}]", str)
@@ -260,13 +288,151 @@ _ROW_KNOWN = {f.name for f in dataclasses.fields(ModelResult)}
 _LATENCY_FIELDS = {f.name for f in dataclasses.fields(LatencyStats)}
 
 
-def derive(rows: list[ModelResult]) -> list[ModelResult]:
+# ---------------------------------------------------------------- paired accuracy
+# Two models evaluated on the same images differ only where one is right and the other wrong
+# (the discordant pairs); images both get right, or both wrong, say nothing about the difference.
+# The 95 % interval of a difference of accuracies is the union of two intervals, each good where
+# the other fails:
+# - a paired bootstrap over the images (resample the n images with replacement, 10,000 times,
+#   fixed seed; the 2.5th and 97.5th percentiles). The difference depends only on how many
+#   resampled images fall in each cell (A right B wrong, A wrong B right, the rest), so one
+#   resample is one multinomial draw of those counts: exactly the image-level bootstrap, in
+#   microseconds for any n. It is unconditional, so right when the models really differ; but
+#   with few discordant pairs, all one way, it cannot include 0 (4 images lost, none gained:
+#   [-0.8, -0.1] points on 1,000 images) although such a split happens by chance 1 time in 8;
+# - the exact McNemar-style interval: Clopper-Pearson on the share of the discordant pairs that
+#   favour A, times the discordant rate. Exact for few pairs (4 vs 0: [-0.40, +0.08]), but it
+#   takes the number of discordant pairs as fixed, and so is too narrow when the accuracies
+#   differ by much of the discordant rate (0.87x the width for 3 % vs 1 %).
+# The union covers both cases; it needs only the three counts (which results.json keeps, so the
+# report can pair any two rows again), is deterministic, and is [0, 0] for identical predictions.
+BOOTSTRAP_DRAWS = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def paired_interval(n: int, a_only: int, b_only: int, draws: int = BOOTSTRAP_DRAWS,
+                    seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95 % interval, in accuracy points, of accuracy(A) - accuracy(B) on n images of which
+    `a_only` only A and `b_only` only B got right (see above: bootstrap and exact, united)."""
+    lo_b, hi_b = bootstrap_interval(n, a_only, b_only, draws, seed)
+    lo_e, hi_e = mcnemar_interval(n, a_only, b_only)
+    return min(lo_b, lo_e), max(hi_b, hi_e)
+
+
+def bootstrap_interval(n: int, a_only: int, b_only: int, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """The paired bootstrap over images' percentile interval (points), as multinomial draws."""
+    import numpy as np
+    if n <= 0:
+        raise ValueError("no paired images")
+    if a_only + b_only == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    p = [a_only / n, b_only / n, max(0.0, 1.0 - (a_only + b_only) / n)]
+    counts = rng.multinomial(n, p, size=draws)
+    diff = (counts[:, 0] - counts[:, 1]) * (100.0 / n)
+    tail = (1 - CONFIDENCE) / 2
+    lo, hi = np.quantile(diff, [tail, 1 - tail])
+    return round(float(lo), 4), round(float(hi), 4)
+
+
+def mcnemar_interval(n: int, a_only: int, b_only: int) -> tuple[float, float]:
+    """The exact interval (points) given the discordant pairs: Clopper-Pearson bounds of the
+    share of them that favour A, mapped to a difference of accuracies."""
+    import numpy as np
+    if n <= 0:
+        raise ValueError("no paired images")
+    d = a_only + b_only
+    if d == 0:
+        return 0.0, 0.0
+    k = np.arange(d + 1)
+    # log of the binomial coefficients C(d, k), by their running ratio (no overflow for any d)
+    log_c = np.concatenate([[0.0], np.cumsum(np.log(d - k[1:] + 1.0) - np.log(k[1:]))])
+
+    def cdf(x: int, p: float) -> float:  # P(X <= x), X ~ Binomial(d, p)
+        if x < 0:
+            return 0.0
+        if x >= d:
+            return 1.0
+        logs = log_c[:x + 1] + k[:x + 1] * np.log(p) + (d - k[:x + 1]) * np.log1p(-p)
+        top = logs.max()
+        return float(min(1.0, np.exp(top) * np.exp(logs - top).sum()))
+
+    def solve(f) -> float:  # the p in (0, 1) where the decreasing f crosses 0
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    tail = (1 - CONFIDENCE) / 2
+    p_lo = 0.0 if a_only == 0 else solve(lambda p: tail - (1 - cdf(a_only - 1, p)))
+    p_hi = 1.0 if a_only == d else solve(lambda p: cdf(a_only, p) - tail)
+    scale = 100.0 * d / n
+    return round(scale * (2 * p_lo - 1), 4), round(scale * (2 * p_hi - 1), 4)
+
+
+def correct_bits(correct) -> str:
+    """Per-image right/wrong (a sequence of bools, in test-split order) packed 8 to a byte, base64."""
+    import base64
+
+    import numpy as np
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
+
+
+def decode_correct(bits: str, n: int | None):
+    """correct_bits() read back: a bool array of n images (ValueError if it does not hold n)."""
+    import base64
+    import binascii
+
+    import numpy as np
+    if n is None:
+        raise ValueError("per-image results without accuracy_n")
+    try:
+        raw = base64.b64decode(bits.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ValueError("not base64") from e
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"holds {len(raw) * 8} images' results, accuracy_n is {n}")
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n].astype(bool)
+
+
+@dataclass
+class PairedDelta:
+    """accuracy(A) - accuracy(B) on the images both were measured on, with its 95 % interval."""
+    delta: float
+    low: float
+    high: float
+    n: int
+
+    def includes(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+
+def paired_delta(a: ModelResult, b: ModelResult) -> PairedDelta | None:
+    """A's accuracy minus B's, paired image by image; None unless both rows carry per-image
+    results on the same number of images (the same seeded subset: bench measures every row on
+    the same images)."""
+    if a.correct is None or b.correct is None or a.accuracy_n != b.accuracy_n or not a.accuracy_n:
+        return None
+    ca, cb = decode_correct(a.correct, a.accuracy_n), decode_correct(b.correct, b.accuracy_n)
+    n = a.accuracy_n
+    a_only, b_only = int((ca & ~cb).sum()), int((~ca & cb).sum())
+    lo, hi = paired_interval(n, a_only, b_only)
+    return PairedDelta(delta=100.0 * (a_only - b_only) / n, low=lo, high=hi, n=n)
+
+
+def derive(rows: list[ModelResult], predictions: dict | None = None) -> list[ModelResult]:
     """Ratios against baselines: the fp32 row of the same runtime (left empty when the run has
     none: a ratio against another runtime's fp32 would mix two effects), and the fastest fp32 row
-    of any runtime."""
+    of any runtime. The accuracy delta against that fp32 row is paired on the same images where
+    both rows carry per-image results: its 95 % interval (accuracy_delta_ci) and, with
+    `predictions` (label -> each image's top-1 class, from bench), the agreement of top-1 classes."""
     fp32 = [r for r in rows if r.dtype == "fp32"]
     timed = [r for r in fp32 if r.median_ms()]
     fastest = min(timed, key=lambda r: r.median_ms(), default=None)
+    predictions = predictions or {}
     for r in rows:
         base = next((f for f in fp32 if f.runtime == r.runtime), None)
         r.baseline = base.label if base else None
@@ -279,12 +445,22 @@ def derive(rows: list[ModelResult]) -> list[ModelResult]:
             r.size_ratio = r.file_bytes / base.file_bytes
             if r.accuracy is not None and base.accuracy is not None:
                 r.accuracy_delta = r.accuracy - base.accuracy
+            pair = paired_delta(r, base) if r is not base else None  # the baseline itself: nothing to pair
+            if pair is not None:
+                r.accuracy_delta_ci, r.paired_n = [pair.low, pair.high], pair.n
+                mine, theirs = predictions.get(r.label), predictions.get(base.label)
+                if mine is not None and theirs is not None and len(mine) == len(theirs) == pair.n:
+                    import numpy as np
+                    r.agreement = 100.0 * float(np.mean(np.asarray(mine) == np.asarray(theirs)))
     return rows
 
 
 @dataclass
 class Recommendation:
-    """"Ship this": the fastest int8 row at most `max_drop` accuracy points below fp32, at one batch size."""
+    """"Ship this": the fastest int8 row at most `max_drop` accuracy points below fp32, at one batch
+    size, and how sure the measurement is of that: its delta's 95 % interval, whether the interval
+    includes 0 (not distinguishable from fp32) or -max_drop (whether it is within --max-drop is
+    not settled), and the next candidate (the next fastest row that qualifies) paired against it."""
     label: str
     file: str
     runtime: str
@@ -294,6 +470,18 @@ class Recommendation:
     max_drop: float
     speedup_vs_fastest_fp32: float | None
     fastest_fp32: str | None
+    accuracy_delta_ci: list[float] | None = None
+    accuracy_n: int | None = None  # the images the delta and its interval rest on
+    fp32_tie: bool | None = None   # the interval includes 0: not distinguishable from fp32
+    threshold_inside: bool | None = None  # the interval includes -max_drop
+    runner_up: str | None = None   # the next candidate
+    runner_up_ms: float | None = None
+    runner_up_diff: float | None = None  # its accuracy minus the pick's, points, paired
+    runner_up_ci: list[float] | None = None
+    runner_up_tie: bool | None = None  # the interval of runner_up_diff includes 0
+    # faster int8 rows left out by their delta alone, whose interval reaches -max_drop: not
+    # distinguishable from qualifying on these images
+    borderline: list[str] = field(default_factory=list)
 
 
 def max_drop_of(results: BenchResults) -> float:
@@ -302,29 +490,59 @@ def max_drop_of(results: BenchResults) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.3
 
 
+def _vs_fp32(m: ModelResult, reference: ModelResult | None) -> tuple[float | None, PairedDelta | None]:
+    """The row's delta against fp32 for "ship this": its own runtime's fp32 row (derive's
+    accuracy_delta), else the reference fp32 row (the most accurate), paired where it can be."""
+    if m.accuracy_delta is not None:
+        ci = m.accuracy_delta_ci
+        pair = PairedDelta(m.accuracy_delta, ci[0], ci[1], m.paired_n or m.accuracy_n or 0) if ci else None
+        return m.accuracy_delta, pair
+    if reference is None:
+        return None, None
+    pair = paired_delta(m, reference)
+    return (pair.delta if pair else m.accuracy - reference.accuracy), pair
+
+
 def recommend(results: BenchResults, max_drop: float | None = None, batch: int = 1) -> Recommendation | None:
     """The fastest int8 model at `batch` whose top-1 is at most `max_drop` points (default: the
     run's --max-drop, 0.3 for runs made before it existed) below the fp32
     model's (its own runtime's fp32 row, else the most accurate fp32 row); None when no int8
-    row qualifies (or nothing was measured at that batch size)."""
+    row qualifies (or nothing was measured at that batch size). A row qualifies by its measured
+    delta; the intervals say how far the measurement settles it (see Recommendation)."""
     if max_drop is None:
         max_drop = max_drop_of(results)
     fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
-    best_fp32_acc = max((m.accuracy for m in fp32), default=None)
+    reference = max(fp32, key=lambda m: m.accuracy, default=None)
     timed_fp32 = [m for m in results.models if m.dtype == "fp32" and m.median_ms(batch)]
     fastest = min(timed_fp32, key=lambda m: m.median_ms(batch), default=None)
-    picks = []
+    picks, left_out = [], []
     for m in results.models:
         if m.dtype != "int8" or m.status is QuantStatus.NOT_QUANTIZED or m.accuracy is None or not m.median_ms(batch):
             continue
-        delta = m.accuracy_delta if m.accuracy_delta is not None else (
-            m.accuracy - best_fp32_acc if best_fp32_acc is not None else None)
+        delta, pair = _vs_fp32(m, reference)
         if delta is not None and delta >= -max_drop:
-            picks.append((m.median_ms(batch), m, delta))
+            picks.append((m.median_ms(batch), m, delta, pair))
+        elif pair is not None and pair.high >= -max_drop:
+            left_out.append((m.median_ms(batch), m))
     if not picks:
         return None
-    ms, m, delta = min(picks, key=lambda p: p[0])
-    return Recommendation(label=m.label, file=m.file, runtime=m.runtime, batch=batch, median_ms=ms,
-                          accuracy_delta=delta, max_drop=max_drop,
-                          speedup_vs_fastest_fp32=fastest.median_ms(batch) / ms if fastest else None,
-                          fastest_fp32=fastest.label if fastest else None)
+    picks.sort(key=lambda p: p[0])
+    ms, m, delta, pair = picks[0]
+    rec = Recommendation(label=m.label, file=m.file, runtime=m.runtime, batch=batch, median_ms=ms,
+                         accuracy_delta=delta, max_drop=max_drop,
+                         speedup_vs_fastest_fp32=fastest.median_ms(batch) / ms if fastest else None,
+                         fastest_fp32=fastest.label if fastest else None,
+                         accuracy_n=pair.n if pair else m.accuracy_n,
+                         borderline=[x.label for t, x in sorted(left_out, key=lambda p: p[0]) if t < ms])
+    if pair is not None:
+        rec.accuracy_delta_ci = [pair.low, pair.high]
+        rec.fp32_tie, rec.threshold_inside = pair.includes(0.0), pair.includes(-max_drop)
+    if len(picks) > 1:
+        r_ms, r = picks[1][0], picks[1][1]
+        rec.runner_up, rec.runner_up_ms = r.label, r_ms
+        vs = paired_delta(r, m)
+        if vs is not None:
+            rec.runner_up_diff, rec.runner_up_ci, rec.runner_up_tie = vs.delta, [vs.low, vs.high], vs.includes(0.0)
+        elif r.accuracy is not None:
+            rec.runner_up_diff = r.accuracy - m.accuracy
+    return rec

@@ -6,8 +6,12 @@ object per line on stdin/stdout:
 
     (on start)                  -> {"ready": true, "load_s": ..., "base_rss_mb": ..., "load_rss_mb": ...}
     {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K, "cpu_s": ...}
-    {"op": "accuracy", "data_dir": ..., "data_root": ..., "image_size": ..., "batch_size": ...}
-                                -> {"accuracy": %, "n": images} (normalized as the sidecar says)
+    {"op": "accuracy", "data_dir": ..., "data_root": ..., "image_size": ..., "batch_size": ...,
+     "samples": N or null, "seed": S}
+                                -> {"accuracy": %, "n": images, "total": test images, "indices": [i] * n,
+                                    "predictions": [top-1 class] * n, "labels": [label] * n}
+                                   (normalized as the sidecar says; `samples`: a seeded subset,
+                                   evaluate.eval_subset)
     {"op": "ops"}               -> {"ops": {int8_conv: ..., ...}} (quantized vs float operators)
     {"op": "exit"}              -> {"peak_rss_mb": ..., "base_rss_mb": ...}
     any failure                 -> {"error": "..."}
@@ -245,13 +249,17 @@ def _run(op: str, cmd: dict, model, runtime, path: Path, shape, gen) -> dict:
         return {"times": times, "cpu_s": time.process_time() - cpu}
     if op == "accuracy":
         from .data import DataSource
-        from .evaluate import accuracy
+        from .evaluate import EVAL_SEED, eval_subset, predict
         from .export import read_sidecar
         source = DataSource(cmd.get("data_dir"), cmd.get("data_root", "data"), cmd.get("image_size"))
         data = source.load_for(read_sidecar(path), path.name, train=False, progress=False)
-        with torch.inference_mode():
-            acc = accuracy(model, data, cmd.get("batch_size", 500), progress=False, set_eval=False)
-        return {"accuracy": acc, "n": len(data.test)}
+        idx = eval_subset(len(data.test), cmd.get("samples"), cmd.get("seed", EVAL_SEED))
+        preds, labels = predict(model, data, cmd.get("batch_size", 500), indices=idx, progress=False,
+                                set_eval=False)
+        n = len(labels)
+        return {"accuracy": 100.0 * (preds == labels).sum().item() / max(n, 1), "n": n, "total": len(data.test),
+                "indices": idx if idx is not None else list(range(n)),
+                "predictions": preds.tolist(), "labels": labels.tolist()}
     if op == "ops":
         return {"ops": dataclasses.asdict(runtime.op_counts(path, model))}
     return {"error": f"unknown op {op}"}
