@@ -45,6 +45,7 @@ def test_list_archs_is_torchvision_plus_ours():
     assert archs == sorted(archs) and len(archs) > 70
 
 
+@pytest.mark.slow
 def test_every_arch_constructs_with_our_class_count():
     # regnet computes its widths with tensor ops, which the meta device cannot read back:
     # its two smallest members are built for real below.
@@ -409,6 +410,7 @@ def test_pt2e_static_with_modules_called_twice(arch, monkeypatch):
         pt2e.prepare(build(), "default", qat=False, example=x[:1])
 
 
+@pytest.mark.slow
 def test_pt2e_vit_tiny_static_and_dynamic():
     from quantbench.flows import pt2e
     x = _x()

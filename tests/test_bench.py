@@ -79,6 +79,7 @@ def _sleep_model(tmp_path, name, ms, dtype="fp32"):
     return path
 
 
+@pytest.mark.slow
 def test_bench_measures_known_sleep_times_in_subprocesses(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -229,6 +230,7 @@ def test_pareto_front():
     assert [p[2] for p in pareto_front(pts)] == ["fastest", "int8", "fp32"]
 
 
+@pytest.mark.slow
 def test_bench_cli_latency_only(tmp_path, monkeypatch, capsys):
     """`quantbench bench --no-accuracy` needs no test data and still writes every figure."""
     from quantbench.cli import main
@@ -260,6 +262,7 @@ def test_recommendation_is_the_fastest_int8_within_budget():
     assert "## Ship this" in text and "**ptq-s**" in text and 'torch.jit.load("ptq-s.pt")' in text
 
 
+@pytest.mark.slow
 def test_measuring_processes_are_pinned_to_one_core(tmp_path, monkeypatch):
     from quantbench.worker import Worker
     if not hasattr(os, "sched_getaffinity"):

@@ -24,6 +24,7 @@ def _applied(flow: str, qat: bool = False, **options) -> dict:
     return get_flow(flow).applied(get_flow(flow).prepare(model, scheme, qat, torch.randn(1, 3, 32, 32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow", FLOWS)
 def test_each_option_changes_the_recorded_observer(flow):
     base = _applied(flow)
@@ -53,6 +54,7 @@ def test_each_option_changes_the_recorded_observer(flow):
     assert seed["weights"]["range"] == [-64, 63] and wt["range"] == [-128, 127]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow", FLOWS)
 def test_qat_wraps_the_chosen_observers_in_fake_quantize(flow):
     got = _applied(flow, qat=True, observer="minmax", weight_scheme="per-tensor")

@@ -277,6 +277,7 @@ def test_model_spec_checked_before_data(capsys, tiny_checkpoint, tiny_data_dir, 
         assert_one_line_error(rc, err, message)
 
 
+@pytest.mark.slow
 def test_torchvision_spec_trains_offline(capsys, tiny_data_dir, tmp_path, monkeypatch):
     """The first spec a user tries builds an untrained torchvision model, no download (issue 18)."""
     import torchvision.models._api

@@ -390,6 +390,7 @@ _INTERRUPT_SCRIPT = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix" or (os.cpu_count() or 1) < 2, reason="needs POSIX process groups and a pool")
 def test_ctrl_c_during_pool_decode_prints_no_worker_tracebacks(tmp_path):
     root = _folder(tmp_path / "d", ["a", "b"], per_class=(0, 200), size=(4, 4))

@@ -27,6 +27,7 @@ def _q(**kw) -> QuantizeConfig:
     return QuantizeConfig(method="static", calib_samples=32, calib_batch_size=16, **kw)
 
 
+@pytest.mark.slow
 def test_quantize_replicate_and_tune_make_the_same_file(tiny_trained_checkpoint, tiny_dataset, tiny_data_dir,
                                                         tmp_path, monkeypatch):
     from quantbench import replicate as R
@@ -70,6 +71,7 @@ def test_quantize_replicate_and_tune_make_the_same_file(tiny_trained_checkpoint,
     assert recs[0].target["maker"] == "pt2e" and recs[0].calibration["samples"] == 32 and a.label == "ptq-s-pt2e"
 
 
+@pytest.mark.slow
 def test_replicate_reads_its_checkpoint_once(tiny_trained_checkpoint, tiny_data_dir, tmp_path, monkeypatch, capsys):
     from quantbench import models
     from quantbench import replicate as R
@@ -90,6 +92,7 @@ def test_replicate_reads_its_checkpoint_once(tiny_trained_checkpoint, tiny_data_
         "origin.pt", "ptq-d.pt", "ptq-s.pt", "ptq-d-fx.pt", "ptq-s-fx.pt"}
 
 
+@pytest.mark.slow
 def test_pruning_runs_once_per_kind_of_model(tiny_trained_checkpoint, tiny_dataset, tmp_path, monkeypatch):
     calls = []
     real = deploy.prune_for_export

@@ -26,6 +26,7 @@ def _make(path, checkpoint, data, **kw) -> dict:
     return quantize_to_file(checkpoint, path, cfg, data, progress=False)
 
 
+@pytest.mark.slow
 def test_sidecar_records_the_engine(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     assert _make(tmp_path / "f.pt", tiny_trained_checkpoint, tiny_dataset, options={"torchscript": {"engine": "fbgemm"}})["engine"] == "fbgemm"
     assert read_sidecar(tmp_path / "f.pt")["engine"] == "fbgemm"
@@ -76,6 +77,7 @@ def _fresh_loads(*paths) -> tuple[str, list[tuple[str, int]]]:
     return default, [tuple(r) for r in runs]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not {"fbgemm", "onednn"} <= set(torchscript.engines()), reason="needs fbgemm and onednn")
 def test_loader_packs_for_the_sidecars_engine(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     """fbgemm runs no convolution through oneDNN, the onednn engine all of them: so the kernels
@@ -140,6 +142,7 @@ for lines in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not {"fbgemm", "onednn"} <= set(torchscript.engines()), reason="needs fbgemm and onednn")
 def test_the_load_lines_run_the_file_under_its_engine(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     """What "ship this" tells a user to paste, run without quantbench: the process's engine is the

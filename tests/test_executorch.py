@@ -20,6 +20,8 @@ from quantbench.models import load_checkpoint
 from quantbench.runtimes import executorch as et
 from support.exporting import export_paths
 
+pytestmark = pytest.mark.slow  # every test here exports through a runtime or waits on subprocesses
+
 META = {"source_checkpoint": "tiny-resnet10"}
 
 

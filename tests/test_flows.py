@@ -134,6 +134,7 @@ assert not [m for m in sys.modules if m.split(".")[0] in ("quantbench", "torchao
 """
 
 
+@pytest.mark.slow
 def test_files_run_in_a_fresh_process(quantized, tiny_dataset, tmp_path):
     x = _inputs(tiny_dataset)
     torch.save(x, tmp_path / "x.pt")
@@ -149,6 +150,7 @@ def test_files_run_in_a_fresh_process(quantized, tiny_dataset, tmp_path):
                                    msg=lambda m: f"{flow}/{method}: {m}")
 
 
+@pytest.mark.slow
 def test_pt2_loader_compiles_to_int8_kernels(quantized, tiny_dataset, capfd):
     """The .pt2 runtime (torch.compile, inductor, freezing) must lower the QDQ graph to oneDNN
     int8 kernels; without torchao's passes it silently compiles fp32 convolutions instead.
@@ -189,6 +191,7 @@ def test_profile_cli_on_torchscript_int8(quantized, capsys):
     assert not any(r in ("aten::conv2d", "aten::_convolution") for r in rows)
 
 
+@pytest.mark.slow
 def test_pt2e_qat_train_eval_and_frozen_bn():
     """Exported graphs ignore .train()/.eval(): set_mode rewrites batch norm, and a frozen batch
     norm stays frozen (running statistics unchanged) through later set_mode(train) calls."""
@@ -225,6 +228,7 @@ def test_pt2e_qat_train_eval_and_frozen_bn():
     assert fq and all(m.observer_enabled.item() == 0 for m in fq)
 
 
+@pytest.mark.slow
 def test_pt2e_qat_keeps_each_dropout_probability():
     """torchao's train/eval rewrite puts p=0.5 into every dropout; set_mode restores the model's
     own (a ViT's p=0.0 dropouts trained at 0.5 and PT2E QAT lost 14 points). With p=0 and no

@@ -29,6 +29,7 @@ def _top1(path, data) -> tuple[float, torch.Tensor]:
     return (pred == y).float().mean().item(), pred
 
 
+@pytest.mark.slow
 def test_sidecar_records_pruning(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     side = quantize_to_file(tiny_trained_checkpoint, tmp_path / "p.pt", _cfg("eager"), tiny_dataset, progress=False)
     assert side.to_dict() == read_sidecar(tmp_path / "p.pt")
@@ -47,6 +48,7 @@ def test_sidecar_records_pruning(tiny_trained_checkpoint, tiny_dataset, tmp_path
     assert origin["pruning"]["applied"] is True and len(origin["pruning"]["layers"]) == len(PRUNED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow", ["eager", "fx", "pt2e"])
 def test_pruned_and_unpruned_files_predict_alike(flow, tiny_trained_checkpoint, tiny_dataset, tmp_path):
     paths = {}
@@ -82,6 +84,7 @@ def _content_bytes(path) -> int:
                    for i in z.infolist() if not i.filename.endswith(".debug_pkl"))
 
 
+@pytest.mark.slow
 def test_no_prune_leaves_the_file_as_before(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     """prune=False makes the very model quantize made before pruning existed: same size (but
     for the debug records), while the pruned file is smaller."""

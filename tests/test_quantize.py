@@ -58,6 +58,7 @@ def test_seed_qconfig_uses_7_bit_ranges(tiny_trained_checkpoint, tiny_dataset):
     assert rec["qconfig"]["name"] == "seed" and rec["qconfig"]["weights"]["range"] == [-64, 63]
 
 
+@pytest.mark.slow
 def test_torchscript_round_trip_in_a_fresh_process(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     """The deployment file needs plain torch only: load it where quantbench is never imported."""
     out = tmp_path / "ptq-s.pt"

@@ -23,6 +23,7 @@ def test_fit_leaves_cifar10_alone_and_scales_small_data():
     assert PRESETS["seed"].fit(720) == PRESETS["seed"]                    # the original's recipe is exact
 
 
+@pytest.mark.slow
 def test_a_scaled_recipe_learns_an_easy_task_from_a_few_hundred_images(tmp_path):
     from conftest import write_tiny_image_folder
 

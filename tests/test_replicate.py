@@ -8,6 +8,7 @@ import pytest
 from quantbench.cli import main
 
 
+@pytest.mark.slow
 def test_replicate_end_to_end_and_resume(tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["replicate", "--checkpoint", str(tiny_trained_checkpoint), "--data-dir", str(tiny_data_dir),
@@ -66,6 +67,7 @@ def test_runtime_rows_are_reused_on_resume(tiny_checkpoint, tiny_dataset, tmp_pa
     assert len(fakert.calls) == 1  # exported once; both resumed runs reused the files
 
 
+@pytest.mark.slow
 def test_replicate_api_measures_accuracy_on_its_own_data(tiny_trained_checkpoint, tiny_data_dir, tmp_path):
     """One data location: from the Python API, the benchmark's accuracy runs read the data the
     models were made from, not BenchConfig's default (CIFAR-10 under ./data)."""
@@ -106,6 +108,7 @@ def test_replicate_options_fail_before_any_work(bad, match):
         ReplicateConfig(**bad)
 
 
+@pytest.mark.slow
 def test_replicate_skips_rows_a_flow_cannot_make_and_says_so(tiny_data_dir, tmp_path):
     """A model without a quantizable twin: eager static is skipped with its reason (in the
     report too), the rows that can be made are made and measured."""
@@ -127,6 +130,7 @@ def test_replicate_skips_rows_a_flow_cannot_make_and_says_so(tiny_data_dir, tmp_
     assert "Rows not made: ptq-s: mobilenet_v3_small has no quantizable twin" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_resume_with_other_data_is_refused(tiny_trained_checkpoint, tiny_data_dir, tmp_path, capsys):
     """Issue 21 item 9: files calibrated on other images must not be measured as if made from these."""
     from conftest import write_tiny_image_folder

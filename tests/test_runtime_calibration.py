@@ -17,6 +17,8 @@ from quantbench.runtimes import onnxrt
 from quantbench.runtimes import openvino as openvino_rt
 from support.exporting import export_paths
 
+pytestmark = pytest.mark.slow  # every test here exports through a runtime or waits on subprocesses
+
 HAS_ORT = all(importlib.util.find_spec(n) for n in ("onnx", "onnxruntime"))
 HAS_OV = all(importlib.util.find_spec(n) for n in ("openvino", "nncf"))
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed: pip install '.[runtimes]'")

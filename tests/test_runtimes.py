@@ -19,6 +19,8 @@ from quantbench.runtimes import onnxrt
 from quantbench.runtimes import openvino as openvino_rt
 from support.exporting import export_paths
 
+pytestmark = pytest.mark.slow  # every test here exports through a runtime or waits on subprocesses
+
 NUM_CLASSES = 10
 META = {"source_checkpoint": "random-resnet10", "arch": "resnet10", "num_classes": NUM_CLASSES}
 

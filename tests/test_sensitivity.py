@@ -24,6 +24,7 @@ FALLBACK = ("conv1", "layer2.0.conv2", "layer3.0.downsample.0", "fc")  # the ste
 
 
 # ---------------------------------------------------------------- fp32 fallback
+@pytest.mark.slow
 @pytest.mark.parametrize("flow", ["eager", "fx", "pt2e"])
 def test_fallback_keeps_the_named_layers_fp32(flow, tiny_trained_checkpoint, tiny_dataset, tmp_path):
     path = tmp_path / f"mixed{suffix(flow)}"
@@ -47,6 +48,7 @@ def test_fallback_of_dynamic_linear(flow, tiny_trained_checkpoint, tmp_path):
     assert runtimes.for_path(path).op_counts(path).int8_linear == 0
 
 
+@pytest.mark.slow
 def test_pt2e_qat_fallback():
     """torchao's QAT conv+bn rewrite needs every annotated conv to carry specs: the fp32 layers'
     "no config" marks are taken off (flows.pt2e._Quantizer), and the layer gets no fake-quantize.
@@ -134,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@pytest.mark.slow
 def test_broken_layer_ranks_first_fx_cli(broken_checkpoint, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "sens"
     args = _parser().parse_args([str(broken_checkpoint), "--flow", "fx", "--data-dir", str(tiny_data_dir),
@@ -155,6 +158,7 @@ def test_broken_layer_ranks_first_fx_cli(broken_checkpoint, tiny_data_dir, tmp_p
     assert "| 1 | layer1.0.conv1 |" in md and "| 1 | layer1.0.conv1 |" in printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow, tool", [("pt2e", "numeric debugger"), ("eager", "FX flow's graph")])
 def test_broken_layer_ranks_first(flow, tool, broken_checkpoint, tiny_dataset):
     result = sensitivity(broken_checkpoint, tiny_dataset, flow, val_samples=12, calib_samples=16,

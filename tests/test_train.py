@@ -75,6 +75,7 @@ def _recipe():
     return get_recipe("smoke", epochs=3).replace(schedule="onecycle", ema_epoch=2, ema_decay=0.5)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     recipe = _recipe()
     full = train(tiny_dataset, recipe, tmp_path / "full", arch="resnet10", progress=False)
@@ -126,6 +127,7 @@ def test_resume_unreadable_last(tiny_dataset, tmp_path):
         train(tiny_dataset, get_recipe("smoke"), tmp_path, arch="resnet10", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tiny_data_dir, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():

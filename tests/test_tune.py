@@ -17,6 +17,8 @@ from conftest import write_tiny_image_folder
 from quantbench.cli import main
 from quantbench.errors import QuantbenchError
 
+pytestmark = pytest.mark.slow  # every test here exports through a runtime or waits on subprocesses
+
 # Only the FX flow and no other runtime: each trial is a few seconds on the tiny model.
 FAST = ["--flows", "fx", "--runtimes", "none", "--val-samples", "30", "--calib-samples", "32",
         "--timing-seconds", "0.4", "--no-progress"]

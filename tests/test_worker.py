@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here exports through a runtime or waits on subprocesses
+
 TESTS = str(Path(__file__).parent)
 NAME = "hang"
 SUFFIXES = (".hang",)

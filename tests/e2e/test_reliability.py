@@ -24,6 +24,7 @@ def one_line_error(capsys, *argv) -> str:
 
 
 # ---------------------------------------------------------------- wrong results without a word
+@pytest.mark.slow
 def test_02_qat_resume_refuses_another_checkpoint_or_flow(tiny_trained_checkpoint, tiny_dataset, tmp_path):
     from conftest import make_checkpoint
 

@@ -41,6 +41,7 @@ def user_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_user_model_end_to_end(user_data, tmp_path, capsys):
     spec = tmp_path / "mymodel.py"
     spec.write_text(MODEL_FILE)
@@ -132,6 +133,7 @@ def test_a_model_that_does_not_trace_is_one_line(flow, other, user_data, tmp_pat
     assert "\n" not in msg
 
 
+@pytest.mark.slow
 def test_a_failed_capture_prints_one_line_from_the_cli(user_data, tmp_path):
     """torch's own graph dumps and log lines of a failed torch.export stay off the terminal."""
     import subprocess
