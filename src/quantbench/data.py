@@ -58,6 +58,65 @@ POOL_MAX_WORKERS = 8
 NORM_TRAIN, NORM_GIVEN, NORM_CIFAR10 = "train split", "given", "cifar10 default"
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """A pretrained model's own preprocessing (torchvision's ImageClassification transforms,
+    timm's data config): resize the shorter side to `resize` (None: no resize), center-crop
+    `crop` x `crop`, then (pixel/255 - mean) / std. Images of any size and aspect ratio become
+    the model's input this way. Recorded as a dict in checkpoint meta and sidecars."""
+    crop: int
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        from .record import check_preprocess
+        check_preprocess(self.to_dict(), "preprocessing")
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "preprocessing") -> "Preprocess":
+        from .record import check_preprocess
+        d = check_preprocess(d, where)
+        return cls(crop=d["crop"], resize=d.get("resize"), interpolation=d.get("interpolation", "bilinear"),
+                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.crop, self.crop)
+
+    def key(self) -> str:
+        """A short name of what the pixels go through (cache names)."""
+        return f"r{self.resize or 0}c{self.crop}{self.interpolation[:3]}"
+
+    def apply(self, im: Image.Image) -> Image.Image:
+        """Resize the shorter side (keeping the aspect ratio), then center-crop, as torchvision's
+        Resize(int) + CenterCrop do (sizes truncated, crop offsets rounded; an image smaller than
+        the crop is padded with black)."""
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        w, h = im.size
+        if self.resize is not None and min(w, h) != self.resize:
+            if w <= h:
+                nw, nh = self.resize, int(self.resize * h / w)
+            else:
+                nw, nh = int(self.resize * w / h), self.resize
+            im = im.resize((nw, nh), resample)
+        w, h = im.size
+        c = self.crop
+        if w < c or h < c:
+            canvas = Image.new("RGB", (max(w, c), max(h, c)))
+            canvas.paste(im, ((max(w, c) - w) // 2, (max(h, c) - h) // 2))
+            im, (w, h) = canvas, canvas.size
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        return im.crop((left, top, left + c, top + c))
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # uint8, (N, 3, H, W)
