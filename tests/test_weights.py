@@ -121,3 +121,143 @@ def test_timm_without_timm_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_timm)
     with pytest.raises(QuantbenchError, match=r"pip install 'quantbench\[timm\]'"):
         weights.resolve("timm:efficientnet_b0", "pretrained")
+
+
+# ---------------------------------------------------------------- the model's own preprocessing
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from quantbench import data as qdata  # noqa: E402
+
+
+def write_mixed_folder(root, splits=("train", "val"), per_class=6, classes=("a", "b", "c"), seed=0):
+    """An ImageFolder of JPEGs of mixed sizes and aspect ratios (40 to 90 px)."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for k, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                w, h = int(rng.integers(40, 91)), int(rng.integers(40, 91))
+                px = np.clip(rng.normal(60 + 60 * k, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(d / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+SMALL_PRE = qdata.Preprocess(crop=32, resize=36, interpolation="bilinear")
+
+
+def test_an_image_of_300x200_becomes_224x224_as_torchvision_makes_it(tmp_path):
+    from torchvision.models import ResNet18_Weights
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, size=(200, 300, 3), dtype=np.uint8))
+    im.save(tmp_path / "x.png")
+    pre = weights.preprocess_of(ResNet18_Weights.IMAGENET1K_V1.transforms)
+    assert pre == qdata.Preprocess(crop=224, resize=256, interpolation="bilinear")
+    ours = torch.from_numpy(qdata._decode_preprocessed(tmp_path / "x.png", pre))
+    assert ours.shape == (3, 224, 224)
+    from torchvision.transforms import v2
+    ref = v2.Compose([v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)])(im)
+    assert (ours.int() - ref.int()).abs().float().mean() < 1.0  # Pillow's and torch's antialias agree
+
+
+def _small_checkpoint(tmp_path, pre=SMALL_PRE):
+    torch.manual_seed(0)
+    path = tmp_path / "w.pth"
+    models.save_checkpoint(path, models.build("resnet10", 3).eval(),
+                           {"arch": "resnet10", "num_classes": 3, "preprocess": pre.to_dict(),
+                            "input_shape": list(pre.input_shape)})
+    return path
+
+
+def test_preprocess_recorded_in_meta_and_sidecar_and_used(tmp_path):
+    from quantbench.export import read_sidecar
+    from quantbench.record import read_record
+    root = write_mixed_folder(tmp_path / "data")
+    ckpt = weights.resolve("resnet10", str(_small_checkpoint(tmp_path)))
+    _, meta = models.read_checkpoint(ckpt)
+    assert meta["preprocess"] == SMALL_PRE.to_dict()
+    out = tmp_path / "q.pt"
+    assert main(["quantize", "--arch", "resnet10", "--weights", str(tmp_path / "w.pth"), "--method", "static",
+                 "--flow", "fx", "--calib-samples", "4", "--output", str(out), "--data-dir", str(root),
+                 "--no-progress"]) == 0
+    rec = read_record(out)
+    assert rec.preprocess == SMALL_PRE.to_dict() and rec.input_shape == [3, 32, 32]
+    assert rec.normalize_mean == list(SMALL_PRE.mean)
+    data = qdata.DataSource(root).load_for(read_sidecar(out), str(out), train=False)
+    assert isinstance(data.test.images, qdata.LazyImages) and data.input_shape == (3, 32, 32)
+    assert main(["eval", str(out), "--data-dir", str(root), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"crop": 0, "mean": [0, 0, 0], "std": [1, 1, 1]}, "preprocess.crop"),
+    ({"crop": 224, "resize": 10**6, "mean": [0, 0, 0], "std": [1, 1, 1]}, "preprocess.resize"),
+    ({"crop": 224, "interpolation": "magic", "mean": [0, 0, 0], "std": [1, 1, 1]}, "preprocess.interpolation"),
+    ({"crop": 224, "mean": [0, 0], "std": [1, 1, 1]}, "preprocess.mean"),
+    ({"crop": 224, "mean": [0, 0, 0], "std": [1, 0, 1]}, "positive stds"),
+])
+def test_bad_preprocess_in_a_sidecar_is_one_line(bad, match):
+    from quantbench.record import FileRecord
+    with pytest.raises(QuantbenchError, match=match):
+        FileRecord.from_dict({"preprocess": bad}, "x.pt.json")
+
+
+# ---------------------------------------------------------------- memory that does not grow
+@pytest.fixture
+def decodes(monkeypatch):
+    """Every image decoded through a model's preprocessing, by file."""
+    seen = []
+    real = qdata._decode_preprocessed
+
+    def counting(path, pre):
+        seen.append(path)
+        return real(path, pre)
+    monkeypatch.setattr(qdata, "_decode_preprocessed", counting)
+    return seen
+
+
+def test_calibration_decodes_only_the_images_it_uses(tmp_path, decodes):
+    from quantbench.quantize import QuantizeConfig, calibration_batches
+    root = write_mixed_folder(tmp_path / "data", per_class=10)
+    data = qdata.load_dataset(root, preprocess=SMALL_PRE)
+    assert not decodes  # reading the folder decodes nothing
+    q = QuantizeConfig(method="static", calib_samples=5, calib_batch_size=2)
+    batches = list(calibration_batches(data, q))
+    assert sum(len(x) for x, _ in batches) == 5
+    assert len(decodes) == 5 and len(set(decodes)) == 5
+    assert all("/train/" in str(p) for p in decodes)
+
+
+def test_eval_streams_a_folder_of_mixed_sizes(tmp_path, decodes, monkeypatch):
+    from quantbench.evaluate import accuracy
+    root = write_mixed_folder(tmp_path / "data", splits=("val",), per_class=12)
+    data = qdata.load_dataset(root, train=False, preprocess=SMALL_PRE)
+    held = []
+    real_take = qdata.LazyImages.take
+
+    def take(self, idx):
+        held.append(len(idx))
+        return real_take(self, idx)
+    monkeypatch.setattr(qdata.LazyImages, "take", take)
+    model = models.build("resnet10", 3).eval()
+    accuracy(model, data, batch_size=5, progress=False)
+    assert sum(held) == len(data.test) == len(decodes)  # every accuracy image decoded once
+    assert max(held) <= 5  # a batch at a time, never the split
+
+
+def test_val_only_folder_calibrates_on_a_held_out_part_and_says_so(tmp_path):
+    from quantbench.deploy import Source, Target, make
+    from quantbench.quantize import QuantizeConfig
+    from quantbench.record import read_record
+    root = write_mixed_folder(tmp_path / "data", splits=("val",), per_class=10)
+    data = qdata.load_dataset(root, train=True, preprocess=SMALL_PRE)
+    calib = set(data.train.images.files(range(len(data.train))))
+    measured = set(data.test.images.files(range(len(data.test))))
+    assert calib and measured and not calib & measured and len(calib | measured) == 30
+    again = qdata.load_dataset(root, train=False, preprocess=SMALL_PRE)  # eval: the same accuracy images
+    assert set(again.test.images.files(range(len(again.test)))) == measured
+    assert "held out" in data.info["calibration_images"]
+    source = Source.from_checkpoint(_small_checkpoint(tmp_path), data)
+    q = QuantizeConfig(method="static", calib_samples=4, prune=False)
+    rec, = make(source, Target("fx", "static", q), tmp_path / "q.pt", progress=False)
+    assert "held out" in read_record(tmp_path / "q.pt").calibration["images_from"]
