@@ -261,3 +261,22 @@ def test_val_only_folder_calibrates_on_a_held_out_part_and_says_so(tmp_path):
     q = QuantizeConfig(method="static", calib_samples=4, prune=False)
     rec, = make(source, Target("fx", "static", q), tmp_path / "q.pt", progress=False)
     assert "held out" in read_record(tmp_path / "q.pt").calibration["images_from"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("splits", [("val",), ("train", "val")])
+def test_replicate_with_weights_quantizes_and_measures_without_training(tmp_path, splits):
+    import json
+    root = write_mixed_folder(tmp_path / "data", splits=splits, per_class=10)
+    w = _small_checkpoint(tmp_path)
+    out = tmp_path / "run"
+    assert main(["replicate", "--arch", "resnet10", "--weights", str(w), "--data-dir", str(root), "--flows", "fx",
+                 "--methods", "static", "--runtimes", "none", "--timing-seconds", "0.1", "--min-runs", "2",
+                 "--processes", "1", "--output", str(out), "--no-progress"]) == 0
+    assert not (out / "train").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert {m["label"] for m in results["models"]} >= {"origin-fx", "ptq-s-fx"}
+    from quantbench.record import read_record
+    rec = read_record(out / "models" / "ptq-s-fx.pt")
+    assert rec.preprocess == SMALL_PRE.to_dict()
+    assert ("held out" in rec.calibration["images_from"]) == (splits == ("val",))

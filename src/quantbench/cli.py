@@ -457,8 +457,14 @@ def replicate_cmd(args) -> int:
     from .report import markdown_table
     from .replicate import ReplicateConfig, replicate
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
-    _checkpoint(args, "checkpoint", required=False)  # --weights: quantize and measure, no training
-    cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
+    ckpt = _checkpoint(args, "checkpoint", required=False)  # --weights: quantize and measure, no training
+    source = _data_source(args)
+    if ckpt is not None:  # a pretrained model's images go through its own preprocessing
+        from .models import read_checkpoint
+        pre = read_checkpoint(ckpt)[1].get("preprocess")
+        if pre and args.image_size is None:
+            source = dataclasses.replace(source, preprocess=pre)
+    cfg = ReplicateConfig(output=args.output, data=source, checkpoint=args.checkpoint,
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
                           methods=_list(args.methods), runtimes=runtimes, plain=_list(args.plain), arch=_arch(args),
                           quantize=_quantize_config(args, model=args.model),

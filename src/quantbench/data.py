@@ -718,21 +718,28 @@ class DataSource:
     dir: Path | None = None
     root: Path = Path("data")
     image_size: int | None = None
+    preprocess: Preprocess | None = None  # a pretrained model's own (load() reads through it)
 
     def __post_init__(self):
         object.__setattr__(self, "dir", Path(self.dir) if self.dir is not None else None)
         object.__setattr__(self, "root", Path(self.root))
+        if isinstance(self.preprocess, dict):
+            object.__setattr__(self, "preprocess", Preprocess.from_dict(self.preprocess))
 
     def identity(self) -> dict:
         """Which data this is, for records that must not be mixed with other data's (a resumed
         run's): the folder (or CIFAR-10 root) and the image size asked for."""
         where = self.dir if self.dir is not None else self.root
-        return {"path": str(Path(where).resolve()), "kind": "folder" if self.dir is not None else "cifar10",
-                "image_size": self.image_size}
+        ident = {"path": str(Path(where).resolve()), "kind": "folder" if self.dir is not None else "cifar10",
+                 "image_size": self.image_size}
+        if self.preprocess is not None:
+            ident["preprocess"] = self.preprocess.to_dict()
+        return ident
 
     def load(self, train: bool = True, progress: bool = True) -> Dataset:
         """The data as it is (normalization statistics of the train split, see load_dataset)."""
-        return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress)
+        return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress,
+                            preprocess=self.preprocess)
 
     def load_for(self, meta: dict, what: str, train: bool = False, progress: bool = True) -> Dataset:
         """The data as the model that `meta` (checkpoint meta or sidecar) describes expects it:
