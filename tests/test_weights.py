@@ -280,3 +280,15 @@ def test_replicate_with_weights_quantizes_and_measures_without_training(tmp_path
     rec = read_record(out / "models" / "ptq-s-fx.pt")
     assert rec.preprocess == SMALL_PRE.to_dict()
     assert ("held out" in rec.calibration["images_from"]) == (splits == ("val",))
+
+
+@pytest.mark.slow
+def test_train_starts_from_weights_and_keeps_their_preprocessing(tmp_path):
+    root = write_mixed_folder(tmp_path / "data", per_class=8)
+    w = _small_checkpoint(tmp_path)
+    out = tmp_path / "train"
+    assert main(["train", "--arch", "resnet10", "--weights", str(w), "--data-dir", str(root), "--preset", "smoke",
+                 "--epochs", "1", "--output", str(out), "--no-progress"]) == 0
+    _, meta = models.read_checkpoint(out / "best.pth")
+    assert meta["preprocess"] == SMALL_PRE.to_dict() and meta["input_shape"] == [3, 32, 32]
+    assert meta["weights"]["file"] == str(w.resolve())
