@@ -217,14 +217,42 @@ def parse_batch_sizes(s: str) -> tuple[int, ...]:
     return sizes
 
 
-def _model_args(p: argparse.ArgumentParser, arch: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, arch: bool = True, weights: bool = True) -> None:
     if arch:
         p.add_argument("--arch", help="architecture: any torchvision classifier (resnet18, mobilenet_v2, "
-                                      "efficientnet_b0, ...), resnet10 or vit_tiny (default: resnet18)")
+                                      "efficientnet_b0, ...), resnet10, vit_tiny, or timm:NAME (pip install "
+                                      "'quantbench[timm]') (default: resnet18)")
+    if weights:
+        p.add_argument("--weights", metavar="NAME|FILE",
+                       help="pretrained weights for --arch (or --model) instead of a checkpoint: torchvision's "
+                            "names (IMAGENET1K_V1, DEFAULT, ...), 'pretrained' for timm:NAME, or a file (.pth, "
+                            ".safetensors; a bare state dict or one under 'state_dict'/'model'); their own "
+                            "preprocessing (resize, crop, mean, std) comes with them")
     p.add_argument("--model", metavar="SPEC",
                    help="your own model instead: FILE.py:FUNCTION or package.module:FUNCTION, a function "
                         "called as FUNCTION(num_classes=N), by keyword, returning an nn.Module; checked before "
                         "any data is read (its code runs only because you name it)")
+
+
+def _checkpoint(args, dest: str = "checkpoint", required: bool = True) -> Path | None:
+    """The fp32 checkpoint a command works on: the one named, or --weights made into one (in the
+    cache, see quantbench.weights), before any data is read."""
+    ckpt, weights = getattr(args, dest, None), getattr(args, "weights", None)
+    if weights is None:
+        if ckpt is None and required:
+            raise QuantbenchError("give an fp32 checkpoint (.pth), or pretrained weights: --arch NAME --weights "
+                                  "NAME|FILE")
+        if ckpt is not None and required and getattr(args, "arch", None):
+            raise QuantbenchError("--arch goes with --weights: a checkpoint names its own architecture")
+        return ckpt
+    if ckpt is not None:
+        raise QuantbenchError(f"give a checkpoint ({ckpt}) or --weights {weights}, not both")
+    from .weights import resolve
+    path = resolve(getattr(args, "arch", None), weights, getattr(args, "model", None),
+                   progress=not getattr(args, "no_progress", False))
+    print(f"[quantbench] weights {weights} -> {path}", file=sys.stderr)
+    setattr(args, dest, path)
+    return path
 
 
 def _list(s: str) -> tuple[str, ...]:
@@ -288,9 +316,24 @@ def train_cmd(args) -> int:
         check_image_size(args.image_size, args.image_size, recipe)
     if main_rank:
         check_output(args.output, resume=args.resume, overwrite=args.overwrite)
-    data = _data_source(args).load(train=True, progress=not args.no_progress)
+    model = extra_meta = None
+    source = _data_source(args)
+    if args.weights is not None:  # fine-tune from pretrained weights, with their preprocessing
+        from .models import load_checkpoint, read_checkpoint
+        ckpt = _checkpoint(args, "weights_checkpoint")
+        _, meta = read_checkpoint(ckpt)
+        data = source.load_for({k: v for k, v in meta.items() if k not in ("num_classes", "classes")},
+                               f"weights {args.weights}", train=True, progress=not args.no_progress)
+        model, meta = load_checkpoint(ckpt, model=args.model)
+        if meta["num_classes"] != data.num_classes:
+            raise QuantbenchError(f"weights {args.weights} have {meta['num_classes']} output classes but the data has "
+                                  f"{data.num_classes}; fine-tuning to other classes is not supported yet")
+        extra_meta = {k: meta[k] for k in ("preprocess", "weights", "categories") if k in meta}
+    else:
+        data = source.load(train=True, progress=not args.no_progress)
     with run_lock(args.output) if main_rank else contextlib.nullcontext():  # before any training
-        result = train(data, recipe, args.output, arch=_arch(args), model_spec=args.model, resume=args.resume,
+        result = train(data, recipe, args.output, arch=_arch(args), model=model, meta=extra_meta,
+                       model_spec=args.model, resume=args.resume,
                        device=args.device, seed=args.seed, progress=not args.no_progress)
     if result.history and main_rank:
         print(f"best test accuracy {result.best_acc:.2f}% -> {args.output / 'best.pth'}")
@@ -300,10 +343,11 @@ def train_cmd(args) -> int:
 # ------------------------------------------------------------------ eval
 def eval_args(p: argparse.ArgumentParser) -> None:
     from .bench import BenchConfig
-    p.add_argument("file", type=Path, help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, .onnx, .xml)")
+    p.add_argument("file", type=Path, nargs="?",
+                   help="fp32 checkpoint (.pth) or deployment file (.pt, .pt2, .onnx, .xml); or --arch/--weights")
     _data_args(p)
     config_args(p, BenchConfig, ("eval_samples",))
-    _model_args(p, arch=False)
+    _model_args(p)
     p.add_argument("--batch-size", type=int, default=500)
     _common(p)
 
@@ -314,6 +358,7 @@ def eval_cmd(args) -> int:
     if args.batch_size < 1:
         raise QuantbenchError("--batch-size must be at least 1")
     BenchConfig(eval_samples=args.eval_samples)  # checks it, before any data is read
+    _checkpoint(args, "file")
     ev = evaluate(args.file, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress,
                   model_spec=args.model, samples=args.eval_samples)
     of = f"all {ev.n}" if ev.n == ev.total else f"{ev.n} of {ev.total} (a seeded subset)"
@@ -324,14 +369,14 @@ def eval_cmd(args) -> int:
 # ------------------------------------------------------------------ quantize
 def quantize_args(p: argparse.ArgumentParser) -> None:
     from .flows import FLOWS, METHODS
-    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="fp32 checkpoint (.pth); or --arch/--weights")
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--flow", default="eager", help=f"one of: {', '.join(FLOWS)} (default: eager)")
     p.add_argument("--output", type=Path, required=True, help="deployment file to write")
     _quantize_args(p, qat_epochs_alias="--epochs")
     from .quantize import QuantizeConfig
     config_args(p, QuantizeConfig, ("work_dir", "resume"))
-    _model_args(p, arch=False)
+    _model_args(p)
     _data_args(p)
     _common(p)
 
@@ -343,6 +388,7 @@ def quantize_cmd(args) -> int:
     from .models import read_checkpoint
     check_output(args.output, cfg.flow)  # fail on bad options before loading any data
     check_writable(args.output)
+    _checkpoint(args)
     _, meta = read_checkpoint(args.checkpoint)
     data = None
     if cfg.method != "dynamic" or args.data_dir is not None:
@@ -421,7 +467,14 @@ def replicate_cmd(args) -> int:
     from .report import markdown_table
     from .replicate import ReplicateConfig, replicate
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
-    cfg = ReplicateConfig(output=args.output, data=_data_source(args), checkpoint=args.checkpoint,
+    ckpt = _checkpoint(args, "checkpoint", required=False)  # --weights: quantize and measure, no training
+    source = _data_source(args)
+    if ckpt is not None:  # a pretrained model's images go through its own preprocessing
+        from .models import read_checkpoint
+        pre = read_checkpoint(ckpt)[1].get("preprocess")
+        if pre and args.image_size is None:
+            source = dataclasses.replace(source, preprocess=pre)
+    cfg = ReplicateConfig(output=args.output, data=source, checkpoint=args.checkpoint,
                           preset=args.preset, epochs=args.epochs, flows=_list(args.flows),
                           methods=_list(args.methods), runtimes=runtimes, plain=_list(args.plain), arch=_arch(args),
                           quantize=_quantize_config(args, model=args.model),
@@ -504,7 +557,8 @@ def _fp32_layers(args) -> dict:
 
 def sensitivity_args(p) -> None:
     from .flows import FLOWS
-    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="fp32 checkpoint (.pth); or --arch/--weights")
+    _model_args(p)
     p.add_argument("--flow", default="fx", help=f"one of: {', '.join(FLOWS)} (default: fx)")
     p.add_argument("--output", type=Path, default=Path("runs/sensitivity"),
                    help="folder for sensitivity.md, .json and .png (default: runs/sensitivity)")
@@ -529,6 +583,7 @@ def sensitivity_cmd(args) -> int:
     q = QuantizeConfig(method="static", flow=args.flow, **config_values(args, QuantizeConfig, CALIBRATION))
     scheme = q.scheme
     check_writable(args.output, is_dir=True)
+    _checkpoint(args)
     _, meta = read_checkpoint(args.checkpoint)
     data = _data_source(args).load_for(meta, f"checkpoint {args.checkpoint}", train=True,
                                        progress=not args.no_progress)
@@ -548,7 +603,7 @@ def sensitivity_cmd(args) -> int:
 def tune_args(p) -> None:
     from .flows import FLOWS
     from .tune import TuneConfig
-    p.add_argument("checkpoint", type=Path, help="fp32 checkpoint (.pth)")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="fp32 checkpoint (.pth); or --arch/--weights")
     config_args(p, TuneConfig, ("max_drop", "time_limit_s", "objective", "output", "resume"),
                 flags={"time_limit_s": "--time-limit"}, aliases={"time_limit_s": "--time-budget"},
                 types={"time_limit_s": str})
@@ -556,7 +611,7 @@ def tune_args(p) -> None:
     p.add_argument("--runtimes", default="auto",
                    help="other runtimes to search: a comma list of runtimes with an exporter; 'auto' (default): "
                         "those installed; 'none'")
-    _model_args(p, arch=False)
+    _model_args(p)
     config_args(p, TuneConfig, ("val_samples", "sensitivity", "max_fallback", "timing_s", "seed"),
                 flags={"timing_s": "--timing-seconds"}, aliases={"timing_s": "--timing"})
     from .quantize import QuantizeConfig
@@ -572,6 +627,7 @@ def tune_cmd(args) -> int:
     from .quantize import QuantizeConfig
     from .tune import TuneConfig, tune
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
+    _checkpoint(args)
     q = QuantizeConfig(method="static", model=args.model, seed=args.seed, options=runtime_option_values(args),
                        **config_values(args, QuantizeConfig, ("qconfig", "calib_samples", "calib_batch_size",
                                                               "calib_transform", "prune")))

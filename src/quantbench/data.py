@@ -56,15 +56,149 @@ POOL_MAX_WORKERS = 8
 
 # Where Dataset.mean/std came from.
 NORM_TRAIN, NORM_GIVEN, NORM_CIFAR10 = "train split", "given", "cifar10 default"
+NORM_WEIGHTS = "the weights' preprocessing"
+# A folder with only val/ (ImageNet's usual download): calibration images are this many (at most
+# a fifth) of val, drawn by VAL_HOLDOUT_SEED and kept apart from the images accuracy is measured on.
+VAL_CALIB_IMAGES = 1000
+VAL_HOLDOUT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A pretrained model's own preprocessing (torchvision's ImageClassification transforms,
+    timm's data config): resize the shorter side to `resize` (None: no resize), center-crop
+    `crop` x `crop`, then (pixel/255 - mean) / std. Images of any size and aspect ratio become
+    the model's input this way. Recorded as a dict in checkpoint meta and sidecars."""
+    crop: int
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        from .record import check_preprocess
+        check_preprocess(self.to_dict(), "preprocessing")
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "preprocessing") -> "Preprocess":
+        from .record import check_preprocess
+        d = check_preprocess(d, where)
+        return cls(crop=d["crop"], resize=d.get("resize"), interpolation=d.get("interpolation", "bilinear"),
+                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.crop, self.crop)
+
+    def key(self) -> str:
+        """A short name of what the pixels go through (cache names)."""
+        return f"r{self.resize or 0}c{self.crop}{self.interpolation[:3]}"
+
+    def apply(self, im: Image.Image) -> Image.Image:
+        """Resize the shorter side (keeping the aspect ratio), then center-crop, as torchvision's
+        Resize(int) + CenterCrop do (sizes truncated, crop offsets rounded; an image smaller than
+        the crop is padded with black)."""
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        w, h = im.size
+        if self.resize is not None and min(w, h) != self.resize:
+            if w <= h:
+                nw, nh = self.resize, int(self.resize * h / w)
+            else:
+                nw, nh = int(self.resize * w / h), self.resize
+            im = im.resize((nw, nh), resample)
+        w, h = im.size
+        c = self.crop
+        if w < c or h < c:
+            canvas = Image.new("RGB", (max(w, c), max(h, c)))
+            canvas.paste(im, ((max(w, c) - w) // 2, (max(h, c) - h) // 2))
+            im, (w, h) = canvas, canvas.size
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        return im.crop((left, top, left + c, top + c))
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, (N, 3, H, W)
+    images: torch.Tensor | LazyImages  # uint8, (N, 3, H, W); LazyImages: decoded per batch
     labels: torch.Tensor  # int64, (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+DECODE_THREADS = 8   # Pillow decodes and resizes with the GIL released: threads decode in parallel
+
+
+def _decode_preprocessed(path: Path, pre: "Preprocess") -> np.ndarray:
+    """One image file -> uint8 (3, crop, crop) through the model's own preprocessing."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(pre.apply(_to_rgb(im)), dtype=np.uint8).transpose(2, 0, 1).copy()
+    except Exception as e:
+        raise QuantbenchError(f"cannot read image {path}: {e}") from e
+
+
+class LazyImages:
+    """uint8 images (N, 3, crop, crop) of a split, decoded from their files when a batch asks
+    for them (through the model's own preprocessing), never all at once: memory does not grow
+    with the split. Indexing with one number gives that image; with indices, slices or a mask,
+    a view of those images (still undecoded); `take(indices)` decodes a batch, in threads."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: "Preprocess", index: np.ndarray | None = None):
+        self.paths, self.preprocess = paths, preprocess
+        self.index = np.arange(len(paths)) if index is None else np.asarray(index, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.index), *self.preprocess.input_shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, numbers.Integral):
+            return self.take([int(i)])[0]
+        if isinstance(i, torch.Tensor):
+            i = i.numpy()
+        return LazyImages(self.paths, self.preprocess, self.index[i])
+
+    def files(self, idx) -> list[Path]:
+        return [self.paths[j] for j in self.index[np.asarray(idx, dtype=np.int64)]]
+
+    def take(self, idx) -> torch.Tensor:
+        """Decode the images at `idx` (positions in this view) into one uint8 tensor."""
+        files = self.files(idx.numpy() if isinstance(idx, torch.Tensor) else idx)
+        out = np.empty((len(files), *self.preprocess.input_shape), dtype=np.uint8)
+
+        def one(k: int) -> None:
+            out[k] = _decode_preprocessed(files[k], self.preprocess)
+        if len(files) > 1:
+            list(_decode_pool().map(one, range(len(files))))
+        else:
+            for k in range(len(files)):
+                one(k)
+        return torch.from_numpy(out)
+
+
+_POOL = None
+
+
+def _decode_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(min(os.cpu_count() or 1, DECODE_THREADS), thread_name_prefix="quantbench-decode")
+    return _POOL
+
+
+def take(images, idx) -> torch.Tensor:
+    """images[idx] as a uint8 tensor, from a tensor or from LazyImages (decoded now)."""
+    return images.take(idx) if isinstance(images, LazyImages) else images[idx]
 
 
 @dataclass
@@ -90,7 +224,8 @@ class Dataset:
 
 def load_dataset(data_dir: str | os.PathLike | None = None, data_root: str | os.PathLike = "./data",
                  train: bool = True, image_size: int | None = None, progress: bool = True, *,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Dataset:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 preprocess: Preprocess | None = None) -> Dataset:
     """Load the test split (and the train split if `train`) as uint8 tensors.
 
     `image_size`: None keeps the images' own size (they must all agree); N resizes to N x N.
@@ -98,7 +233,19 @@ def load_dataset(data_dir: str | os.PathLike | None = None, data_root: str | os.
     (evaluating, calibrating or fine-tuning a model must use the values it was trained with).
     Without them: statistics of the train split (decoded for this if only the test split is
     asked for and train/ exists), else CIFAR-10's constants (`norm_source` says which).
+    `preprocess`: a pretrained model's own (resize shorter side, center crop, its mean and std):
+    the splits are then LazyImages, decoded a batch at a time (see _load_lazy_folder).
     """
+    if preprocess is not None and image_size is None:
+        if data_dir is None:
+            raise QuantbenchError("pretrained weights' preprocessing (resize + crop) needs an ImageFolder "
+                                  "(--data-dir), or pass --image-size N to resize CIFAR-10 to N x N")
+        ds = _load_lazy_folder(Path(data_dir), train, preprocess)
+        if mean is not None or std is not None:
+            given = _check_norm(mean, std)
+            ds.mean, ds.std = given
+        ds.info["image_size"] = None
+        return ds
     given = _check_norm(mean, std)
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
@@ -247,6 +394,49 @@ def _load_image_folder(root: Path, train: bool, image_size: int | None, progress
             ds.mean, ds.std, ds.norm_source = stats[0], stats[1], NORM_TRAIN
     elif need_stats:
         ds.info["norm_note"] = f"{root} has no train/ split to compute statistics from"
+    return ds
+
+
+def _load_lazy_folder(root: Path, train: bool, pre: Preprocess) -> Dataset:
+    """An ImageFolder read through a pretrained model's preprocessing: only the file list is read
+    now; images are decoded (resize + crop) when a batch of them is used. With train/ the
+    calibration and fine-tuning images come from there; with only val/ (or test/), a seeded
+    part of it (VAL_CALIB_IMAGES, at most a fifth) is held out for calibration and accuracy is
+    measured on the rest, in every command alike (Dataset.info["calibration_images"] says so)."""
+    if not root.is_dir():
+        raise QuantbenchError(f"data directory not found: {root}")
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if test_dir is None:
+        raise QuantbenchError(f"{root} has no val/ (or test/) folder; expected an ImageFolder tree "
+                              "with val/<class>/*.jpg (and optionally train/<class>/*.jpg)")
+    classes, test_samples = _scan(test_dir)
+    split = lambda samples, idx=None: Split(  # noqa: E731
+        LazyImages([p for p, _ in samples], pre, idx),
+        torch.tensor([l for _, l in samples], dtype=torch.int64)[torch.from_numpy(idx) if idx is not None else slice(None)])
+    ds = Dataset(classes=classes, test=split(test_samples), source=str(root.resolve()), mean=pre.mean,
+                 std=pre.std, norm_source=NORM_WEIGHTS)
+    ds.info["preprocess"] = pre.to_dict()
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        if train:
+            train_classes, train_samples = _scan(train_dir)
+            if train_classes != classes:
+                raise QuantbenchError(f"train/ and {test_dir.name}/ of {root} have different class folders: "
+                                      + _class_difference(f"{test_dir.name}/", classes, "train/", train_classes))
+            ds.train = split(train_samples)
+            ds.info["calibration_images"] = f"train/ ({len(train_samples)} images)"
+        return ds
+    n = len(test_samples)
+    held = min(VAL_CALIB_IMAGES, n // 5)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_HOLDOUT_SEED)).numpy()
+    calib, rest = np.sort(perm[:held]), np.sort(perm[held:])
+    ds.test = split(test_samples, rest)
+    if train:
+        ds.train = split(test_samples, calib)
+    ds.info["calibration_images"] = (f"{held} images of {test_dir.name}/ held out (seed {VAL_HOLDOUT_SEED}) for "
+                                     f"calibration; accuracy on the other {len(rest)}")
+    ds.info["holdout"] = {"split": test_dir.name, "calibration": held, "accuracy": len(rest),
+                          "seed": VAL_HOLDOUT_SEED}
     return ds
 
 
@@ -449,6 +639,17 @@ def _seed_transform(size: tuple[int, int] = (32, 32)):
 AUGMENTATIONS = ("none", "crop-flip", "seed")
 
 
+_PREFETCH = None
+
+
+def _prefetch_pool():
+    global _PREFETCH
+    if _PREFETCH is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _PREFETCH = ThreadPoolExecutor(1, thread_name_prefix="quantbench-prefetch")
+    return _PREFETCH
+
+
 class Batches:
     """Yields (images, labels) float batches from a Split, one pass per call to iter().
 
@@ -484,11 +685,19 @@ class Batches:
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         idx = torch.tensor(self._indices(), dtype=torch.int64)
-        for start in range(0, len(idx), self.batch_size):
+        starts = [s for s in range(0, len(idx), self.batch_size)
+                  if len(idx[s:s + self.batch_size]) >= self.min_batch]  # e.g. not a last batch of 1 for BN
+        lazy = isinstance(self.split.images, LazyImages)
+        ahead = None
+        for k, start in enumerate(starts):
             b = idx[start:start + self.batch_size]
-            if len(b) < self.min_batch:
-                break  # e.g. a last batch of 1 image: batch norm cannot train on it
-            images, labels = self.split.images[b], self.split.labels[b]
+            if lazy:  # the next batch decodes while this one runs through the model: two in memory at most
+                images = ahead.result() if ahead is not None else take(self.split.images, b)
+                ahead = (_prefetch_pool().submit(take, self.split.images, idx[starts[k + 1]:starts[k + 1] + self.batch_size])
+                         if k + 1 < len(starts) else None)
+            else:
+                images = self.split.images[b]
+            labels = self.split.labels[b]
             if self._seed_tf is not None:
                 # torchvision's v2 transforms draw from torch's global RNG: seed it per batch.
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -509,29 +718,40 @@ class DataSource:
     dir: Path | None = None
     root: Path = Path("data")
     image_size: int | None = None
+    preprocess: Preprocess | None = None  # a pretrained model's own (load() reads through it)
 
     def __post_init__(self):
         object.__setattr__(self, "dir", Path(self.dir) if self.dir is not None else None)
         object.__setattr__(self, "root", Path(self.root))
+        if isinstance(self.preprocess, dict):
+            object.__setattr__(self, "preprocess", Preprocess.from_dict(self.preprocess))
 
     def identity(self) -> dict:
         """Which data this is, for records that must not be mixed with other data's (a resumed
         run's): the folder (or CIFAR-10 root) and the image size asked for."""
         where = self.dir if self.dir is not None else self.root
-        return {"path": str(Path(where).resolve()), "kind": "folder" if self.dir is not None else "cifar10",
-                "image_size": self.image_size}
+        ident = {"path": str(Path(where).resolve()), "kind": "folder" if self.dir is not None else "cifar10",
+                 "image_size": self.image_size}
+        if self.preprocess is not None:
+            ident["preprocess"] = self.preprocess.to_dict()
+        return ident
 
     def load(self, train: bool = True, progress: bool = True) -> Dataset:
         """The data as it is (normalization statistics of the train split, see load_dataset)."""
-        return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress)
+        return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress,
+                            preprocess=self.preprocess)
 
     def load_for(self, meta: dict, what: str, train: bool = False, progress: bool = True) -> Dataset:
         """The data as the model that `meta` (checkpoint meta or sidecar) describes expects it:
         its image size and normalization, checked against its classes and input shape."""
         size = self.image_size or meta.get("image_size")
         mean, std = meta.get("normalize_mean"), meta.get("normalize_std")
+        pre = Preprocess.from_dict(meta["preprocess"], what) if meta.get("preprocess") else None
+        if pre is not None and size is None:
+            mean, std = mean or list(pre.mean), std or list(pre.std)
         data = load_dataset(self.dir, self.root, train=train, image_size=size, progress=progress,
-                            mean=mean if mean and std else None, std=std if mean and std else None)
+                            mean=mean if mean and std else None, std=std if mean and std else None,
+                            preprocess=pre)
         return for_model(data, meta, what)
 
 

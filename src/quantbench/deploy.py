@@ -67,6 +67,14 @@ class Source:
         return cls(model.eval(), meta, str(checkpoint), sha256(checkpoint), data)
 
     @classmethod
+    def from_weights(cls, arch: str | None, weights: str, data: Dataset | None = None,
+                     model_spec: str | None = None, quiet: bool = True) -> "Source":
+        """Pretrained weights (torchvision's name, timm's, or a .pth/.safetensors file; see
+        quantbench.weights) as a source: made into a cached checkpoint once, then read like one."""
+        from .weights import resolve
+        return cls.from_checkpoint(resolve(arch, weights, model_spec, progress=not quiet), data, model_spec, quiet)
+
+    @classmethod
     def from_module(cls, module: nn.Module, data: Dataset | None = None) -> "Source":
         """A user's nn.Module (a notebook's model), with the meta a checkpoint would carry, from
         the data it will be calibrated on."""
@@ -101,7 +109,8 @@ class Source:
             input_shape=list(self.shape), classes=m.get("classes") or (list(d.classes) if d else None),
             normalize_mean=m.get("normalize_mean") or (list(d.mean) if d else None),
             normalize_std=m.get("normalize_std") or (list(d.std) if d else None),
-            image_size=m.get("image_size"), warnings=list(m.get("warnings") or []))
+            image_size=m.get("image_size"), preprocess=m.get("preprocess") if not m.get("image_size") else None,
+            warnings=list(m.get("warnings") or []))
 
 
 # ---------------------------------------------------------------- what to make
@@ -224,6 +233,9 @@ def build(source: Source, target: Target, progress: bool = True,
         equalization = equalize_for_quantize(model, source.shape, q.equalize, source.data, q.seed)
         model, made = quantize_model(flow, model, q, source, example_input(source.shape), progress, work_dir)
     warnings = made.pop("warnings", [])
+    where = source.data.info.get("calibration_images") if source.data is not None else None
+    if where and isinstance(made.get("calibration"), dict):  # e.g. a held-out part of val/
+        made["calibration"] = {**made["calibration"], "images_from": where}
     return model, rec.replace(config=q.shaping(), fp32_layers=list(q.fp32_layers), equalization=equalization,
                               warnings=rec.warnings + warnings, quantize_s=round(time.perf_counter() - t0, 2),
                               **made)

@@ -167,6 +167,10 @@ def has_quantizable_twin(arch: str) -> bool:
 def _check_arch(arch: str) -> None:
     if arch in list_archs():
         return
+    if arch.startswith("timm:"):
+        from .weights import _timm
+        _timm()  # installed, or one line saying how
+        return
     close = difflib.get_close_matches(arch, list_archs(), n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "choose a torchvision classifier such as resnet18"
     raise QuantbenchError(f"unknown architecture {arch!r}; {hint} ({len(list_archs())} known: "
@@ -193,6 +197,11 @@ def build(arch: str, num_classes: int, quantizable: bool = False, *,
     c, h, w = _check_input_shape(input_shape) or DEFAULT_INPUT_SHAPE
     if c != 3:
         raise QuantbenchError(f"{arch} takes 3-channel images, not {c}; use your own model (--model)")
+    if arch.startswith("timm:"):  # the optional extra .[timm]: FX and PT2E take it, eager has no twin
+        if quantizable:
+            raise _no_twin(arch)
+        from .weights import build_timm
+        return build_timm(arch, num_classes)
     if quantizable:
         if arch not in _TWINS:
             raise _no_twin(arch)
@@ -441,7 +450,10 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classe
     checkpoint never imports code on its own. The class count is the meta's, else read off the
     classifier's weights; `num_classes` (the data's) must agree with it."""
     state, meta = read_checkpoint(path)
-    saved_arch = str(meta.get("arch") or "").rsplit(".", 1)[-1] or None
+    saved_arch = str(meta.get("arch") or "")
+    if not saved_arch.startswith("timm:"):  # timm names hold dots (efficientnet_b0.ra_in1k)
+        saved_arch = saved_arch.rsplit(".", 1)[-1]
+    saved_arch = saved_arch or None
     saved_model = meta.get("model")
     if model:
         if arch:

@@ -51,6 +51,7 @@ class FileRecord:
     normalize_mean: list[float] | None = None
     normalize_std: list[float] | None = None
     image_size: int | None = None
+    preprocess: dict | None = None         # a pretrained model's own: resize, crop, interpolation, mean, std
     # how it was made
     target: dict | None = None             # deploy.Target.identity(): what --resume compares
     config: dict | None = None             # the QuantizeConfig's shaping fields (torch flows)
@@ -182,6 +183,7 @@ def _check_record(r: FileRecord, where: str) -> None:
     check_norm(r.normalize_std, where, "normalize_std")
     if r.normalize_std and any(v <= 0 for v in r.normalize_std):
         raise _bad(where, "normalize_std", r.normalize_std, "positive numbers")
+    check_preprocess(r.preprocess, where)
     check_int(r.weight_bytes, where, "weight_bytes", 0, 2**50)
     check_int(r.schema_version, where, "schema_version", 1, 10**6, optional=False)
     if r.schema_version > SCHEMA_VERSION:
@@ -252,7 +254,33 @@ def same_making(a: FileRecord, b: FileRecord) -> bool:
 # A checkpoint is (state_dict, meta); train writes it with models.save_checkpoint. The meta
 # says how to rebuild the model and what it takes; read back, it is checked here like a sidecar.
 META_KEYS = ("arch", "model", "num_classes", "classes", "input_shape", "image_size", "normalize_mean",
-             "normalize_std", "warnings")
+             "normalize_std", "warnings", "preprocess", "categories", "weights")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def check_preprocess(value, where: str, name: str = "preprocess") -> dict | None:
+    """A pretrained model's preprocessing (data.Preprocess as a dict), checked: crop and resize
+    from 1 to MAX_IMAGE_SIDE pixels, a known interpolation, 3 finite means and 3 positive stds."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(where, name, value, "a JSON object (resize, crop, interpolation, mean, std)")
+    unknown = set(value) - {"resize", "crop", "interpolation", "mean", "std"}
+    if unknown:
+        raise _bad(where, f"{name}.{sorted(unknown)[0]}", value[sorted(unknown)[0]], "absent (unknown key)")
+    check_int(value.get("crop"), where, f"{name}.crop", 1, MAX_IMAGE_SIDE, optional=False)
+    check_int(value.get("resize"), where, f"{name}.resize", 1, MAX_IMAGE_SIDE)
+    interp = value.get("interpolation", "bilinear")
+    if interp not in INTERPOLATIONS:
+        raise _bad(where, f"{name}.interpolation", interp, f"one of {', '.join(INTERPOLATIONS)}")
+    for k in ("mean", "std"):
+        v = value.get(k)
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise _bad(where, f"{name}.{k}", v, "3 finite numbers (one per RGB channel)")
+    if min(value["std"]) <= 0 or max(abs(x) for x in value["mean"]) > 1e3:
+        raise _bad(where, name, value, "positive stds and means of pixels scaled to 0..1")
+    return value
 
 
 def check_meta(meta: Any, where: str) -> dict:
@@ -267,6 +295,10 @@ def check_meta(meta: Any, where: str) -> dict:
     check_classes(meta.get("classes"), where)
     check_norm(meta.get("normalize_mean"), where, "normalize_mean")
     check_norm(meta.get("normalize_std"), where, "normalize_std")
+    check_preprocess(meta.get("preprocess"), where)
+    check_classes(meta.get("categories"), where)
+    if meta.get("weights") is not None and not isinstance(meta["weights"], dict):
+        raise _bad(where, "weights", meta["weights"], "a JSON object")
     for name in ("arch", "model"):
         if meta.get(name) is not None and not isinstance(meta[name], str):
             raise _bad(where, name, meta[name], "a string")
