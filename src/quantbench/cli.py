@@ -358,11 +358,12 @@ def eval_cmd(args) -> int:
     if args.batch_size < 1:
         raise QuantbenchError("--batch-size must be at least 1")
     BenchConfig(eval_samples=args.eval_samples)  # checks it, before any data is read
+    shown = args.file if args.file is not None else f"{args.arch or args.model} --weights {args.weights}"
     _checkpoint(args, "file")
     ev = evaluate(args.file, _data_source(args), batch_size=args.batch_size, progress=not args.no_progress,
                   model_spec=args.model, samples=args.eval_samples)
     of = f"all {ev.n}" if ev.n == ev.total else f"{ev.n} of {ev.total} (a seeded subset)"
-    print(f"{args.file}: top-1 {ev.accuracy:.2f}% on {of} test images")
+    print(f"{shown}: top-1 {ev.accuracy:.2f}% on {of} test images")
     return 0
 
 
