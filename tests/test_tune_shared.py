@@ -193,7 +193,7 @@ def postgres_url():
     except ImportError:
         _unavailable("psycopg2 is not installed (the search extra installs it)")
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    initdb = shutil.which("initdb") or (str(bins[-1]) if bins else None)
+    initdb = str(bins[-1]) if bins else shutil.which("initdb")  # Debian keeps the tools off PATH
     if initdb is None:
         _unavailable("no PostgreSQL server here (initdb not found; apt-get install postgresql)")
     bindir = Path(initdb).parent
