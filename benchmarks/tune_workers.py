@@ -95,10 +95,11 @@ def project(trials: list[dict], startup: float, n: int) -> float:
         if len(t["key"].split()) > 2:
             chains.setdefault(t["key"].split()[0], []).append(t["seconds"])
     free = [startup] * n
+    stage1_end = startup
     for t in stage1:
         i = min(range(n), key=free.__getitem__)
         free[i] += t["seconds"]
-    stage1_end = max(sorted(free)[:len(stage1)] or [startup])
+        stage1_end = max(stage1_end, free[i])
     ready = {m: stage1_end for m in chains}
     todo = {m: list(v) for m, v in chains.items()}
     while any(todo.values()):
