@@ -604,10 +604,19 @@ def sensitivity_cmd(args) -> int:
 def tune_args(p) -> None:
     from .flows import FLOWS
     from .tune import TuneConfig
-    p.add_argument("checkpoint", type=Path, nargs="?", help="fp32 checkpoint (.pth); or --arch/--weights")
+    p.add_argument("checkpoint", type=Path, nargs="?",
+                   help="fp32 checkpoint (.pth), or --arch/--weights; not needed by --pick and --status")
     config_args(p, TuneConfig, ("max_drop", "time_limit_s", "objective", "output", "resume"),
                 flags={"time_limit_s": "--time-limit"}, aliases={"time_limit_s": "--time-budget"},
                 types={"time_limit_s": str})
+    g = p.add_argument_group("many processes or machines (Optuna's storage; docs/tune-many-machines.md)")
+    config_args(g, TuneConfig, ("storage", "study", "artifacts", "heartbeat_s", "grace_s"),
+                flags={"heartbeat_s": "--heartbeat-seconds", "grace_s": "--grace-seconds"})
+    g.add_argument("--pick", action="store_true",
+                   help="with --storage, on the deployment machine: time the accuracy-qualified files here, write "
+                        "best.<suffix> in --output and explain the pick")
+    g.add_argument("--status", action="store_true",
+                   help="with --storage: trials done, running (on which machine), failed, the best so far, the time")
     p.add_argument("--flows", default=",".join(FLOWS), help=f"comma list of {', '.join(FLOWS)} (default: all)")
     p.add_argument("--runtimes", default="auto",
                    help="other runtimes to search: a comma list of runtimes with an exporter; 'auto' (default): "
@@ -627,16 +636,35 @@ def tune_args(p) -> None:
 def tune_cmd(args) -> int:
     from .quantize import QuantizeConfig
     from .tune import TuneConfig, tune
+    if args.pick or args.status:
+        if args.storage is None:
+            raise QuantbenchError(f"--{'pick' if args.pick else 'status'} needs --storage URL (the shared search's)")
+        from .tune import shared
+        if args.status:
+            print(shared.status(args.storage, args.study, text=True))
+            return 0
+        summary = shared.pick(args.storage, args.study, args.output, args.artifacts, args.timing_s,
+                              progress=not args.no_progress)
+        print((args.output / "pick.md").read_text())
+        print(f"wrote {summary['pick_file']}, best.json, pick.json and pick.md in {args.output}")
+        return 0 if summary["within_budget"] else 3
     runtimes = None if args.runtimes == "auto" else tuple(r for r in _list(args.runtimes) if r != "none")
-    _checkpoint(args)
+    _checkpoint(args)  # the one named, or --weights made into one; one line if neither
     q = QuantizeConfig(method="static", model=args.model, seed=args.seed, options=runtime_option_values(args),
                        **config_values(args, QuantizeConfig, ("qconfig", "calib_samples", "calib_batch_size",
                                                               "calib_transform", "prune")))
     cfg = TuneConfig(
         checkpoint=args.checkpoint, data=_data_source(args), flows=_list(args.flows), runtimes=runtimes, quantize=q,
         **config_values(args, TuneConfig, ("max_drop", "time_limit_s", "objective", "output", "resume", "val_samples",
-                                           "sensitivity", "max_fallback", "timing_s", "seed")))
+                                           "sensitivity", "max_fallback", "timing_s", "seed", "storage", "study",
+                                           "artifacts", "heartbeat_s", "grace_s")))
     summary = tune(cfg, progress=not args.no_progress)
+    if cfg.storage is not None:  # a worker of a shared search: the pick is --pick's, on the deployment machine
+        from .tune.shared import render_status
+        print(render_status(summary["status"]))
+        print(f"this worker made {len(summary['made'])} trial(s); pick with: quantbench tune --storage URL "
+              f"--study {cfg.study} --pick (on the deployment machine)")
+        return 0
     print((cfg.output / "tune.md").read_text())
     print(f"wrote {cfg.output / 'tune.md'}, tune.jsonl, tune.json and {summary.get('pick_file', 'no pick')}")
     return 0 if summary.get("within_budget") else 3

@@ -29,7 +29,9 @@ replays tune.jsonl and makes only what is missing. When no trial meets the budge
 so, and best.* holds the most accurate trial and fastest.* the fastest one.
 
 The package, by job:  space.py (what to try, in which order), trials.py (making and measuring a
-trial, the pick), journal.py (tune.jsonl, best.*, resume), render.py (tune.md, the sentence).
+trial, the pick), journal.py (tune.jsonl, best.*, resume), render.py (tune.md, the sentence),
+shared.py (the same search shared by many processes or machines through Optuna's storage:
+--storage, --pick on the deployment machine, --status).
 """
 from __future__ import annotations
 
@@ -82,6 +84,20 @@ class TuneConfig:
     max_fallback: int = field(default=16, metadata={"help": "most layers kept fp32 in a trial"})
     resume: bool = field(default=False, metadata={"help": "continue the search in OUTPUT (trials done are kept)"})
     seed: int = field(default=0, metadata={"help": "picks the validation and calibration images"})
+    # the search shared by several processes or machines (tune/shared.py)
+    storage: str | None = field(default=None, metadata={
+        "help": "share the search through Optuna's storage: sqlite:///FILE.db (one machine), "
+                "postgresql://USER:PASSWORD@HOST/DB (many), or journal:///PATH/FILE.log (a journal file on a "
+                "shared filesystem); every `tune` given the same storage and --study takes the next candidate"})
+    study: str = field(default="quantbench-tune", metadata={"help": "the study's name in --storage"})
+    artifacts: Path | None = field(default=None, metadata={
+        "help": "with --storage: the shared folder the trials' files go to (default: --output); every worker "
+                "and --pick must see it"})
+    heartbeat_s: int = field(default=20, metadata={
+        "help": "with --storage: seconds between a worker's heartbeats for its running trial"})
+    grace_s: int = field(default=120, metadata={
+        "help": "with --storage: a running trial without a heartbeat for this long is its dead worker's, "
+                "and is made again by another worker"})
 
     def __post_init__(self):
         from ..flows import FLOWS
@@ -109,6 +125,17 @@ class TuneConfig:
             raise QuantbenchError("timing_s must be above 0 and max_fallback at least 0")
         if self.sensitivity is not None and not Path(self.sensitivity).is_file():
             raise QuantbenchError(f"no sensitivity file {self.sensitivity}")
+        if self.artifacts is not None:
+            object.__setattr__(self, "artifacts", Path(self.artifacts))
+        if self.storage is not None:
+            from .shared import check_storage_url
+            check_storage_url(self.storage)
+            if self.resume:
+                raise QuantbenchError("--resume is for a search without --storage: a shared study always continues "
+                                      "where it is")
+            if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
+                raise QuantbenchError(f"--heartbeat-seconds must be at least 1 and --grace-seconds above it, not "
+                                      f"{self.heartbeat_s} and {self.grace_s}")
 
 
 def _start(cfg: TuneConfig) -> dict:
@@ -129,6 +156,9 @@ def tune(cfg: TuneConfig, progress: bool = True) -> dict:
     from ..fileio import check_writable, run_lock
     if not Path(cfg.checkpoint).is_file():
         raise QuantbenchError(f"no checkpoint {cfg.checkpoint}")
+    if cfg.storage is not None:  # one worker of a search shared through Optuna's storage
+        from .shared import work
+        return work(cfg, progress)
     out = check_writable(cfg.output, is_dir=True)
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out):

@@ -151,6 +151,8 @@ class Search:
         choices and fp32 layers."""
         q = self.cfg.quantize
         q = q.replace(fp32_layers=tuple(q.fp32_layers) + c.fp32_layers, seed=self.cfg.seed, **dict(c.scheme))
+        if c == REFERENCE:  # fp32 TorchScript: the eager flow's origin file (TorchScript has no exporter)
+            return Target("eager", ORIGIN, q)
         method = "static" if c.is_runtime and c.method == ORIGIN else c.method
         return Target(c.maker, method, q)
 
