@@ -198,7 +198,7 @@ def test_deprecations_are_summarized_in_one_line():
     assert len(lines) == 1 and "hid 51 deprecation warnings" in lines[0]
 
 
-def test_a_plugged_in_runtimes_option_reaches_every_command(monkeypatch, capsys, tmp_path):
+def test_a_plugged_in_runtimes_option_reaches_every_command(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     """A runtime added as one module + one registry line (here QUANTBENCH_RUNTIMES) with an option
     of its own: quantize, replicate and tune all offer it, and pass it on in their configs."""
     from pathlib import Path
@@ -214,8 +214,7 @@ def test_a_plugged_in_runtimes_option_reaches_every_command(monkeypatch, capsys,
     seen = {}
     monkeypatch.setattr(replicate, "replicate", lambda cfg, progress=True: seen.setdefault("replicate", cfg) and 1 / 0)
     monkeypatch.setattr(tune, "tune", lambda cfg, progress=True: seen.setdefault("tune", cfg) and 1 / 0)
-    ckpt = tmp_path / "c.pth"
-    ckpt.write_bytes(b"x")
+    ckpt = tiny_checkpoint
     for argv in (["replicate", "--checkpoint", str(ckpt), "--runtimes", "fake", "--fake-knob", "7",
                   "--output", str(tmp_path / "r")],
                  ["tune", str(ckpt), "--runtimes", "fake", "--fake-knob", "7", "--output", str(tmp_path / "t")]):

@@ -43,3 +43,11 @@ def test_a_bad_sidecar_is_one_line(bad, match, tmp_path):
     with pytest.raises(QuantbenchError, match=match) as e:
         read_record(path)
     assert "\n" not in str(e.value) and str(sidecar_path(path)) in str(e.value)
+
+
+def test_an_onnx_sidecar_of_the_previous_version_keeps_its_pre_pass_note(tmp_path):
+    """Version 1 ONNX sidecars named ORT's pre-pass "preprocess", now the model's preprocessing."""
+    path = tmp_path / "onnx-int8.onnx"
+    sidecar_path(path).write_text(json.dumps({"label": "onnxrt-int8", "preprocess": "ONNX shape inference"}))
+    rec = read_record(path)
+    assert rec.preprocess is None and rec.get("quant_preprocess") == "ONNX shape inference"

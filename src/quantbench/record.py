@@ -107,6 +107,9 @@ class FileRecord:
         """A record from its JSON form, checked; unknown keys go to `extra`."""
         if not isinstance(d, dict):
             raise QuantbenchError(f"{where} must hold a JSON object, not {type(d).__name__}")
+        d = dict(d)
+        if isinstance(d.get("preprocess"), str):  # ONNX Runtime's pre-pass, as sidecars before version 2 named it
+            d["quant_preprocess"] = d.pop("preprocess")
         known = {k: v for k, v in d.items() if k in _FIELDS and k != "extra"}
         extra = {k: v for k, v in d.items() if k not in _FIELDS}
         known.setdefault("schema_version", 1)  # written before the schema had a version

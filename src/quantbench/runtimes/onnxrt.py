@@ -273,7 +273,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                            calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
                                         "method": calibration_method(settings)},
                            weight_bytes=initializer_bytes(int8_path),
-                           extra={**common.extra, "preprocess": preprocess, "quantizer_log": log})]
+                           extra={**common.extra, "quant_preprocess": preprocess, "quantizer_log": log})]
 
 
 # ---------------------------------------------------------------- 3. run it
