@@ -253,7 +253,7 @@ def test_shared_options_fail_in_one_line(tiny_trained_checkpoint, tmp_path, caps
     url = f"sqlite:///{tmp_path / 'none.db'}"
     assert main(["tune", "--storage", url, "--status"]) == 2
     assert "no study 'quantbench-tune'" in capsys.readouterr().err
-    assert main(["tune", "--storage", url]) == 2 and "needs a checkpoint" in capsys.readouterr().err
+    assert main(["tune", "--storage", url]) == 2 and "give an fp32 checkpoint" in capsys.readouterr().err
 
 
 def test_a_password_never_reaches_a_message():
