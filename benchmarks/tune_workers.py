@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-SEARCH = ["--flows", "fx,pt2e", "--runtimes", "none", "--max-drop", "-50", "--max-fallback", "0",
+SEARCH = ["--runtimes", "none", "--max-drop", "-50", "--max-fallback", "0",
           "--calib-samples", "64", "--no-progress", "--threads", "1"]
 
 
@@ -57,7 +57,7 @@ def make_inputs(root: Path, per_class: int) -> tuple[Path, Path]:
     return data, ckpt
 
 
-def run(n: int, data: Path, ckpt: Path, root: Path, val: int) -> dict:
+def run(n: int, data: Path, ckpt: Path, root: Path, val: int, flows: str = "fx,pt2e") -> dict:
     work = root / f"workers-{n}"
     if work.exists():
         import shutil
@@ -66,7 +66,7 @@ def run(n: int, data: Path, ckpt: Path, root: Path, val: int) -> dict:
     url = f"sqlite:///{work / 'study.db'}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "quantbench", "tune", str(ckpt), "--data-dir", str(data), "--output", str(work),
-           "--storage", url, "--val-samples", str(val), *SEARCH]
+           "--storage", url, "--val-samples", str(val), "--flows", flows, *SEARCH]
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, env=env, stdout=open(work / f"worker{i}.log", "w"), stderr=subprocess.STDOUT)
              for i in range(n)]
@@ -117,10 +117,12 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=120)
     ap.add_argument("--val-samples", type=int, default=240)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-tune-workers"))
+    ap.add_argument("--flows", default="fx,pt2e",
+                    help="the flows searched: their calibration chains are what workers share (default: fx,pt2e)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data, ckpt = make_inputs(args.out, args.train_per_class)
-    results = [run(int(n), data, ckpt, args.out, args.val_samples) for n in args.workers.split(",")]
+    results = [run(int(n), data, ckpt, args.out, args.val_samples, args.flows) for n in args.workers.split(",")]
     base = results[0]
     startup = base["wall_s"] - base["trial_s"]  # one worker: everything but the trials is its start and bookkeeping
     from quantbench.cpu import machine_record
