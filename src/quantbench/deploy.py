@@ -17,6 +17,7 @@ byte for byte, with the same record. Every step that shapes the file happens her
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -263,15 +264,7 @@ def _make_flow_file(source: Source, target: Target, path: Path, progress: bool) 
 
 def _building(rt, opts):
     """The runtime's context for making its files (TorchScript: the quantized engine)."""
-    return rt.building(opts) if opts is not None and hasattr(rt, "building") else _nothing()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return rt.building(opts) if opts is not None and hasattr(rt, "building") else contextlib.nullcontext()
 
 
 def _resolve_options(rt, opts, pruning: dict):

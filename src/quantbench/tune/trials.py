@@ -38,20 +38,19 @@ class Search:
     """What the search needs between trials (the source model, data, anchor, results so far)."""
 
     def __init__(self, cfg, progress: bool = True):
-        from ..models import read_checkpoint
         from ..sensitivity import validation_split
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.output)
         self.trials_dir = self.out / "trials"
         self.journal = Journal(self.out)
-        _, meta = read_checkpoint(cfg.checkpoint)
+        # the fp32 model, read once: every trial's file is made from it
+        self.source = Source.from_checkpoint(cfg.checkpoint, model_spec=cfg.quantize.model)
+        self.meta = meta = self.source.meta
         # load_for checks the data against the checkpoint's classes and shape, and normalizes as it was trained
         self.data: Dataset = cfg.data.load_for(meta, f"checkpoint {cfg.checkpoint}", train=True, progress=progress)
         # calibration reads val.train; accuracy val.test: both from the training split, apart
         self.val = validation_split(self.data, cfg.val_samples, cfg.seed)
-        # the fp32 model, read once: every trial's file is made from it
-        self.source = Source.from_checkpoint(cfg.checkpoint, self.val, model_spec=cfg.quantize.model)
-        self.meta = self.source.meta
+        self.source.data = self.val
         self.trials: dict[str, Trial] = {}
         self.started = time.perf_counter()
         self.spent_before = 0.0           # seconds of earlier sessions of a resumed search
