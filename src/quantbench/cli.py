@@ -383,19 +383,18 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def quantize_cmd(args) -> int:
-    from .quantize import check_output, quantize_to_file
+    from .deploy import Source, Target, make
+    from .quantize import check_output
     cfg = _quantize_config(args, method=args.method, flow=args.flow, resume=args.resume, work_dir=args.work_dir,
                            model=args.model)
-    from .models import read_checkpoint
     check_output(args.output, cfg.flow)  # fail on bad options before loading any data
     check_writable(args.output)
     _checkpoint(args)
-    _, meta = read_checkpoint(args.checkpoint)
-    data = None
+    source = Source.from_checkpoint(args.checkpoint, model_spec=args.model)  # read once, before any image
     if cfg.method != "dynamic" or args.data_dir is not None:
-        data = _data_source(args).load_for(meta, f"checkpoint {args.checkpoint}", train=cfg.method != "dynamic",
-                                           progress=not args.no_progress)
-    rec = quantize_to_file(args.checkpoint, args.output, cfg, data, progress=not args.no_progress)
+        source.data = _data_source(args).load_for(source.meta, f"checkpoint {args.checkpoint}",
+                                                  train=cfg.method != "dynamic", progress=not args.no_progress)
+    (rec,) = make(source, Target(cfg.flow, cfg.method, cfg), args.output, progress=not args.no_progress)
     print(f"{rec.label}: wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) "
           f"in {rec.quantize_s or 0:.0f} s")
     return 0
