@@ -758,10 +758,10 @@ class DataSource:
 def for_model(data: Dataset, meta: dict, what: str) -> Dataset:
     """The same images, normalized the way the model described by `meta` was trained; fails in
     one line when the data's classes or image shape are not the model's."""
+    if meta.get("num_classes") is not None and int(meta["num_classes"]) != data.num_classes:
+        raise QuantbenchError(f"{what} has {meta['num_classes']} output classes but the data has {data.num_classes}")
     if meta.get("classes"):
         check_classes(meta["classes"], data, what)
-    elif meta.get("num_classes") is not None and int(meta["num_classes"]) != data.num_classes:
-        raise QuantbenchError(f"{what} has {meta['num_classes']} output classes but the data has {data.num_classes}")
     shape = meta.get("input_shape")
     if shape and tuple(shape) != tuple(data.input_shape):
         raise QuantbenchError(f"{what} takes inputs of shape {tuple(shape)}, the data's images are "
