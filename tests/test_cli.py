@@ -293,7 +293,9 @@ def test_torchvision_spec_trains_offline(capsys, tiny_data_dir, tmp_path, monkey
 
 def test_model_file_that_exits_at_import(capsys, tiny_data_dir, tmp_path, no_data):
     f = tmp_path / "cli_model.py"
-    f.write_text("import argparse\nargparse.ArgumentParser().parse_args()\ndef build(num_classes):\n    pass\n")
+    # a script's own option parsing at import (given an option it does not know, whatever pytest's argv is)
+    f.write_text("import argparse\nargparse.ArgumentParser().parse_args(['--not-mine'])\n"
+                 "def build(num_classes):\n    pass\n")
     rc, _, err = run_cli(capsys, "train", "--data-dir", tiny_data_dir, "--model", f"{f}:build",
                          "--output", tmp_path / "out", "--no-progress")
     assert rc == 2 and "Traceback" not in err
