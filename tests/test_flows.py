@@ -21,7 +21,10 @@ from quantbench.quantize import QuantizeConfig, export_model, quantize, quantize
 from quantbench.results import OpCounts
 from quantbench.runtimes import load as load_deployed
 
-CASES = [(flow, method) for flow in ("eager", "fx", "pt2e") for method in ("dynamic", "static", "qat")]
+# QAT fine-tunes (seconds each): slow, so the fast subset keeps dynamic and static of every flow
+CASES = [pytest.param(flow, method, marks=pytest.mark.slow) if method == "qat" else (flow, method)
+         for flow in ("eager", "fx", "pt2e") for method in ("dynamic", "static", "qat")]
+ALL_CASES = [(flow, method) for flow in ("eager", "fx", "pt2e") for method in ("dynamic", "static", "qat")]
 RESNET10_CONVS = 12  # stem + 4 blocks x 2 + 3 downsample convolutions
 
 
@@ -30,21 +33,33 @@ def _inputs(data) -> torch.Tensor:
     return torch.cat([x for x, _ in Batches(data.test, 64, data.mean, data.std)])
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_trained_checkpoint, tiny_dataset, tmp_path_factory):
-    """Every flow x method, once: {(flow, method): (deployment file, in-process int8 model)}."""
-    out = tmp_path_factory.mktemp("flows")
-    result = {}
-    for flow, method in CASES:
+class _Quantized(dict):
+    """{(flow, method): (deployment file, in-process int8 model)}, each made when first asked for."""
+
+    def __init__(self, checkpoint, data, out):
+        super().__init__()
+        self.checkpoint, self.data, self.out = checkpoint, data, out
+
+    def __missing__(self, key):
+        flow, method = key
         cfg = QuantizeConfig(method=method, flow=flow, calib_samples=48, calib_batch_size=16,
-                             qat_schedule="smoke", work_dir=out / f"qat-{flow}")
-        qmodel, record = quantize(tiny_trained_checkpoint, cfg, tiny_dataset, progress=False)
-        path = out / f"{method}-{flow}{suffix(flow)}"
+                             qat_schedule="smoke", work_dir=self.out / f"qat-{flow}")
+        qmodel, record = quantize(self.checkpoint, cfg, self.data, progress=False)
+        path = self.out / f"{method}-{flow}{suffix(flow)}"
         sidecar = export_model(qmodel, path, record, flow)
         want = {"dynamic": "ptq-d", "static": "ptq-s", "qat": "qat"}[method]
         assert sidecar["label"] == (want if flow == "eager" else f"{want}-{flow}")
-        result[flow, method] = path, qmodel
-    return result
+        self[key] = path, qmodel
+        return self[key]
+
+    def every(self) -> dict:
+        return {k: self[k] for k in ALL_CASES}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_trained_checkpoint, tiny_dataset, tmp_path_factory):
+    """Every flow x method, each made once, when a test first needs it."""
+    return _Quantized(tiny_trained_checkpoint, tiny_dataset, tmp_path_factory.mktemp("flows"))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +153,7 @@ assert not [m for m in sys.modules if m.split(".")[0] in ("quantbench", "torchao
 def test_files_run_in_a_fresh_process(quantized, tiny_dataset, tmp_path):
     x = _inputs(tiny_dataset)
     torch.save(x, tmp_path / "x.pt")
-    quantized = {k: v for k, v in quantized.items() if k[0] != "eager"}  # eager: see test_quantize.py
+    quantized = {k: v for k, v in quantized.every().items() if k[0] != "eager"}  # eager: see test_quantize.py
     paths = [str(path) for path, _ in quantized.values()]
     subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), *paths],
                    check=True, cwd=tmp_path, timeout=120)
