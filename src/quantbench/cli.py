@@ -700,11 +700,11 @@ COMMANDS: dict[str, Command] = {
                            "For every conv/linear layer: the int8 error at its output (SQNR, PyTorch's numeric "
                            "tools), and the accuracy on a validation subset of the training split with only that "
                            "layer int8, and with only that layer fp32. Ranked table (.md, .json) and a chart."),
-    "tune": Command(tune_args, tune_cmd, "the fastest int8 deployment within an accuracy budget (a search)",
+    "tune": Command(tune_args, tune_cmd, "the fastest int8 deployment within --max-drop of fp32 accuracy (a search)",
                     "Search flows x runtimes x calibration choices x fp32 fallback for the fastest (or smallest) "
                     "deployment whose accuracy on validation images held out of the training split stays within "
                     "--max-drop of fp32. Every trial goes to tune.jsonl; the best so far is always saved as "
-                    "best.<suffix>; --resume continues. Exit status 3 when no trial met the budget (best.* is "
+                    "best.<suffix>; --resume continues. Exit status 3 when no trial met --max-drop (best.* is "
                     "then the most accurate trial, fastest.* the fastest)."),
     "report": Command(report_args, report_cmd, "rebuild report.md and plots from run directories, or compare runs"),
 }

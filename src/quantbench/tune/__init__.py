@@ -1,4 +1,4 @@
-"""quantbench tune: the fastest (or smallest) int8 deployment that stays within an accuracy budget.
+"""quantbench tune: the fastest (or smallest) int8 deployment within --max-drop points of fp32 accuracy.
 
     fp32 checkpoint  ->  validation split carved from the TRAINING data
                      ->  the fp32 model's validation accuracy (the budget's reference)

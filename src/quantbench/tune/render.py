@@ -71,7 +71,7 @@ def trial_line(s: Search, t: Trial) -> str:
     desc = Candidate.from_dict(t.candidate).describe()
     if t.error:
         return f"{desc}: failed: {t.error}"
-    verdict = "reference" if t.reference else ("within budget" if t.within_budget else "misses the budget")
+    verdict = "reference" if t.reference else ("within --max-drop" if t.within_budget else "misses --max-drop")
     speed = "the latency anchor" if t.anchor else f"{t.ratio:.3f}x the anchor's time"
     return f"{desc}: val {t.val_acc:.2f} % ({-t.drop:+.2f}), {speed}, {t.file_bytes / 2**20:.1f} MiB: {verdict}"
 
