@@ -68,13 +68,18 @@ def _fresh_loads(*paths) -> tuple[str, list[tuple[str, int]]]:
     out = subprocess.run([sys.executable, "-c", FRESH, *map(str, paths)], capture_output=True, text=True,
                          check=True, timeout=120, env=env).stdout.splitlines()
     default = next(line.split()[1] for line in out if line.startswith("DEFAULT"))
+    return default, _engine_runs(out)
+
+
+def _engine_runs(out: list[str]) -> list[tuple[str, int]]:
+    """(engine, convolutions oneDNN ran) per file, from a child's ENGINE lines and oneDNN's verbose log."""
     runs = []
     for line in out:
         if line.startswith("ENGINE"):
             runs.append([line.split()[1], 0])
         elif runs and ",exec," in line and ",convolution," in line:
             runs[-1][1] += 1
-    return default, [tuple(r) for r in runs]
+    return [tuple(r) for r in runs]
 
 
 @pytest.mark.slow
@@ -154,13 +159,7 @@ def test_the_load_lines_run_the_file_under_its_engine(tiny_trained_checkpoint, t
         lines.append(torchscript.how_to_load(str(path), read_sidecar(path)))
     out = subprocess.run([sys.executable, "-c", USER_LINES, *lines], capture_output=True, text=True, check=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": ""}).stdout.splitlines()  # no quantbench
-    runs = []
-    for line in out:
-        if line.startswith("ENGINE"):
-            runs.append([line.split()[1], 0])
-        elif runs and ",exec," in line and ",convolution," in line:
-            runs[-1][1] += 1
-    assert [tuple(r) for r in runs] == [("fbgemm", 0), ("onednn", RESNET10_CONVS)]
+    assert _engine_runs(out) == [("fbgemm", 0), ("onednn", RESNET10_CONVS)]
 
 
 def _results_with(engine: str | None):
