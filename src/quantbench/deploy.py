@@ -253,10 +253,16 @@ def export(model: nn.Module, rec: FileRecord, path: Path) -> FileRecord:
     return write_record(path, rec.replace(weight_bytes=wb, export_s=round(time.perf_counter() - t0, 2)))
 
 
-def _make_flow_file(source: Source, target: Target, path: Path, progress: bool) -> FileRecord:
-    want = suffix(target.maker)
+def check_output(path: str | os.PathLike, flow: str) -> Path:
+    """The output file name must have the flow's suffix."""
+    path, want = Path(path), suffix(flow)
     if path.suffix != want:
-        raise QuantbenchError(f"the {target.maker} flow writes {want} files; name the output *{want}")
+        raise QuantbenchError(f"the {flow} flow writes {want} files; name the output *{want}")
+    return path
+
+
+def _make_flow_file(source: Source, target: Target, path: Path, progress: bool) -> FileRecord:
+    check_output(path, target.maker)
     # QAT's resumable checkpoints: beside the file, never a folder other runs share
     model, rec = build(source, target, progress, work_dir=path.with_name(path.name + ".qat-work"))
     return export(model, rec, path)

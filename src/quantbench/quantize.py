@@ -325,13 +325,9 @@ def export_origin(checkpoint, path, flow: str = "eager", data: Dataset | None = 
 
 
 def check_output(path, flow: str) -> Path:
-    """The output file name must have the flow's suffix."""
-    from .deploy import suffix
-    path = Path(path)
-    want = suffix(flow)
-    if path.suffix != want:
-        raise QuantbenchError(f"the {flow} flow writes {want} files; name the output *{want}")
-    return path
+    """The output file name must have the flow's suffix (deploy.check_output)."""
+    from .deploy import check_output as _check_output
+    return _check_output(path, flow)
 
 
 def label(method: str, flow: str) -> str:
