@@ -150,6 +150,23 @@ def test_big_input_prunes_nothing():
     assert all(model.get_submodule(n) is m for n, m in convs.items())
 
 
+def test_real_images_are_read_only_when_something_was_pruned():
+    # At 224 nothing is pruned: the check's real images (256 of them, 150 MB at 224) are never read
+    calls = []
+    prune_dead_taps(_resnet18(), (3, 224, 224), inputs=lambda: calls.append(1) or torch.randn(2, 3, 224, 224))
+    assert calls == []
+    report = prune_dead_taps(_resnet18(), (3, 32, 32), inputs=lambda: calls.append(1) or torch.randn(2, 3, 32, 32))
+    assert calls == [1] and report.layers
+    with pytest.raises(QuantbenchError, match="verification inputs have shape"):
+        prune_dead_taps(_resnet18(), (3, 32, 32), inputs=lambda: torch.randn(2, 3, 16, 16))
+
+
+def test_verifying_passes_hold_a_bounded_number_of_pixels():
+    assert prune.verify_batch((3, 32, 32)) == prune.VERIFY_BATCH
+    assert prune.verify_batch((3, 224, 224)) * 224 * 224 <= prune.VERIFY_PIXELS
+    assert prune.verify_batch((3, 224, 224)) >= 1 and prune.verify_batch((3, 4096, 4096)) == 1
+
+
 def test_eager_fuse_and_static_int8_after_pruning():
     """The quantizable twin keeps its module names, so fuse_model() and eager static quantization
     work on the pruned model, and the int8 model follows the fp32 one."""

@@ -52,18 +52,26 @@ def prune_for_export(model: nn.Module, shape: tuple[int, ...], enabled: bool = T
     if not enabled:
         return {"applied": False, "why": "turned off (--no-prune)"}
     from .data import Batches
-    from .prune import VERIFY_BATCH, prune_dead_taps
-    real = None
-    if data is not None:
+    from .prune import prune_dead_taps, verify_batch
+    read: list[int] = []  # how many real images the check ran on (read only if a layer was pruned)
+
+    def real_images():
         split = data.train if data.train is not None and len(data.train) else data.test
-        if len(split):
-            real, _ = next(iter(Batches(split, min(PRUNE_CHECK_IMAGES, VERIFY_BATCH), data.mean, data.std,
-                                        shuffle=True, seed=seed, limit=PRUNE_CHECK_IMAGES)))
-    report = prune_dead_taps(model, tuple(shape), verify=True, inputs=real, seed=seed)
+        if not len(split):
+            return None
+        images = torch.cat([x for x, _ in Batches(split, verify_batch(shape), data.mean, data.std, shuffle=True,
+                                                  seed=seed, limit=PRUNE_CHECK_IMAGES)])
+        read.append(len(images))
+        return images
+
+    report = prune_dead_taps(model, tuple(shape), verify=True, inputs=real_images if data is not None else None,
+                             seed=seed)
     # through JSON: lists where the report has tuples, so the record equals the sidecar read back
-    record = {"applied": bool(report.layers), **json.loads(json.dumps(report.to_dict())),
-              "verified_on": f"random inputs{f' and {len(real)} real images' if real is not None else ''}"}
-    if not report.layers:
+    record = {"applied": bool(report.layers), **json.loads(json.dumps(report.to_dict()))}
+    if report.layers:
+        record["verified_on"] = f"random inputs{f' and {read[0]} real images' if read else ''}"
+    else:
+        record["verified_on"] = "nothing pruned, nothing to verify"
         record["why"] = "no convolution reads only padding with some taps at this input size"
     return record
 

@@ -22,7 +22,7 @@ convolution.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,7 +30,15 @@ from torch import nn
 from .errors import QuantbenchError
 
 VERIFY_SAMPLES = 8  # random inputs per verification (plus any real `inputs`)
-VERIFY_BATCH = 256  # inputs per forward pass while verifying, to bound memory
+VERIFY_BATCH = 256  # inputs per forward pass while verifying, at most
+# ... and at most this many pixels per pass: the activations of a pass grow with H x W, so at
+# 224 x 224 a pass holds 20 images where at 32 x 32 it holds 256 (bounded memory, same checks)
+VERIFY_PIXELS = 2 ** 20
+
+
+def verify_batch(input_shape) -> int:
+    """Inputs per verifying forward pass for this input shape (C, H, W)."""
+    return max(1, min(VERIFY_BATCH, VERIFY_PIXELS // max(1, int(input_shape[-1]) * int(input_shape[-2]))))
 
 
 @dataclass
@@ -204,20 +212,21 @@ def _max_diff(a: Any, b: Any) -> float:
 
 
 def prune_dead_taps(model: nn.Module, input_shape: tuple[int, int, int], *, verify: bool = True,
-                    atol: float = 1e-4, inputs: torch.Tensor | None = None, seed: int = 0) -> PruneReport:
+                    atol: float = 1e-4, inputs: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+                    seed: int = 0) -> PruneReport:
     """Crop the kernels of every nn.Conv2d whose taps partly read only zero padding at this input size.
 
     Modifies `model` in place and leaves it in eval mode; hooks registered on a replaced conv do
     not move to its replacement, so prune before attaching observers or hooks. The pruned model computes the same
     function for inputs of shape (N, *input_shape) only. With `verify`, the outputs of the
     unpruned and pruned model are compared on VERIFY_SAMPLES random inputs and on `inputs` (for
-    example real, normalized images); a difference above `atol` restores the original modules
-    and raises QuantbenchError naming the layer that changed most.
+    example real, normalized images; or a function returning them, called only when some layer
+    was pruned, so a model with nothing to prune reads no images); a difference above `atol`
+    restores the original modules and raises QuantbenchError naming the layer that changed most.
     """
     shape = _check_shape(input_shape)
-    if inputs is not None and (inputs.dim() != 4 or tuple(inputs.shape[1:]) != shape):
-        raise QuantbenchError(f"verification inputs have shape {tuple(inputs.shape)}, "
-                              f"expected (N, {', '.join(map(str, shape))})")
+    if isinstance(inputs, torch.Tensor):
+        _check_inputs(inputs, shape)
     model.eval()  # batch norm in train mode would both change the outputs and its statistics
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -268,6 +277,10 @@ def prune_dead_taps(model: nn.Module, input_shape: tuple[int, int, int], *, veri
     if not verify or not swaps:
         report.max_abs_diff = 0.0 if verify else None
         return report
+    if callable(inputs):
+        inputs = inputs()
+        if inputs is not None:
+            _check_inputs(inputs, shape)
     try:
         report.max_abs_diff = _verify(model, swaps, shape, gen, inputs, device, dtype)
     except BaseException:
@@ -283,6 +296,12 @@ def prune_dead_taps(model: nn.Module, input_shape: tuple[int, int, int], *, veri
             f"worst layer {worst.name} ({worst.old_kernel} -> {worst.new_kernel}, its own output changed by "
             f"{worst.max_abs_diff:.3g}); the original convolutions are restored")
     return report
+
+
+def _check_inputs(inputs: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    if inputs.dim() != 4 or tuple(inputs.shape[1:]) != shape:
+        raise QuantbenchError(f"verification inputs have shape {tuple(inputs.shape)}, "
+                              f"expected (N, {', '.join(map(str, shape))})")
 
 
 def _old_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -301,7 +320,7 @@ def _verify(model: nn.Module, swaps, shape: tuple[int, int, int], gen: torch.Gen
     """
     batches = [torch.randn(VERIFY_SAMPLES, *shape, generator=gen)]
     if inputs is not None:
-        batches += list(inputs.split(VERIFY_BATCH))
+        batches += list(inputs.split(verify_batch(shape)))
     for *_, layer in swaps:
         layer.max_abs_diff = 0.0
 
