@@ -151,3 +151,20 @@ def test_unknown_fp32_layer_is_refused_before_training(tiny_data_dir, tmp_path, 
     rc = main(["replicate", "--data-dir", str(tiny_data_dir), "--arch", "resnet10", "--preset", "smoke",
                "--fp32-layers", "nosuchlayer", "--output", str(tmp_path / "run"), "--no-progress"])
     assert rc == 2 and "unknown layer 'nosuchlayer'" in capsys.readouterr().err
+
+
+def test_the_plan_says_what_the_run_will_make_and_bounds_its_timing():
+    from types import SimpleNamespace
+
+    from quantbench.bench import BenchConfig
+    from quantbench.replicate import ReplicateConfig, plan
+    cfg = ReplicateConfig(checkpoint="x.pth", flows=("eager", "fx"), methods=("static", "qat"), runtimes=(),
+                          bench=BenchConfig(batch_sizes=(1, 16), timing_s=30, processes=3, eval_samples=2000))
+    lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=[0] * 100))
+    assert "5 targets, about 5 files" in lines[0] and "2 QAT fine-tune(s)" in lines[0] and "100 training" in lines[0]
+    # 5 files x 2 batch sizes x 30 s: at most 5 min of timing
+    assert "x 2 setting(s)" in lines[1] and "at most 5 min" in lines[1]
+    assert "on 2,000 test images (10,000 images in all)" in lines[2]
+    cfg = ReplicateConfig(checkpoint="x.pth", methods=("static",), runtimes=())
+    lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=None))
+    assert "QAT" not in lines[0] and "--eval-samples N measures fewer" in lines[2]

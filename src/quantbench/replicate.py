@@ -22,7 +22,7 @@ from .errors import FlowUnsupported, QuantbenchError
 from .deploy import ORIGIN, Source, Target, files_of, is_flow, make, suffix
 from .fileio import sha256
 from .flows import METHODS, check_method
-from .quantize import QuantizeConfig
+from .quantize import QuantizeConfig, qat_recipe
 from .record import read_record, sidecar_path
 from .report import write_report
 from .results import BenchResults
@@ -132,6 +132,8 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     _check_data_identity(out, cfg, ckpt)
 
     # 2. deployment files: every target from the one fp32 model, read once
+    for line in plan(cfg, data, trained=cfg.checkpoint is None):
+        _log(line)
     files, skipped = make_files(cfg, ckpt, data, models, progress=progress)
 
     # 3. measure and report
@@ -143,6 +145,34 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
                          "data": str(cfg.data.dir or cfg.data.root), "skipped": skipped}
     write_report(results, run_dir=out)
     return results
+
+
+def plan(cfg: ReplicateConfig, data, trained: bool = False) -> list[str]:
+    """What the run is about to do and what it costs, said before the long work: the files to
+    make, and for the benchmark the most its timing may take (a bound: --timing-seconds per file
+    and setting) and how many images the accuracy passes run (their rate is shown as they go)."""
+    ts = targets(cfg)
+    n_files = sum(1 if is_flow(t.maker) else len(runtimes.get(t.maker).FILES) for t in ts)
+    b = cfg.bench
+    threads = b.threads if isinstance(b.threads, (tuple, list)) else (b.threads,)
+    settings = len(b.batch_sizes) * len(threads)
+    bound_s = n_files * settings * b.timing_s
+    test_n = len(data.test) if b.eval_samples is None else min(b.eval_samples, len(data.test))
+    qat = [t.label for t in ts if t.method == "qat"]
+    lines = [f"plan: {len(ts)} targets, about {n_files} files ({', '.join(t.label for t in ts)})"
+             + (f"; {len(qat)} QAT fine-tune(s), up to {qat_recipe(cfg.quantize).epochs} epoch(s) each over "
+                f"{len(data.train) if data.train is not None else 0} training images" if qat else "")]
+    lines.append(f"plan: timing {n_files} files x {settings} setting(s) (batch {','.join(map(str, b.batch_sizes))}; "
+                 f"threads {','.join(map(str, threads))}) x {b.processes} processes: at most "
+                 f"{_duration(bound_s)} (--timing-seconds {b.timing_s:g} per file and setting)")
+    if b.accuracy:
+        lines.append(f"plan: accuracy of each file on {test_n:,} test images ({n_files * test_n:,} images in all"
+                     f"{'; --eval-samples N measures fewer' if b.eval_samples is None and test_n > 5000 else ''})")
+    return lines
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Target] | None = None,
