@@ -83,7 +83,7 @@ def test_named_weights_from_the_hub_cache_record_transforms_and_categories():
 ])
 def test_bad_names_and_missing_files_are_one_line_before_any_data(argv, match, capsys, tmp_path):
     for cmd in (["eval"], ["quantize", "--method", "static", "--output", str(tmp_path / "q.pt")],
-                ["replicate", "--output", str(tmp_path / "run")]):
+                ["replicate", "--output", str(tmp_path / "run")], ["bench"]):
         rc = main(cmd + argv + ["--data-dir", str(tmp_path / "no-such-data")])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1, (cmd, err)
@@ -292,3 +292,21 @@ def test_train_starts_from_weights_and_keeps_their_preprocessing(tmp_path):
     _, meta = models.read_checkpoint(out / "best.pth")
     assert meta["preprocess"] == SMALL_PRE.to_dict() and meta["input_shape"] == [3, 32, 32]
     assert meta["weights"]["file"] == str(w.resolve())
+
+
+@pytest.mark.slow
+def test_bench_with_weights_measures_their_fp32_row_made_once(tmp_path, capsys):
+    import json
+    root = write_mixed_folder(tmp_path / "data", per_class=4)
+    w = _small_checkpoint(tmp_path)
+    argv = ["bench", "--arch", "resnet10", "--weights", str(w), "--data-dir", str(root), "--timing-seconds", "0.1",
+            "--min-runs", "2", "--processes", "1", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert "exporting the fp32 row" in capsys.readouterr().err
+    row, = json.loads((tmp_path / "r.json").read_text())["models"]
+    assert row["dtype"] == "fp32" and row["accuracy"] is not None and row["input_shape"] == [3, 32, 32]
+    made = list(weights.cache_dir().glob("*.fp32.pt"))
+    assert len(made) == 1 and row["file"] == str(made[0])
+    assert main(argv) == 0 and "exporting" not in capsys.readouterr().err  # the second run reuses it
+    assert main(["bench", "--arch", "resnet10", "--no-progress"]) == 2
+    assert "go with --weights" in capsys.readouterr().err

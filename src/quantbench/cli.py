@@ -402,8 +402,10 @@ def quantize_cmd(args) -> int:
 
 # ------------------------------------------------------------------ bench
 def bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", type=Path, nargs="+", help="deployment files (.pt TorchScript, .pt2, .onnx, .xml)")
+    p.add_argument("models", type=Path, nargs="*", help="deployment files (.pt TorchScript, .pt2, .onnx, .xml)")
     _data_args(p)
+    g = p.add_argument_group("the fp32 row of pretrained weights (made once, then reused)")
+    _model_args(g)
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--markdown", type=Path, help="write the table here")
     p.add_argument("--no-accuracy", action="store_true", help="latency, size and memory only (no test data needed)")
@@ -419,10 +421,31 @@ def bench_cmd(args) -> int:
     for out in (args.json, args.markdown):  # before minutes of measuring, not after
         if out is not None:
             check_writable(out)
-    results = bench(args.models, _bench_config(args))
+    cfg = _bench_config(args)
+    if args.weights is None and (args.arch or args.model):
+        raise QuantbenchError("in bench, --arch and --model go with --weights (the fp32 row of those weights)")
+    models = ([_fp32_row(args)] if args.weights is not None else []) + list(args.models)
+    if not models:
+        raise QuantbenchError("give the deployment files to measure, and/or --arch NAME --weights NAME|FILE "
+                              "for the fp32 model's row")
+    results = bench(models, cfg)
     print(write_report(results, json_path=args.json, markdown_path=args.markdown))
     _print_verdict(results)
     return 0
+
+
+def _fp32_row(args) -> Path:
+    """--weights in bench: the fp32 model of those weights as a deployment file (TorchScript,
+    pruned like the int8 files made from it), beside the weights' checkpoint in the cache, made
+    the first time and reused after; its row is the reference the int8 rows are compared with."""
+    from .quantize import export_origin
+    from .record import sidecar_path
+    ckpt = _checkpoint(args, "fp32_checkpoint")
+    path = ckpt.with_name(ckpt.stem + ".fp32.pt")
+    if not (path.is_file() and sidecar_path(path).is_file()):
+        print(f"[quantbench] exporting the fp32 row of {args.weights} -> {path}", file=sys.stderr)
+        export_origin(ckpt, path, model_spec=args.model)
+    return path
 
 
 def _print_verdict(results) -> None:
