@@ -10,6 +10,9 @@ runs, each in a fresh process under resource accounting (peak RSS of the process
 
     python benchmarks/imagenet_like.py --out /tmp/inet --val 5000 --train 10000,20000 --classes 100
 
+    # the issue's scale: 50,000 val, train/ of 10,000 and of 100,000, and a replicate run
+    python benchmarks/imagenet_like.py --out /tmp/inet50k --val 50000 --train 10000,100000 --replicate
+
 Targets (issue 19): peak RSS <= 2 GB for each; quantize's time the same within 10 % whatever the
 train split's size. Prints one Markdown table (docs/imagenet.md holds the figures).
 """
@@ -83,6 +86,11 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--calib-samples", type=int, default=1000)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--eval-samples", type=int, help="eval: a seeded subset of val/ (default: all of it)")
+    ap.add_argument("--replicate", action="store_true",
+                    help="also run replicate (ptq-d and ptq-s, eager, every installed runtime) on the first "
+                         "train size, accuracy on --replicate-samples images")
+    ap.add_argument("--replicate-samples", type=int, default=2000)
     args = ap.parse_args()
 
     import torch
@@ -114,13 +122,24 @@ def main() -> None:
         r = run(qb + ["quantize", "--arch", "resnet18", "--weights", str(weights), "--method", "static",
                       "--flow", "fx", "--calib-samples", str(args.calib_samples), "--output", str(out),
                       "--data-dir", str(root), "--no-progress"])
-        rows.append({"what": f"quantize, train/ of {n}" if n else "quantize, val/ only", **r})
+        rows.append({"what": f"quantize, train/ of {n:,}" if n else "quantize, val/ only", **r})
         print(json.dumps(rows[-1]), file=sys.stderr)
     if not args.skip_eval:
         root = args.out / f"train{sizes[0]}"
         r = run(qb + ["eval", "--arch", "resnet18", "--weights", str(weights), "--data-dir", str(root),
-                      "--batch-size", "100", "--no-progress"])
-        rows.append({"what": f"eval fp32, val/ of {args.val}", **r})
+                      "--batch-size", "100", "--no-progress"]
+                + (["--eval-samples", str(args.eval_samples)] if args.eval_samples else []))
+        n = f"{args.eval_samples:,} of {args.val:,}" if args.eval_samples else f"{args.val:,}"
+        rows.append({"what": f"eval fp32, {n} val/ images", **r})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.replicate:
+        root = args.out / f"train{sizes[0]}"
+        r = run(qb + ["replicate", "--arch", "resnet18", "--weights", str(weights), "--data-dir", str(root),
+                      "--methods", "dynamic,static", "--calib-samples", str(args.calib_samples),
+                      "--eval-samples", str(args.replicate_samples), "--timing-seconds", "10",
+                      "--output", str(args.out / "replicate"), "--no-progress"])
+        rows.append({"what": f"replicate (ptq-d, ptq-s, installed runtimes), train/ of {sizes[0]:,}, "
+                             f"accuracy on {args.replicate_samples:,} val/ images", **r})
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"torch {torch.__version__}\n")
