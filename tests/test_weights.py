@@ -83,7 +83,9 @@ def test_named_weights_from_the_hub_cache_record_transforms_and_categories():
 ])
 def test_bad_names_and_missing_files_are_one_line_before_any_data(argv, match, capsys, tmp_path):
     for cmd in (["eval"], ["quantize", "--method", "static", "--output", str(tmp_path / "q.pt")],
-                ["replicate", "--output", str(tmp_path / "run")], ["bench"]):
+                ["replicate", "--output", str(tmp_path / "run")], ["bench"],
+                ["train", "--output", str(tmp_path / "train")], ["sensitivity", "--output", str(tmp_path / "s")],
+                ["tune", "--output", str(tmp_path / "tune")]):
         rc = main(cmd + argv + ["--data-dir", str(tmp_path / "no-such-data")])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1, (cmd, err)
@@ -310,3 +312,26 @@ def test_bench_with_weights_measures_their_fp32_row_made_once(tmp_path, capsys):
     assert main(argv) == 0 and "exporting" not in capsys.readouterr().err  # the second run reuses it
     assert main(["bench", "--arch", "resnet10", "--no-progress"]) == 2
     assert "go with --weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_timm_weights_file_in_eval_quantize_and_sensitivity(tmp_path, capsys):
+    # a timm architecture with a weights file the test makes: timm's data config is its preprocessing
+    timm = pytest.importorskip("timm")
+    from quantbench.record import read_record
+    root = write_mixed_folder(tmp_path / "data", per_class=4)
+    torch.manual_seed(0)
+    w = tmp_path / "r10t.pth"
+    torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=3).state_dict(), w)
+    model = ["--arch", "timm:resnet10t", "--weights", str(w), "--data-dir", str(root), "--no-progress"]
+    assert main(["eval", *model, "--eval-samples", "6"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert main(["quantize", *model, "--method", "static", "--flow", "fx", "--calib-samples", "4",
+                 "--output", str(tmp_path / "q.pt")]) == 0
+    rec = read_record(tmp_path / "q.pt")
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("resnet10t", pretrained=False))
+    assert rec.preprocess["crop"] == cfg["input_size"][-1] and list(rec.shape) == list(cfg["input_size"])
+    assert rec.preprocess["mean"] == pytest.approx(list(cfg["mean"]))
+    assert main(["sensitivity", *model, "--flow", "fx", "--calib-samples", "4", "--val-samples", "6",
+                 "--output", str(tmp_path / "sens")]) == 0
+    assert (tmp_path / "sens" / "sensitivity.json").is_file()
