@@ -122,3 +122,26 @@ def test_flows_and_runtimes_do_not_import_each_other():
 def test_every_registered_module_imports():
     for module in list(FLOWS.values()) + list(runtimes.RUNTIMES.values()):
         importlib.import_module(module)
+
+
+def test_exporters_without_int8_are_left_out_of_int8_searches_and_skipped_files_stay_out_of_files_of(
+        monkeypatch, tmp_path):
+    """inductor's exporter makes fp32/bf16 rows only: listed among exporters (replicate makes
+    them) but not among int8 ones (tune searches int8 files); and what a runtime skips on this
+    machine is not among the files a target makes (replicate --resume would wait for it forever)."""
+    from quantbench import cpu
+    from quantbench.deploy import Target, files_of
+    from quantbench.errors import QuantbenchError
+    assert "inductor" in runtimes.exporters() and "inductor" not in runtimes.exporters(int8=True)
+    assert "openvino" in runtimes.exporters(int8=True)
+    with pytest.raises(QuantbenchError, match="makes no int8 file"):
+        runtimes.check_exporters(("inductor",), int8=True)
+    assert runtimes.check_exporters(("inductor",)) == ("inductor",)
+    monkeypatch.setattr(cpu, "has_bf16", lambda: False)
+    assert [p.name for p in files_of(Target("openvino"), tmp_path)] == ["openvino-fp32.xml", "openvino-int8.xml"]
+    assert files_of(Target("inductor"), tmp_path) == []
+    assert set(runtimes.skipped_files("openvino").values()) == {cpu.bf16_missing()}
+    monkeypatch.setattr(cpu, "has_bf16", lambda: True)
+    assert [p.name for p in files_of(Target("openvino"), tmp_path)] == [
+        "openvino-fp32.xml", "openvino-int8.xml", "openvino-bf16.xml"]
+    assert runtimes.skipped_files("openvino") == {} and runtimes.skipped_files("onnxruntime") == {}

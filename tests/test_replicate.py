@@ -168,3 +168,41 @@ def test_the_plan_says_what_the_run_will_make_and_bounds_its_timing():
     cfg = ReplicateConfig(checkpoint="x.pth", methods=("static",), runtimes=())
     lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=None))
     assert "QAT" not in lines[0] and "--eval-samples N measures fewer" in lines[2]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_rows_are_made_where_the_cpu_has_bf16_and_skipped_with_the_reason_once(
+        bf16, tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A runtime's bf16 rows: made and reused on resume where the CPU has bf16; elsewhere left
+    out with one line saying why, for every runtime that skips them (here the fake one and
+    inductor, whose rows are all bf16's), in the log and in what the report shows."""
+    from pathlib import Path
+
+    from quantbench import cpu
+    from quantbench import replicate as R
+    from quantbench.deploy import is_flow
+    from quantbench.quantize import QuantizeConfig
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from support import fakebf16
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fakebf16=support.fakebf16")
+    monkeypatch.setattr(cpu, "has_bf16", lambda: bf16)
+    models = tmp_path / "models"
+    fakebf16.calls.clear()
+    names = list(fakebf16.FILES) if bf16 else list(fakebf16.FILES[:2])
+    runtimes_ = ("fakebf16",) if bf16 else ("fakebf16", "inductor")  # inductor would export for real with bf16
+    for resume in (False, True):
+        cfg = R.ReplicateConfig(output=tmp_path, checkpoint=tiny_checkpoint, runtimes=runtimes_,
+                                quantize=QuantizeConfig(method="static", calib_samples=16), resume=resume)
+        files, skipped = R.make_files(cfg, tiny_checkpoint, tiny_dataset, models,
+                                      [t for t in R.targets(cfg) if not is_flow(t.maker)], progress=False)
+        assert [f.name for f in files] == names
+        err = capsys.readouterr().err
+        if bf16:
+            assert skipped == [] and "skipped" not in err
+        else:
+            why = "bf16 rows skipped: this CPU has no AVX512-BF16 or AMX"
+            assert skipped == [{"row": "fakebf16-bf16, inductor-fp32, inductor-bf16", "flow": None, "method": None,
+                                "why": why}]
+            assert err.count(why) == 1
+            assert not (models / "inductor-fp32.pt2").exists()
+    assert len(fakebf16.calls) == 1  # the resumed run reused every file this machine makes

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantbench.results import (BenchResults, LatencyStats, ModelResult, OpCounts, ResultsFormatError,
+from quantbench.results import (BenchResults, LatencyStats, ModelResult, OpCounts, QuantStatus, ResultsFormatError,
                                 bootstrap_interval, correct_bits, decode_correct, derive, mcnemar_interval,
                                 paired_delta, paired_interval, recommend)
 
@@ -165,3 +165,39 @@ def test_ship_this_says_when_the_threshold_is_inside_the_interval_and_a_real_dif
     assert rec.label == "fast" and rec.threshold_inside is True
     assert rec.runner_up_tie is False and rec.runner_up_diff == pytest.approx(4.2)
     assert rec.borderline == ["faster-bad"]
+
+
+def test_a_bf16_row_is_a_candidate_judged_against_its_own_runtimes_fp32():
+    """bf16 rows need no calibration: "ship this" weighs them beside the int8 rows, and their
+    delta is against the fp32 row of their own runtime."""
+    n = 1000
+    fp = np.zeros(n, bool)
+    fp[:900] = True
+    bf16 = fp.copy()
+    bf16[0] = False          # -0.1 point
+    bad_int8 = fp.copy()
+    bad_int8[:30] = False    # -3 points: beyond --max-drop, however fast
+    ok_int8 = fp.copy()
+    ok_int8[:2] = False      # -0.2 point, slower than the bf16 row
+    rows = [_row("ts-fp32", "fp32", fp, ms=10.0), _row("openvino-fp32", "fp32", fp, runtime="openvino", ms=8.0),
+            _row("ptq-s", "int8", bad_int8, ms=1.0), _row("openvino-bf16", "bf16", bf16, runtime="openvino", ms=4.0),
+            _row("ptq-s-fx", "int8", ok_int8, ms=5.0)]
+    rec = _ship(rows)
+    assert rec is not None and rec.label == "openvino-bf16" and rec.runtime == "openvino"
+    assert rec.accuracy_delta == pytest.approx(-0.1) and rec.accuracy_n == n
+    assert rec.runner_up == "ptq-s-fx"
+    row = rows[3]
+    assert row.baseline == "openvino-fp32" and row.speedup == pytest.approx(2.0)
+    assert row.accuracy_delta_ci is not None and row.paired_n == n
+
+
+def test_a_bf16_row_is_not_called_not_quantized():
+    """A bf16 model runs no int8 operator, as it should: its status says bf16, not "not
+    quantized" (nor fp32), and results.json keeps it."""
+    ops = OpCounts(float_conv=12, float_linear=1)
+    assert ops.status("bf16") is QuantStatus.BF16
+    assert ops.status("int8") is QuantStatus.NOT_QUANTIZED and ops.status("fp32") is QuantStatus.FLOAT
+    row = _row("openvino-bf16", "bf16", [True, False] * 10, runtime="openvino")
+    assert row.status is QuantStatus.BF16
+    back = BenchResults.from_dict(BenchResults(machine={}, config={}, created="", models=[row]).to_dict())
+    assert back.models[0].status is QuantStatus.BF16 and back.models[0].dtype == "bf16"

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from quantbench import models, runtimes
+from quantbench import cpu, models, runtimes
 from quantbench.errors import QuantbenchError
 from quantbench.runtimes import load as load_deployed
 from quantbench.runtimes import onnxrt
@@ -53,9 +53,12 @@ def _calib():
 
 @pytest.fixture(scope="module")
 def exported(request, tmp_path_factory):
-    """Export once per runtime module (export is the slow part), shared by the tests below."""
+    """Export once per runtime module (export is the slow part), shared by the tests below. As on
+    a CPU without bf16 (its fp32 and int8 files only), whatever this one has."""
     mod = request.param
-    return export_paths(mod, _model(), tmp_path_factory.mktemp(mod.__name__.rsplit(".", 1)[-1]), _calib(), META)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "has_bf16", lambda: False)
+        return export_paths(mod, _model(), tmp_path_factory.mktemp(mod.__name__.rsplit(".", 1)[-1]), _calib(), META)
 
 
 @pytest.mark.parametrize("exported,labels,names", RUNTIMES, indirect=["exported"], scope="module")
@@ -178,3 +181,56 @@ def test_openvino_load_errors_say_what_is_wrong_with_which_file(tmp_path):
     junk.write_text("garbage <not xml")
     with pytest.raises(QuantbenchError, match=f"^{junk} is not an OpenVINO model: its XML does not parse"):
         openvino_rt.load(junk, 1)
+
+
+# ---------------------------------------------------------------- bf16 rows (forced: this CPU may have no bf16)
+HAS_BF16 = cpu.has_bf16()  # the real CPU's, before any test pretends
+
+
+def _check_bf16_row(paths, runtime: str, fp32_name: str, bf16_name: str):
+    """The bf16 file's record says what it is; it takes and returns float32 and tracks fp32."""
+    assert [p.name for p in paths][-1] == bf16_name and fp32_name in [p.name for p in paths]
+    bf16_path, fp32_path = paths[-1], paths[[p.name for p in paths].index(fp32_name)]
+    side = json.loads((bf16_path.parent / (bf16_path.name + ".json")).read_text())
+    assert side["dtype"] == "bf16" and side["method"] == "bf16" and side["runtime"] == runtime
+    assert side["label"] == bf16_path.name.split(".")[0]
+    assert not side.get("calibration")  # nothing to calibrate
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    fp32 = load_deployed(fp32_path, threads=1)(x)
+    bf16 = load_deployed(bf16_path, threads=1)(x)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape == (16, NUM_CLASSES)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)  # bf16 keeps 8 bits of mantissa
+    ops = runtimes.for_path(bf16_path).op_counts(bf16_path)
+    assert ops.int8_conv == 0 and ops.float_conv > 0
+    assert ops.status("bf16").value == "bf16"  # not "not quantized"
+    return side
+
+
+@pytest.mark.skipif(not _installed("openvino", "nncf"), reason="openvino/nncf not installed: pip install '.[runtimes]'")
+def test_openvino_bf16_row_is_the_fp32_ir_compiled_in_bf16(tmp_path, monkeypatch):
+    import openvino as ov
+    monkeypatch.setattr(cpu, "has_bf16", lambda: True)
+    paths = export_paths(openvino_rt, _model(), tmp_path, _calib(), META)
+    assert [p.name for p in paths] == list(openvino_rt.FILES)
+    side = _check_bf16_row(paths, "openvino", openvino_rt.FP32_FILE, openvino_rt.BF16_FILE)
+    assert side["inference_precision"] == "bf16"
+    assert paths[-1].with_suffix(".bin").read_bytes() == paths[0].with_suffix(".bin").read_bytes()
+    # compiled with the hint bf16, which a CPU without bf16 ignores (f32); the fp32 file pins f32
+    want = ov.Type.bf16 if HAS_BF16 else ov.Type.f32
+    assert openvino_rt._compile(paths[-1], 1).get_property("INFERENCE_PRECISION_HINT") == want
+    assert openvino_rt._compile(paths[0], 1).get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert '"INFERENCE_PRECISION_HINT": "bf16"' in openvino_rt.how_to_load("m.xml", side)
+    assert "INFERENCE_PRECISION_HINT" not in openvino_rt.how_to_load("m.xml", {})
+
+
+def test_inductor_rows_are_the_model_in_fp32_and_in_bf16(tmp_path, monkeypatch):
+    from quantbench.runtimes import inductor
+    monkeypatch.setattr(cpu, "has_bf16", lambda: False)
+    assert export_paths(inductor, _model(), tmp_path / "none", _calib(), META) == []  # no bf16: nothing
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setattr(cpu, "has_bf16", lambda: True)
+    paths = export_paths(inductor, _model(), tmp_path, _calib(), META)
+    assert [p.name for p in paths] == list(inductor.FILES)
+    side = _check_bf16_row(paths, "inductor", inductor.FP32_FILE, inductor.BF16_FILE)
+    fp32_side = json.loads((tmp_path / (inductor.FP32_FILE + ".json")).read_text())
+    assert side["weight_bytes"] < 0.51 * fp32_side["weight_bytes"]  # bf16 weights: half the bytes

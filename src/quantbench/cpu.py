@@ -1,4 +1,4 @@
-"""What this CPU can do for int8 inference.
+"""What this CPU can do for int8 (and bf16) inference.
 
 Whether int8 kernels are exact depends on the instruction set. Without VNNI (AVX-512 VNNI,
 AVX-VNNI) or AMX, x86 int8 GEMMs multiply u8 activations by s8 weights with `vpmaddubsw`, which
@@ -12,6 +12,9 @@ import platform
 
 # Flags (as /proc/cpuinfo spells them) that give int8 dot products accumulated in int32.
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# Flags that give bf16 dot products in hardware (x86: AVX512-BF16's vdpbf16ps, AMX's tiles; arm64
+# says "bf16"). Without them bf16 math is emulated: slower than fp32, so no bf16 rows are made.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,6 +44,24 @@ def has_vnni() -> bool:
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "asimddp" in flags
     return bool(flags & VNNI_FLAGS)
+
+
+def has_bf16() -> bool:
+    """True where the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX on x86, the
+    BF16 extension on arm64): where a bf16 model can be faster than fp32."""
+    flags = _read_flags()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool(flags & BF16_FLAGS)
+
+
+def bf16_missing() -> str | None:
+    """Why this machine gets no bf16 rows (one line), or None where it has bf16."""
+    if has_bf16():
+        return None
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16 rows skipped: this CPU has no BF16 extension"
+    return "bf16 rows skipped: this CPU has no AVX512-BF16 or AMX"
 
 
 def reduce_range() -> bool:
@@ -80,9 +101,10 @@ def machine_record(threads: int | None = None) -> dict:
         freezing = None
     return {
         "cpu": cpu_model(),
-        "isa": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")},
+        "isa": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "vnni": has_vnni(),
+        "bf16": has_bf16(),
         "cores": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "os": f"{platform.system()} {platform.release()}",

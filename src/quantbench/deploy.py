@@ -316,7 +316,7 @@ def write_runtime_files(rt, model: nn.Module, out_dir: Path, calib, base: FileRe
 
 
 def files_of(target: Target, dest: Path) -> list[Path]:
-    """The paths make(target, dest) writes."""
+    """The paths make(target, dest) writes (a runtime's FILES, less those it skips on this machine)."""
     if is_flow(target.maker):
         return [dest]
-    return [dest / f for f in runtimes.get(target.maker).FILES]
+    return [dest / f for f in runtimes.made_files(target.maker)]

@@ -152,7 +152,7 @@ def plan(cfg: ReplicateConfig, data, trained: bool = False) -> list[str]:
     make, and for the benchmark the most its timing may take (a bound: --timing-seconds per file
     and setting) and how many images the accuracy passes run (their rate is shown as they go)."""
     ts = targets(cfg)
-    n_files = sum(1 if is_flow(t.maker) else len(runtimes.get(t.maker).FILES) for t in ts)
+    n_files = sum(1 if is_flow(t.maker) else len(runtimes.made_files(t.maker)) for t in ts)
     b = cfg.bench
     threads = b.threads if isinstance(b.threads, (tuple, list)) else (b.threads,)
     settings = len(b.batch_sizes) * len(threads)
@@ -178,13 +178,21 @@ def _duration(s: float) -> str:
 def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Target] | None = None,
                progress: bool = True) -> tuple[list[Path], list[dict]]:
     """Make (or, with --resume, reuse) every target's file(s) in `models`; returns (the files to
-    measure, the rows skipped because a flow cannot take this model)."""
+    measure, the rows skipped because a flow cannot take this model or a runtime does not make
+    them on this machine, e.g. bf16 rows on a CPU without bf16: each reason said once)."""
     source: Source | None = None
     source_sha = sha256(ckpt)
     files: list[Path] = []
     skipped: list[dict] = []
+    not_here: dict[str, list[str]] = {}  # why -> the rows a runtime does not make on this machine
     for t in (targets(cfg) if wanted is None else wanted):
         dest = destination(models, t)
+        if not is_flow(t.maker):
+            if not t.plain:  # a plain target's other rows are not measured anyway
+                for name, why in runtimes.skipped_files(t.maker).items():
+                    not_here.setdefault(why, []).append(Path(name).stem)
+            if not files_of(t, dest):
+                continue
         if t.method == "qat":  # resumable fine-tunes under the run directory
             t = Target(t.maker, t.method, t.quantize.replace(work_dir=Path(cfg.output) / "qat-work" / t.maker,
                                                              resume=cfg.resume))
@@ -209,6 +217,9 @@ def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Targ
         else:
             paths = files_of(t, dest)
         files += [p for p in paths if not t.plain or read_record(p).dtype == "int8"]
+    for why, rows in not_here.items():
+        _log(f"{why} ({', '.join(rows)})")
+        skipped.append({"row": ", ".join(rows), "flow": None, "method": None, "why": why})
     return files, skipped
 
 

@@ -176,7 +176,7 @@ def recommendation_lines(results: BenchResults, max_drop: float | None = None) -
             continue
         if rec is None:
             best = max(fp32, key=lambda m: m.accuracy)
-            lines.append(f"- batch {b}: no int8 model is within {max_drop} point of fp32 accuracy; ship the fp32 model "
+            lines.append(f"- batch {b}: no int8 or bf16 model is within {max_drop} point of fp32 accuracy; ship the fp32 model "
                          f"(**{md(best.label)}**, {code(Path(best.file).name)}).")
             continue
         vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({md(rec.fastest_fp32)})"
@@ -290,7 +290,7 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
     if skipped:  # rows this model cannot have in that flow, said instead of silently missing
         parts += ["Rows not made: " + "; ".join(f"{md(s['row'])}: {md(s['why'])}" for s in skipped) + ".", ""]
     parts += ["## Ship this", "",
-             f"The fastest int8 model whose top-1 is within {max_drop_of(results)} point of the fp32 model's "
+             f"The fastest int8 or bf16 model whose top-1 is within {max_drop_of(results)} point of the fp32 model's "
              "(--max-drop), measured in this run "
              "(ties within the process spread are ties; accuracy differences inside their 95 % interval are ties, "
              "and said so):", ""] + recommendation_lines(results) + [

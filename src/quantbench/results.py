@@ -16,6 +16,7 @@ from typing import Any
 class QuantStatus(str, enum.Enum):
     """What the operator counts say about a model, so a silent no-op is never reported as int8."""
     FLOAT = "fp32"                  # an fp32 row: nothing to check
+    BF16 = "bf16"                   # a bf16 row: float arithmetic in bf16, no int8 operator expected
     INT8 = "int8"                   # int8 kernels where the model has convolutions / linears
     LINEAR_ONLY = "int8-linear-only"  # e.g. dynamic quantization of a CNN: only the fc layer
     NOT_QUANTIZED = "not-quantized"  # claims int8, runs no int8 operator
@@ -35,6 +36,8 @@ class OpCounts:
         setattr(self, name, getattr(self, name) + 1)
 
     def status(self, dtype: str) -> QuantStatus:
+        if dtype == "bf16":  # all its convolutions are float, as they should be: not "not quantized"
+            return QuantStatus.BF16
         if dtype != "int8":
             return QuantStatus.FLOAT
         if self.int8_conv + self.int8_linear == 0:
@@ -91,7 +94,7 @@ class ModelResult:
     method: str                      # origin | dynamic | static | qat
     flow: str
     runtime: str
-    dtype: str                       # fp32 | int8, as the sidecar claims
+    dtype: str                       # fp32 | int8 | bf16, as the sidecar claims
     file_bytes: int                  # the deployment file and its companions
     weight_bytes: int | None = None  # the weights' own bytes (from the model before export)
     input_shape: list[int] | None = None
@@ -455,9 +458,13 @@ def derive(rows: list[ModelResult], predictions: dict | None = None) -> list[Mod
     return rows
 
 
+# dtypes "ship this" picks from: int8 rows, and bf16 rows (no calibration, where the CPU has bf16)
+CANDIDATE_DTYPES = ("int8", "bf16")
+
+
 @dataclass
 class Recommendation:
-    """"Ship this": the fastest int8 row at most `max_drop` accuracy points below fp32, at one batch
+    """"Ship this": the fastest int8 or bf16 row at most `max_drop` accuracy points below fp32, at one batch
     size, and how sure the measurement is of that: its delta's 95 % interval, whether the interval
     includes 0 (not distinguishable from fp32) or -max_drop (whether it is within --max-drop is
     not settled), and the next candidate (the next fastest row that qualifies) paired against it."""
@@ -504,10 +511,10 @@ def _vs_fp32(m: ModelResult, reference: ModelResult | None) -> tuple[float | Non
 
 
 def recommend(results: BenchResults, max_drop: float | None = None, batch: int = 1) -> Recommendation | None:
-    """The fastest int8 model at `batch` whose top-1 is at most `max_drop` points (default: the
-    run's --max-drop, 0.3 for runs made before it existed) below the fp32
+    """The fastest int8 or bf16 model at `batch` whose top-1 is at most `max_drop` points (default:
+    the run's --max-drop, 0.3 for runs made before it existed) below the fp32
     model's (its own runtime's fp32 row, else the most accurate fp32 row); None when no int8
-    row qualifies (or nothing was measured at that batch size). A row qualifies by its measured
+    or bf16 row qualifies (or nothing was measured at that batch size). A row qualifies by its measured
     delta; the intervals say how far the measurement settles it (see Recommendation)."""
     if max_drop is None:
         max_drop = max_drop_of(results)
@@ -517,7 +524,7 @@ def recommend(results: BenchResults, max_drop: float | None = None, batch: int =
     fastest = min(timed_fp32, key=lambda m: m.median_ms(batch), default=None)
     picks, left_out = [], []
     for m in results.models:
-        if m.dtype != "int8" or m.status is QuantStatus.NOT_QUANTIZED or m.accuracy is None or not m.median_ms(batch):
+        if m.dtype not in CANDIDATE_DTYPES or m.status is QuantStatus.NOT_QUANTIZED or m.accuracy is None or not m.median_ms(batch):
             continue
         delta, pair = _vs_fp32(m, reference)
         if delta is not None and delta >= -max_drop:

@@ -18,7 +18,13 @@ and optionally
                                 observer / weight / activation choices onto the runtime's own
                                 calibration (None: the runtime's defaults); `options` is an
                                 instance of its Options (None: defaults)
-    FILES                       the names export() writes (replicate --resume reuses them)
+    FILES                       the names export() writes (replicate --resume reuses them): the fp32
+                                file first, then the int8 file, then any other rows (bf16)
+    skipped_files()             -> {name in FILES: why}: files export() does not make on this
+                                machine (bf16 rows on a CPU without bf16), with a one-line reason
+                                that replicate prints once and reports
+    MAKES_INT8                  False for an exporter whose rows hold no int8 file (tune, which
+                                searches int8 files, leaves it out); True when absent
     MAX_CALIB_SAMPLES           the most calibration images its calibrators take (they keep them all)
     available()                 -> True when the packages it needs are installed (else its rows are
                                 skipped by `--runtimes auto` and tune)
@@ -77,7 +83,7 @@ class Runtime(Protocol):
 
 
 OPTIONAL = ("export", "FILES", "profile_ops", "MAX_CALIB_SAMPLES", "available", "Options", "resolve_options",
-            "building", "record_fields", "is_deployment")  # attributes a runtime may add
+            "building", "record_fields", "is_deployment", "skipped_files", "MAKES_INT8")  # attributes a runtime may add
 
 
 def registry() -> dict[str, str]:
@@ -129,9 +135,23 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Model:
     return for_path(path).load(Path(path), threads)
 
 
-def exporters() -> list[str]:
-    """Runtimes that can make their own fp32 + int8 files from an fp32 model (comparison rows)."""
-    return [name for name in registry() if hasattr(get(name), "export")]
+def exporters(int8: bool = False) -> list[str]:
+    """Runtimes that can make their own files from an fp32 model (comparison rows); with `int8`,
+    only those whose rows include an int8 file."""
+    return [name for name in registry() if hasattr(get(name), "export")
+            and (not int8 or getattr(get(name), "MAKES_INT8", True))]
+
+
+def skipped_files(name: str) -> dict[str, str]:
+    """{file name: why} for the FILES runtime `name` does not make on this machine."""
+    hook = getattr(get(name), "skipped_files", None)
+    return dict(hook()) if hook is not None else {}
+
+
+def made_files(name: str) -> tuple[str, ...]:
+    """The FILES runtime `name`'s exporter makes on this machine."""
+    skip = skipped_files(name)
+    return tuple(f for f in get(name).FILES if f not in skip)
 
 
 def available(name: str) -> bool:
@@ -182,11 +202,14 @@ def with_options() -> list[str]:
     return [name for name in registry() if options_class(name) is not None]
 
 
-def check_exporters(names) -> tuple[str, ...]:
-    """Runtime names (aliases resolved) that each make files from an fp32 model; one line otherwise."""
+def check_exporters(names, int8: bool = False) -> tuple[str, ...]:
+    """Runtime names (aliases resolved) that each make files from an fp32 model (with `int8`: an
+    int8 file among them); one line otherwise."""
     names = tuple(ALIASES.get(n, n) for n in names)
     for name in names:
         if not hasattr(get(name), "export"):
             raise QuantbenchError(f"runtime {name!r} makes no files from an fp32 model (no comparison rows); "
                                   f"choose from {', '.join(exporters())}")
+        if int8 and not getattr(get(name), "MAKES_INT8", True):
+            raise QuantbenchError(f"runtime {name!r} makes no int8 file; choose from {', '.join(exporters(int8=True))}")
     return names

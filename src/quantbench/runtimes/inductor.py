@@ -11,6 +11,15 @@ Two imports matter, neither of them quantbench:
 - with torch 2.14 the weight-packing passes live in torchao (registered when its x86 quantizer
   module is imported). Without them inductor still compiles the graph, but SILENTLY in fp32
   (the accuracy looks right, the speed is not int8's), so `load` insists on them.
+
+Its own rows, from an fp32 model (export), where the CPU has bf16 (AVX512-BF16, AMX):
+
+    export(model, out_dir, calib_batches, base, ...) -> [inductor-fp32.pt2, inductor-bf16.pt2]
+
+inductor-bf16.pt2 is the model with its weights and arithmetic in bf16; it takes and returns
+float32 (the casts are inside the graph), so it runs anywhere the fp32 file runs. No calibration.
+inductor-fp32.pt2 is the same model in fp32: the bf16 row's own baseline. Both are skipped
+where the CPU has no bf16 (torch would emulate bf16 there, slower than fp32).
 """
 from __future__ import annotations
 
@@ -20,16 +29,85 @@ from pathlib import Path
 
 import torch
 
+from .. import cpu
 from ..errors import QuantbenchError
+from ..record import FileRecord, as_record
 from ..results import OpCounts
 from .torchscript import profile_ops  # noqa: F401  (torch.profiler works for compiled graphs too)
 
 NAME = "inductor"
 SUFFIXES = (".pt2",)
 
+FP32_FILE = "inductor-fp32.pt2"
+BF16_FILE = "inductor-bf16.pt2"
+FILES = (FP32_FILE, BF16_FILE)  # what export() writes (replicate --resume reuses them)
+MAKES_INT8 = False  # its exporter's rows are fp32 and bf16 (the int8 .pt2 is the PT2E flow's)
+
 
 def files(path: Path) -> list[Path]:
     return [Path(path)]
+
+
+def available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torchao") is not None
+
+
+def skipped_files() -> dict[str, str]:
+    """FILES that export() does not make on this machine, with the reason: without bf16 in the
+    CPU there is no bf16 row, and no use for its fp32 baseline."""
+    why = cpu.bf16_missing()
+    return {f: why for f in FILES} if why else {}
+
+
+class BF16(torch.nn.Module):
+    """A float model in bf16 that takes and returns float32: the input is cast to bf16 at the
+    start and the logits back to float32 at the end, so callers see an fp32 model's interface."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.bfloat16)).float()
+
+
+def _save(model: torch.nn.Module, path: Path, example: torch.Tensor) -> None:
+    """torch.export with a dynamic batch (traced from a batch of 2: a batch of 1 would be
+    specialized), saved atomically and reproducibly."""
+    from torch.export import Dim
+
+    from ..pt2_archive import save_program
+    two = example[:1].expand(2, *example.shape[1:]).contiguous()
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (two,), dynamic_shapes=({0: Dim("batch")},))
+    save_program(program, path)
+
+
+def export(model: torch.nn.Module, out_dir: Path, calib_batches, base: FileRecord | dict,
+           scheme=None, options=None) -> list[FileRecord]:
+    """Write inductor-fp32.pt2 and inductor-bf16.pt2 into out_dir where the CPU has bf16 (else
+    nothing: skipped_files says why); returns their records, made from `base`. Neither file is
+    calibrated, so `calib_batches` gives only the input shape, and `scheme` does not apply."""
+    import copy
+    base = as_record(base)
+    skip = skipped_files()
+    if all(f in skip for f in FILES):
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    example = next(iter(calib_batches))[:1].float()
+    common = base.replace(flow=NAME, runtime=NAME, input_shape=list(example.shape[1:]))
+    from ..export import weight_bytes
+    made = []
+    for name, label, dtype, method, m in (
+            (FP32_FILE, "inductor-fp32", "fp32", "origin", copy.deepcopy(model).eval()),
+            (BF16_FILE, "inductor-bf16", "bf16", "bf16", BF16(copy.deepcopy(model).eval()))):
+        if name in skip:
+            continue
+        _save(m, out_dir / name, example)
+        made.append(common.replace(file=name, label=label, dtype=dtype, method=method, weight_bytes=weight_bytes(m)))
+    return made
 
 
 def how_to_load(name: str) -> str:

@@ -1,8 +1,10 @@
 """OpenVINO as a comparison row: the same fp32 model converted to OpenVINO IR, run by the
-OpenVINO CPU plugin in fp32 and after NNCF's post-training int8 quantization.
+OpenVINO CPU plugin in fp32, after NNCF's post-training int8 quantization, and (where the CPU
+has bf16: AVX512-BF16 or AMX) in bf16.
 
     export(model, out_dir, calib_batches, base, scheme=None, options=None) -> [FileRecord]
-                                                -> [openvino-fp32.xml, openvino-int8.xml]
+                                                -> [openvino-fp32.xml, openvino-int8.xml,
+                                                    openvino-bf16.xml where the CPU has bf16]
                                                    (each with its .bin and a FILE.json sidecar)
     load(path, threads)                         -> callable: float tensor (N,3,H,W) -> logits
 
@@ -21,6 +23,7 @@ from typing import Callable, Iterable, Literal, get_args
 import numpy as np
 import torch
 
+from .. import cpu
 from ..cpu import has_vnni
 from ..errors import QuantbenchError, cause
 from ..export import calibration_arrays as _as_arrays
@@ -33,7 +36,11 @@ SUFFIXES = (".xml",)
 
 FP32_FILE = "openvino-fp32.xml"
 INT8_FILE = "openvino-int8.xml"
-FILES = (FP32_FILE, INT8_FILE)  # what export() writes (replicate --resume reuses them)
+# The bf16 row: the fp32 IR again, compiled with INFERENCE_PRECISION_HINT bf16 (its record's
+# inference_precision says so; load reads it). No calibration: the plugin rounds weights and
+# activations to bf16 itself. Made only where the CPU has bf16 (skipped_files).
+BF16_FILE = "openvino-bf16.xml"
+FILES = (FP32_FILE, INT8_FILE, BF16_FILE)  # what export() writes (replicate --resume reuses them)
 INPUT, OUTPUT = "input", "logits"
 # NNCF's bias correction after quantizing: "fast" (one shift per layer from its own output
 # statistics: NNCF's default), "full" (layer by layer, each corrected on the already quantized
@@ -64,12 +71,28 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
 
 
+def skipped_files() -> dict[str, str]:
+    """FILES that export() does not make on this machine, with the reason: the bf16 row where
+    the CPU has no bf16 (OpenVINO would run it in fp32 and call it bf16)."""
+    why = cpu.bf16_missing()
+    return {BF16_FILE: why} if why else {}
+
+
 def files(path: Path) -> list[Path]:
     return [Path(path), Path(path).with_suffix(".bin")]
 
 
-def how_to_load(name: str) -> str:
-    return f'openvino.Core().compile_model("{name}", "CPU", {{"PERFORMANCE_HINT": "LATENCY"}})'
+def how_to_load(name: str, sidecar: dict | None = None) -> str:
+    precision = _precision(sidecar)
+    hint = f', "INFERENCE_PRECISION_HINT": "{precision}"' if precision == "bf16" else ""
+    return f'openvino.Core().compile_model("{name}", "CPU", {{"PERFORMANCE_HINT": "LATENCY"{hint}}})'
+
+
+def _precision(record) -> str:
+    """The INFERENCE_PRECISION_HINT a file is compiled with: bf16 where its record says so (the
+    bf16 row), f32 otherwise."""
+    value = (record or {}).get("inference_precision")
+    return "bf16" if value == "bf16" else "f32"
 
 
 def _require(what: str, nncf: bool = False):
@@ -213,9 +236,10 @@ def describe_int8(settings: dict, scheme: Scheme | None = None) -> dict:
 
 def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.Tensor],
            base: FileRecord | dict, scheme: Scheme | None = None, options: Options | None = None) -> list[FileRecord]:
-    """Write openvino-fp32.xml/.bin and openvino-int8.xml/.bin into out_dir; returns their
-    records, made from `base` (where the model came from). `scheme` and the options' bias
-    correction choose the calibration (see int8_settings)."""
+    """Write openvino-fp32.xml/.bin and openvino-int8.xml/.bin into out_dir, and openvino-bf16.xml/.bin
+    (the fp32 IR, compiled in bf16) where the CPU has bf16; returns their records, made from
+    `base` (where the model came from). `scheme` and the options' bias correction choose the
+    calibration (see int8_settings)."""
     options = options or Options()
     base = as_record(base)
     ov = _require("OpenVINO export", nncf=True)
@@ -241,13 +265,22 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                                 subset_size=len(calib), **settings)
     _save(ov_int8, int8_path)
 
-    return [common.replace(file=FP32_FILE, label="openvino-fp32", method="origin", dtype="fp32",
+    made = [common.replace(file=FP32_FILE, label="openvino-fp32", method="origin", dtype="fp32",
                            weight_bytes=fp32_path.with_suffix(".bin").stat().st_size),
             common.replace(file=INT8_FILE, label="openvino-int8", method="static", dtype="int8",
                            qconfig=describe_int8(settings, scheme),
                            calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
                                         "method": _calibration_method(scheme)},
                            weight_bytes=int8_path.with_suffix(".bin").stat().st_size)]
+    if BF16_FILE not in skipped_files():
+        bf16_path = out_dir / BF16_FILE
+        _save(ov_fp32, bf16_path)  # the same IR; the precision is the record's, read by load
+        made.append(common.replace(
+            file=BF16_FILE, label="openvino-bf16", method="bf16", dtype="bf16",
+            # the plugin holds the weights in bf16: half the fp32 file's
+            weight_bytes=bf16_path.with_suffix(".bin").stat().st_size // 2,
+            extra={**common.extra, "inference_precision": "bf16"}))
+    return made
 
 
 # ---------------------------------------------------------------- 3. run it
@@ -257,7 +290,9 @@ def load(path: Path, threads: int | None = None) -> Callable[[torch.Tensor], tor
     PERFORMANCE_HINT LATENCY: one inference stream using the cores for one request at a time,
     which is what a batch-1 latency row means (THROUGHPUT would split cores into streams).
     INFERENCE_PRECISION_HINT f32: on CPUs with bf16 (AVX512-BF16, AMX) OpenVINO would otherwise
-    silently run the "fp32" row, and the int8 model's float layers, in bf16.
+    silently run the "fp32" row, and the int8 model's float layers, in bf16. The bf16 row's
+    record says inference_precision bf16: that file is compiled with the hint bf16 (a CPU without
+    bf16 ignores the hint and runs f32).
     `threads` sets INFERENCE_NUM_THREADS; None keeps OpenVINO's default (all cores)."""
     compiled = _compile(path, threads)
     request = compiled.create_infer_request()
@@ -317,9 +352,10 @@ def _reason(e: Exception) -> str:
 
 
 def _compile(path: Path, threads: int | None, perf_count: bool = False):
+    from ..record import read_record
     ov = _require("running OpenVINO models")
     _check_files(path)
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _precision(read_record(path))}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     if perf_count:

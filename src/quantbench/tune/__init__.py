@@ -115,7 +115,7 @@ class TuneConfig:
             if f not in FLOWS:
                 raise QuantbenchError(f"unknown flow {f!r}; choose from {', '.join(FLOWS)}")
         if self.runtimes is not None:
-            object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes))
+            object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes, int8=True))
         if not self.flows and not self.runtimes and self.runtimes is not None:
             raise QuantbenchError("tune needs at least one flow or runtime to search")
         if self.val_samples < 20:

@@ -60,7 +60,7 @@ class Search:
         self.timing = AnchoredTiming(self.val.input_shape, cfg.timing_s)
         self._ranking: list[str] | None = None
         self.runtimes = cfg.runtimes if cfg.runtimes is not None else tuple(
-            r for r in runtimes.exporters() if runtimes.available(r))
+            r for r in runtimes.exporters(int8=True) if runtimes.available(r))
 
     @property
     def float_model(self) -> nn.Module:
@@ -165,7 +165,7 @@ class Search:
         if c.is_runtime:
             slug = f"{index:03d}-" + "-".join([c.maker, c.method] + [k if v is True else str(v) for k, v in c.scheme])
             folder = self.trials_dir / (f"{c.maker}-default" if not c.scheme else slug)
-            fp32_file, int8_file = files_of(target, folder)
+            fp32_file, int8_file = files_of(target, folder)[:2]  # FILES: fp32, int8, then others (bf16)
             want = fp32_file if c.reference else int8_file
             if not (want.is_file() and Path(str(want) + ".json").is_file()):
                 make(self.source, target, folder, progress=False)
