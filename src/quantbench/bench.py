@@ -48,7 +48,7 @@ class BenchConfig:
                 "of 112x112 and more)"})
     min_runs: int = field(default=200, metadata={"help": "timed calls per model, at least"})
     timing_s: float = field(default=60.0, metadata={
-        "help": "timing seconds per model and batch size, at most", "alias": "--budget"})
+        "help": "timing seconds per model and (threads, batch size) setting, at most", "alias": "--budget"})
     processes: int = field(default=3, metadata={
         "help": "fresh measuring processes per model; the median of their medians is reported"})
     # "ship this": the fastest int8 file whose accuracy is at most this many points below fp32
