@@ -64,7 +64,8 @@ def prune_for_export(model: nn.Module, shape: tuple[int, ...], enabled: bool = T
     record = {"applied": bool(report.layers), **json.loads(json.dumps(report.to_dict())),
               "verified_on": f"random inputs{f' and {len(real)} real images' if real is not None else ''}"}
     if not report.layers:
-        record["why"] = "no convolution reads only padding with some taps at this input size"
+        record["why"] = (f"nothing to prune: no convolution has taps that read only padding at "
+                         f"{'x'.join(map(str, shape))} (large inputs, e.g. 224x224, have none)")
     return record
 
 
