@@ -145,7 +145,8 @@ def timing_note(record: dict | None, cfg: BenchConfig) -> str | None:
     if "batch_sizes" in record:
         what.append("batch " + " and ".join(map(str, cfg.batch_sizes)))
     if "threads" in record:
-        what.append(" and ".join(threads_words(all_threads() if t == "all" else t, all_threads() if t == "all" else None)
+        every = all_threads()
+        what.append(" and ".join(threads_words(every, every) if t == "all" else threads_words(t)
                                  for t in cfg.thread_settings()))
     flags = " / ".join(f for f, name in (("--batch-sizes", "batch_sizes"), ("--bench-threads", "threads"))
                        if name in record)
