@@ -412,3 +412,129 @@ def test_real_workers_pair_every_row_on_the_eval_samples(tiny_trained_checkpoint
     assert lo <= int8.accuracy_delta <= hi and 0 <= int8.agreement <= 100
     assert res.config["test_images"] == 24 and res.ship
     assert "20 of the 24 test images" in (tmp_path / "run" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- several thread settings
+def test_thread_settings_are_checked_and_all_is_resolved_once(monkeypatch):
+    from quantbench.cli import parse_thread_settings
+    assert parse_thread_settings("1,all") == (1, "all")
+    assert parse_thread_settings("4") == 4 and parse_thread_settings("all") == "all"
+    assert parse_thread_settings(None) is None  # not chosen: the input size chooses
+    for bad in ("0", "x", ",", "1,two"):
+        with pytest.raises(QuantbenchError, match="--bench-threads"):
+            parse_thread_settings(bad)
+    monkeypatch.setattr(B, "all_threads", lambda: 2)
+    assert B.BenchConfig(threads=(1, "all")).thread_counts() == [1, 2]
+    assert B.BenchConfig(threads="all").thread_counts() == [2]
+    assert B.BenchConfig(threads=4).thread_counts() == [4]  # a single value stays valid
+    monkeypatch.setattr(B, "all_threads", lambda: 1)
+    assert B.BenchConfig(threads=(1, "all")).thread_counts() == [1]  # one core: one setting
+    for bad in ((), ("x",), (1, 0), True, 0, "2"):
+        with pytest.raises(QuantbenchError, match="--bench-threads"):
+            B.BenchConfig(threads=bad)
+
+
+def test_timing_defaults_follow_the_input_size():
+    """224x224 inputs get batch 1 and 16 at 1 thread and all cores unless the user chose; CIFAR's
+    32x32 keeps batch 1 at 1 thread (today's figures); what the user chose is kept."""
+    cfg, rec = B.timing_defaults(B.BenchConfig(), [[3, 224, 224], [3, 224, 224]])
+    assert cfg.thread_settings() == (1, "all") and cfg.batch_sizes == (1, 16)
+    assert rec["large"] is True and rec["input_hw"] == [224, 224] and rec["batch_sizes"] == (1, 16)
+    note = B.timing_note(rec, cfg)
+    assert "224x224" in note and "batch 1 and 16" in note and "--bench-threads" in note
+    cfg, rec = B.timing_defaults(B.BenchConfig(), [[3, 32, 32]])
+    assert cfg.threads == 1 and cfg.batch_sizes == (1,) and rec["large"] is False
+    assert B.timing_note(rec, cfg) is None  # small inputs: nothing new to say
+    cfg, rec = B.timing_defaults(B.BenchConfig(threads=2), [[3, 112, 112]])
+    assert cfg.threads == 2 and cfg.batch_sizes == (1, 16) and "threads" not in rec
+    cfg, rec = B.timing_defaults(B.BenchConfig(threads=1, batch_sizes=(1,)), [[3, 224, 224]])
+    assert rec is None and cfg.batch_sizes == (1,)
+
+
+class _ThreadWorker(_ColourWorker):
+    """A measuring process whose calls take the file's "ms" at 1 thread, divided by threads ** "scales"
+    (how well it uses more cores): logs each start with its threads and cores."""
+    starts: list = []
+
+    def __init__(self, path, threads, input_shape, cpus=None, **kw):
+        super().__init__(path, threads, input_shape, cpus, **kw)
+        self.threads, spec = threads, json.loads(Path(path).read_text())
+        self.ms = spec["ms"] / threads ** spec.get("scales", 0.0)
+        type(self).starts.append((Path(path).stem, threads, None if cpus is None else sorted(cpus)))
+
+    def ask(self, op, timeout_s=None, **cmd):
+        if op == "time":
+            return {"times": [self.ms / 1000] * cmd["n"], "cpu_s": 0.0}
+        if op == "accuracy":
+            type(self).log.append((self.path.stem, "accuracy-threads", self.threads))
+        return super().ask(op, timeout_s, **cmd)
+
+
+def _thread_model(tmp_path, name, dtype, ms, scales, shape=(3, 32, 32)):
+    from conftest import TINY_CLASSES
+    path = tmp_path / f"{name}.sleep"
+    path.write_text(json.dumps({"ms": ms, "scales": scales, "bias": 0.0}))
+    write_sidecar(path, label=name, method="origin" if dtype == "fp32" else "static", flow="test", runtime="sleepy",
+                  dtype=dtype, classes=list(TINY_CLASSES), input_shape=list(shape))
+    return path
+
+
+def test_every_file_is_timed_at_every_thread_setting_with_a_pick_for_each(tmp_path, monkeypatch, tiny_data_dir):
+    """--bench-threads 1,all --batch-sizes 1,4: each file in fresh processes per thread count,
+    pinned to that many cores, the thread counts rotating from one process round to the next;
+    accuracy once per file (at the most threads); one "ship this" per (threads, batch): int8-a is
+    the faster on one core, int8-b (which scales) on all of them; results.json keeps it all."""
+    from quantbench.data import DataSource
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    monkeypatch.setattr(B, "Worker", _ThreadWorker)
+    monkeypatch.setattr(B, "all_threads", lambda: 2)
+    monkeypatch.setattr(B, "pinned_cpus", lambda t: set(range(10 - t, 10)))
+    _ThreadWorker.log, _ThreadWorker.seen, _ThreadWorker.starts = [], {}, []
+    files = [_thread_model(tmp_path, "fp32", "fp32", 8.0, 1.0), _thread_model(tmp_path, "int8-a", "int8", 2.0, 0.0),
+             _thread_model(tmp_path, "int8-b", "int8", 3.0, 1.0)]
+    cfg = B.BenchConfig(threads=(1, "all"), batch_sizes=(1, 4), data=DataSource(tiny_data_dir), processes=2,
+                        min_runs=2, round_s=0.01, warmup=0, progress=False)
+    res = B.bench(files, cfg)
+    starts = _ThreadWorker.starts
+    assert len(starts) == 3 * 2 * 2  # files x processes x thread counts, each process fresh
+    assert [t for _, t, _ in starts] == [1] * 3 + [2] * 3 + [2] * 3 + [1] * 3  # rotating order
+    assert {t: c for _, t, c in starts} == {1: [9], 2: [8, 9]}  # pinned to that many cores
+    accuracy = [(name, t) for name, op, t in _ThreadWorker.log if op == "accuracy-threads"]
+    assert sorted(accuracy) == [("fp32", 2), ("int8-a", 2), ("int8-b", 2)]  # once each
+    rows = res.by_label()
+    b = rows["int8-b"]
+    assert b.threads == 1 and set(b.latency) == {1, 4} and set(b.latency_other_threads) == {2}
+    assert b.median_ms(1) == pytest.approx(3.0) and b.median_ms(4, threads=2) == pytest.approx(1.5)
+    assert b.latency_other_threads[2][1].process_medians_ms == [pytest.approx(1.5)] * 2
+    assert res.settings() == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    assert [(s["threads"], s["batch"], s["label"]) for s in res.ship] == [
+        (1, 1, "int8-a"), (1, 4, "int8-a"), (2, 1, "int8-b"), (2, 4, "int8-b")]
+    assert res.config["thread_counts"] == [1, 2] and res.config["all_threads"] == 2
+    assert res.config["timing_defaults"] is None and res.machine["threads"] == 1
+    again = BenchResults.from_dict(json.loads(json.dumps(res.to_dict(), default=str)))
+    assert again.to_dict() == BenchResults.from_dict(json.loads(json.dumps(again.to_dict(), default=str))).to_dict()
+    assert again.by_label()["int8-b"].median_ms(4, threads=2) == pytest.approx(1.5)
+    assert again.ship == json.loads(json.dumps(res.ship))
+    text = render(again)
+    assert "- batch 1, 1 thread: **int8-a**" in text and "- batch 4, all 2 cores: **int8-b**" in text
+    assert "## Latency by setting" in text and "batch 4, all 2 cores (img/s)" in text
+    assert "t2_b4_median_ms" in to_csv(again).splitlines()[0]
+
+
+def test_large_inputs_get_their_timing_defaults_said_once_and_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    monkeypatch.setattr(B, "Worker", _ThreadWorker)
+    monkeypatch.setattr(B, "all_threads", lambda: 2)
+    _ThreadWorker.starts = []
+    cfg = B.BenchConfig(min_runs=2, round_s=0.01, warmup=0, processes=1, accuracy=False, pin=False, progress=False)
+    big = [_thread_model(tmp_path, n, d, 2.0, 1.0, (3, 224, 224)) for n, d in (("fp32", "fp32"), ("int8", "int8"))]
+    res = B.bench(big, cfg)
+    err = capsys.readouterr().err
+    assert err.count("inputs of 224x224: timing batch 1 and 16 at 1 thread and all 2 cores") == 1
+    assert res.config["timing_defaults"]["large"] is True and res.config["threads"] == (1, "all")
+    assert res.settings() == [(1, 1), (1, 16), (2, 1), (2, 16)] and len(res.ship) == 4
+    small = [_thread_model(tmp_path, "small", "fp32", 2.0, 1.0)]
+    res = B.bench(small, cfg)
+    assert "timing" not in capsys.readouterr().err
+    assert res.config["threads"] == 1 and res.config["batch_sizes"] == (1,) and res.settings() == [(1, 1)]
+    assert res.config["timing_defaults"]["large"] is False

@@ -301,3 +301,23 @@ def test_model_file_that_exits_at_import(capsys, tiny_data_dir, tmp_path, no_dat
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("quantbench: error: the model file ")
     assert "exited (status 2) while it was imported" in err
+
+
+def test_bench_threads_takes_a_list_and_leaves_unset_timing_to_the_input_size(capsys, tmp_path):
+    """--bench-threads 1,all reaches BenchConfig as two settings; without it (and without
+    --batch-sizes) both stay unset, for bench.timing_defaults to choose by the files' input size."""
+    from quantbench.cli import _bench_config, build_parser
+    _, subs = build_parser()
+    for cmd, extra in (("bench", ["m.pt"]), ("replicate", [])):
+        cfg = _bench_config(subs[cmd].parse_args(extra + ["--bench-threads", "1,all", "--batch-sizes", "1,16"]))
+        assert cfg.threads == (1, "all") and cfg.batch_sizes == (1, 16)
+        cfg = _bench_config(subs[cmd].parse_args(extra + ["--bench-threads", "2"]))
+        assert cfg.threads == 2 and cfg.batch_sizes is None
+        cfg = _bench_config(subs[cmd].parse_args(extra))
+        assert cfg.threads is None and cfg.batch_sizes is None
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    rc, _, err = run_cli(capsys, "bench", model, "--bench-threads", "1,0", "--no-progress")
+    assert_one_line_error(rc, err, "--bench-threads")
+    rc, _, err = run_cli(capsys, "bench", model, "--bench-threads", "one", "--no-progress")
+    assert_one_line_error(rc, err, "--bench-threads", "'one'")

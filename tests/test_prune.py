@@ -274,3 +274,16 @@ def test_shared_conv_and_bad_inputs():
         prune_dead_taps(model, (8, 8))
     with pytest.raises(QuantbenchError, match="does not run on an input of shape"):
         prune_dead_taps(model, (3, 8, 8))  # 3 channels for a 4-channel conv
+
+
+@pytest.mark.parametrize("quantizable", [False, True])
+def test_torchvision_resnet18_at_224_reports_nothing_to_prune(quantizable):
+    """At 224x224 no convolution of ResNet-18 (or its quantizable twin, which the eager flow
+    prunes) has a tap that sees only padding: the record says so, and nothing fails or changes."""
+    from quantbench.export import prune_for_export
+    model = models.build("resnet18", 100, quantizable=quantizable, input_shape=(3, 224, 224)).eval()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    rec = prune_for_export(model, (3, 224, 224))
+    assert rec["applied"] is False and rec["layers"] == [] and rec["convs_seen"] == 20
+    assert rec["why"].startswith("nothing to prune") and "3x224x224" in rec["why"]
+    assert all(model.get_submodule(n) is m for n, m in convs.items())

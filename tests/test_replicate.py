@@ -160,14 +160,16 @@ def test_the_plan_says_what_the_run_will_make_and_bounds_its_timing():
     from quantbench.replicate import ReplicateConfig, plan
     cfg = ReplicateConfig(checkpoint="x.pth", flows=("eager", "fx"), methods=("static", "qat"), runtimes=(),
                           bench=BenchConfig(batch_sizes=(1, 16), timing_s=30, processes=3, eval_samples=2000))
-    lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=[0] * 100))
+    lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=[0] * 100, input_shape=(3, 32, 32)))
     assert "5 targets, about 5 files" in lines[0] and "2 QAT fine-tune(s)" in lines[0] and "100 training" in lines[0]
     # 5 files x 2 batch sizes x 30 s: at most 5 min of timing
     assert "x 2 setting(s)" in lines[1] and "at most 5 min" in lines[1]
     assert "on 2,000 test images (10,000 images in all)" in lines[2]
     cfg = ReplicateConfig(checkpoint="x.pth", methods=("static",), runtimes=())
-    lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=None))
+    lines = plan(cfg, SimpleNamespace(test=[0] * 50000, train=None, input_shape=(3, 224, 224)))
     assert "QAT" not in lines[0] and "--eval-samples N measures fewer" in lines[2]
+    # timing left unset: what bench chooses for 224x224 (batch 1 and 16, 1 thread and all cores)
+    assert "x 4 setting(s) (batch 1,16; threads 1,all)" in lines[1]
 
 
 @pytest.mark.parametrize("bf16", [False, True])

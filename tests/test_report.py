@@ -182,3 +182,40 @@ def test_more_images_are_suggested_only_for_a_subset_and_the_fp32_row_is_not_pai
     assert fp32.accuracy_delta_ci is None and fp32.agreement is None
     _, rows = _cells(detail_table(res))
     assert rows[0][2] == "+0.00" and rows[0][-2:] == ["", "1000"]
+
+
+def test_several_thread_settings_are_each_shown_compactly_and_the_figures_still_draw(tmp_path):
+    """Timed at batch 1 and 16, 1 thread and all 2 cores: the latency and throughput tables have a
+    column per setting, "ship this" a line per setting, the CSV columns per setting; the main table
+    and the figures show batch 1 at the first setting."""
+    from quantbench.results import ModelResult, OpCounts
+
+    def row(label, dtype, acc, ms):  # ms: {(threads, batch): median}
+        def lat(t):
+            return {b: LatencyStats.of([m] * 5, batch=b, samples_ms=[m] * 5) for (tt, b), m in ms.items() if tt == t}
+        return ModelResult(label=label, file=f"{label}.pt", method="origin" if dtype == "fp32" else "static",
+                           flow="fx", runtime="torchscript", dtype=dtype, file_bytes=100, accuracy=acc, accuracy_n=50,
+                           threads=1, latency=lat(1), latency_other_threads={2: lat(2)},
+                           ops=OpCounts(int8_conv=1) if dtype == "int8" else OpCounts(float_conv=1),
+                           status=OpCounts(int8_conv=1).status(dtype))
+    res = BenchResults(machine={"cpu": "test", "threads": 1},
+                       config={"threads": [1, "all"], "thread_counts": [1, 2], "all_threads": 2, "max_drop": 0.3},
+                       created="now", models=derive([
+                           row("fp32", "fp32", 80.0, {(1, 1): 36.6, (1, 16): 580.0, (2, 1): 19.0, (2, 16): 300.0}),
+                           row("int8", "int8", 79.9, {(1, 1): 3.41, (1, 16): 50.0, (2, 1): 2.0, (2, 16): 26.0})]))
+    write_report(res, run_dir=tmp_path)
+    assert all((tmp_path / name).is_file() for name in DERIVED)
+    text = (tmp_path / "report.md").read_text()
+    for words in ("batch 1, 1 thread", "batch 16, 1 thread", "batch 1, all 2 cores", "batch 16, all 2 cores"):
+        assert f"- {words}: **int8**" in text
+    assert "batch 1, 1 thread in the main table" in text
+    tables = text.split("## Latency by setting")[1]
+    header, cells = _cells(tables.split("## Throughput")[0])
+    assert header == ["Model", "batch 1, 1 thread (ms)", "batch 16, 1 thread (ms)", "batch 1, all 2 cores (ms)",
+                      "batch 16, all 2 cores (ms)"]
+    assert cells[1] == ["int8", "3.410", "50.000", "2.000", "26.000"]
+    header, cells = _cells(tables.split("## Throughput")[1])
+    assert header[-1] == "batch 16, all 2 cores (img/s)" and cells[1][-1] == f"{16000 / 26.0:.0f}"
+    assert _cells(markdown_table(res))[1][1][3] == "3.41 ms"  # the main table: batch 1, first setting
+    csv_head = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert "b16_median_ms" in csv_head and "t2_b16_median_ms" in csv_head and "t1_b1_median_ms" not in csv_head

@@ -1,6 +1,8 @@
 """Paired accuracy: the interval of a delta, agreement with fp32, what results.json keeps of it."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -201,3 +203,77 @@ def test_a_bf16_row_is_not_called_not_quantized():
     assert row.status is QuantStatus.BF16
     back = BenchResults.from_dict(BenchResults(machine={}, config={}, created="", models=[row]).to_dict())
     assert back.models[0].status is QuantStatus.BF16 and back.models[0].dtype == "bf16"
+
+
+# ---------------------------------------------------------------- several thread settings
+def _stats(ms):
+    return {"n": 5, "median_ms": ms, "mean_ms": ms, "min_ms": ms, "p10_ms": ms, "p25_ms": ms, "p75_ms": ms,
+            "p90_ms": ms, "p99_ms": ms, "std_ms": 0.0, "iqr_rel": 0.0, "throughput_ips": 1000 / ms}
+
+
+# results.json as the version before thread settings wrote it: one setting, its number in config
+PREVIOUS_VERSION = {
+    "machine": {"cpu": "test cpu", "threads": 1}, "created": "2026-11-30T10:00:00+0000",
+    "config": {"threads": 1, "batch_sizes": [1, 32], "min_runs": 200, "max_drop": 0.3, "pinned_cpus": [1]},
+    "models": [
+        {"label": "origin", "file": "origin.pt", "method": "origin", "flow": "eager", "runtime": "torchscript",
+         "dtype": "fp32", "file_bytes": 40, "accuracy": 80.0, "accuracy_n": 100, "status": "fp32",
+         "latency": {"1": _stats(8.0), "32": _stats(100.0)}},
+        {"label": "ptq-s", "file": "ptq-s.pt", "method": "static", "flow": "eager", "runtime": "torchscript",
+         "dtype": "int8", "file_bytes": 10, "accuracy": 79.9, "accuracy_n": 100, "accuracy_delta": -0.1,
+         "status": "int8", "latency": {"1": _stats(2.0), "32": _stats(30.0)}}],
+    "ship": [{"batch": 1, "label": "ptq-s"}, {"batch": 32, "label": "ptq-s"}],
+}
+
+
+def test_results_of_the_previous_version_load_with_their_one_thread_setting():
+    from quantbench.report import render, to_csv
+    res = BenchResults.from_dict(json.loads(json.dumps(PREVIOUS_VERSION)))
+    m = res.by_label()["ptq-s"]
+    assert m.threads is None and m.latency_other_threads == {} and m.median_ms(32) == 30.0
+    assert res.thread_counts() == [None] and res.settings() == [(None, 1), (None, 32)]
+    assert recommend(res, batch=32).label == "ptq-s" and recommend(res, batch=32).threads is None
+    assert res.to_dict()["models"][1]["latency"]["32"]["median_ms"] == 30.0
+    text = render(res)
+    assert "batch 1, 1 thread(s)" in text and "- batch 32: **ptq-s**" in text and "Latency by setting" not in text
+    assert to_csv(res).splitlines()[0].endswith("b32_n")
+
+
+def _threaded(label, dtype, acc, one, two, correct=None):
+    return ModelResult(label=label, file=f"{label}.pt", method="origin" if dtype == "fp32" else "static",
+                       flow="fx", runtime="torchscript", dtype=dtype, file_bytes=100, accuracy=acc, accuracy_n=100,
+                       threads=1, latency={1: LatencyStats.of([one] * 5)},
+                       latency_other_threads={4: {1: LatencyStats.of([two] * 5)}},
+                       ops=OpCounts(int8_conv=1) if dtype == "int8" else OpCounts(float_conv=1),
+                       status=OpCounts(int8_conv=1).status(dtype))
+
+
+def test_ship_this_is_picked_per_thread_setting():
+    res = BenchResults(machine={}, config={"max_drop": 0.3}, created="", models=derive([
+        _threaded("fp32", "fp32", 80.0, 10.0, 3.0), _threaded("a", "int8", 80.0, 1.0, 0.9),
+        _threaded("b", "int8", 80.0, 1.5, 0.4)]))
+    assert res.thread_counts() == [1, 4] and res.settings() == [(1, 1), (4, 1)]
+    one, four = recommend(res, threads=1), recommend(res, threads=4)
+    assert (one.label, one.threads, one.median_ms) == ("a", 1, 1.0)
+    assert (four.label, four.threads, four.median_ms) == ("b", 4, 0.4)
+    assert four.speedup_vs_fastest_fp32 == pytest.approx(3.0 / 0.4)  # against fp32 at the same setting
+    assert recommend(res).label == "a"  # no threads: the first setting, as before
+    assert recommend(res, threads=8) is None  # not timed there
+    back = BenchResults.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back.by_label()["b"].latency_other_threads[4][1].median_ms == 0.4
+
+
+@pytest.mark.parametrize("other,says", [
+    ({"x": {}}, "thread count 'x'"),
+    ({"0": {}}, "thread count '0'"),
+    ({"2": []}, r"latency_other_threads\['2'\] must be an object"),
+    ({"2": {"1": {**_stats(1.0), "median_ms": -1.0}}}, r"latency_other_threads\['2'\]\['1'\]\.median_ms"),
+    ({"2": {"b": _stats(1.0)}}, "batch size 'b'"),
+])
+def test_bad_other_thread_settings_are_named(other, says):
+    with pytest.raises(ResultsFormatError, match=says):
+        BenchResults.from_dict({"models": [{**OLD_ROW, "latency_other_threads": other}]})
+    with pytest.raises(ResultsFormatError, match="threads"):
+        BenchResults.from_dict({"models": [{**OLD_ROW, "threads": 0}]})
+    with pytest.raises(ResultsFormatError, match=r"ship\[0\]\.threads"):
+        BenchResults.from_dict({"models": [OLD_ROW], "ship": [{"batch": 1, "threads": "all", "label": None}]})

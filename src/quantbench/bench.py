@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,19 +30,25 @@ from .data import DataSource
 from .evaluate import EVAL_SEED
 from .errors import QuantbenchError
 from .record import read_record, sidecar_path
-from .results import BenchResults, LatencyStats, ModelResult, OpCounts, correct_bits, derive, recommend
+from .results import (BenchResults, LatencyStats, ModelResult, OpCounts, correct_bits, derive, recommend,
+                      threads_words)
 from .worker import Worker
 
 
 @dataclass
 class BenchConfig:
     """How deployment files are measured; the CLI's timing options are these fields."""
-    threads: int = field(default=1, metadata={"help": "intra-op threads while timing: N or 'all'"})
-    batch_sizes: tuple[int, ...] = field(default=(1,), metadata={
-        "help": "comma list of batch sizes to time; more than 1 adds throughput"})
+    # None: chosen by the files' input size (timing_defaults): 1 thread and batch 1 for small
+    # images, 1 thread and all cores at batch 1 and 16 from 112x112 up
+    threads: int | str | tuple[int | str, ...] | None = field(default=None, metadata={
+        "help": "intra-op threads while timing: N, 'all' (the cores this process may use), or a comma list "
+                "(1,all), each timed in its own processes (default: 1; 1,all for inputs of 112x112 and more)"})
+    batch_sizes: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "comma list of batch sizes to time; more than 1 adds throughput (default: 1; 1,16 for inputs "
+                "of 112x112 and more)"})
     min_runs: int = field(default=200, metadata={"help": "timed calls per model, at least"})
     timing_s: float = field(default=60.0, metadata={
-        "help": "timing seconds per model and batch size, at most", "alias": "--budget"})
+        "help": "timing seconds per model and (threads, batch size) setting, at most", "alias": "--budget"})
     processes: int = field(default=3, metadata={
         "help": "fresh measuring processes per model; the median of their medians is reported"})
     # "ship this": the fastest int8 file whose accuracy is at most this many points below fp32
@@ -60,11 +67,15 @@ class BenchConfig:
     pin: bool = True                      # run every measuring process on the same core(s)
 
     def __post_init__(self):
-        self.batch_sizes = tuple(self.batch_sizes)
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise QuantbenchError("batch sizes must be numbers >= 1")
+        if self.batch_sizes is not None:
+            self.batch_sizes = tuple(self.batch_sizes)
+            if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                           for b in self.batch_sizes):
+                raise QuantbenchError("batch sizes must be numbers >= 1")
+        if self.threads is not None:
+            self.thread_settings()  # checks them
         # named as the CLI options that set them
-        for name, option in (("threads", "--bench-threads"), ("min_runs", "--min-runs"),
+        for name, option in (("min_runs", "--min-runs"),
                              ("processes", "--processes"), ("accuracy_batch_size", "the accuracy batch size")):
             if getattr(self, name) < 1:
                 raise QuantbenchError(f"{option} must be at least 1, not {getattr(self, name)}")
@@ -77,6 +88,76 @@ class BenchConfig:
             raise QuantbenchError(f"--max-drop must be 0 or more accuracy points, not {self.max_drop!r}")
         if not self.round_s > 0 or self.warmup < 0 or not 0 < self.rel_tol < 1:
             raise QuantbenchError("round_s must be above 0, warmup at least 0, rel_tol between 0 and 1")
+
+    def thread_settings(self) -> tuple[int | str, ...]:
+        """The thread settings as given, a tuple (a single N or 'all' is one setting): 1 when not
+        chosen (timing_defaults chooses for the files' input size)."""
+        given = (1,) if self.threads is None else self.threads
+        settings = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+        if not settings:
+            raise QuantbenchError("--bench-threads needs at least one setting: N or 'all'")
+        for t in settings:
+            if t != "all" and (isinstance(t, bool) or not isinstance(t, int)):
+                raise QuantbenchError(f"--bench-threads takes numbers or 'all', not {t!r}")
+            if t != "all" and t < 1:
+                raise QuantbenchError(f"--bench-threads must be at least 1, not {t}")
+        return settings
+
+    def thread_counts(self) -> list[int]:
+        """The thread counts to time at, in the order given, 'all' resolved (all_threads()) and
+        repeats dropped (1,all on a one-core machine is one setting)."""
+        return list(dict.fromkeys(all_threads() if t == "all" else t for t in self.thread_settings()))
+
+
+# Inputs of at least this many pixels (H x W) are "large": ImageNet-sized models are deployed at
+# batch 1 and at a throughput batch, on one core and on all of them, and these are timed unless
+# the user chose. Smaller inputs (CIFAR's 32x32) keep batch 1 at 1 thread, so their figures and the
+# tests' speed do not change.
+LARGE_INPUT_PIXELS = 112 * 112
+LARGE_INPUT_TIMING = {"threads": (1, "all"), "batch_sizes": (1, 16)}
+SMALL_INPUT_TIMING = {"threads": 1, "batch_sizes": (1,)}
+
+
+def timing_defaults(cfg: BenchConfig, shapes) -> tuple[BenchConfig, dict | None]:
+    """`cfg` with the timing options the user left unset (None) chosen for the files' input
+    `shapes` ([C, H, W] each; the largest decides), and a record of that choice for results.json
+    (None when the user chose both)."""
+    unset = [name for name in ("threads", "batch_sizes") if getattr(cfg, name) is None]
+    if not unset:
+        return cfg, None
+    pixels = max((s[-2] * s[-1] for s in shapes if s and len(s) >= 2), default=0)
+    large = pixels >= LARGE_INPUT_PIXELS
+    chosen = LARGE_INPUT_TIMING if large else SMALL_INPUT_TIMING
+    hw = next(([s[-2], s[-1]] for s in shapes if s and len(s) >= 2 and s[-2] * s[-1] == pixels), None)
+    record = {"input_hw": hw, "large": large, "rule": f"inputs of {math.isqrt(LARGE_INPUT_PIXELS)}x"
+              f"{math.isqrt(LARGE_INPUT_PIXELS)} pixels and more: threads 1,all and batch sizes 1,16; smaller: "
+              "1 thread, batch 1", **{name: chosen[name] for name in unset}}
+    return replace(cfg, **{name: chosen[name] for name in unset}), record
+
+
+def timing_note(record: dict | None, cfg: BenchConfig) -> str | None:
+    """The one line saying which timing defaults large inputs got (None for small inputs, whose
+    defaults are today's)."""
+    if not record or not record.get("large"):
+        return None
+    h, w = record["input_hw"]
+    what = []
+    if "batch_sizes" in record:
+        what.append("batch " + " and ".join(map(str, cfg.batch_sizes)))
+    if "threads" in record:
+        every = all_threads()
+        what.append(" and ".join(threads_words(every, every) if t == "all" else threads_words(t)
+                                 for t in cfg.thread_settings()))
+    flags = " / ".join(f for f, name in (("--batch-sizes", "batch_sizes"), ("--bench-threads", "threads"))
+                       if name in record)
+    return f"inputs of {h}x{w}: timing {' at '.join(what)} (choose with {flags})"
+
+
+def all_threads() -> int:
+    """What --bench-threads all means: the cores this process may use (its affinity), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 class BusyProbe:
@@ -177,7 +258,11 @@ def describe_model(path: Path) -> ModelResult:
 
 
 def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
-    """Measure every model; the results that report.py renders (and results.json serializes)."""
+    """Measure every model; the results that report.py renders (and results.json serializes).
+    Every file is timed at every (threads, batch size) setting: per thread count, `processes`
+    fresh processes per model pinned to that many cores, the thread counts taken in a rotating
+    order from one process round to the next (drift spreads over them as over the models).
+    Accuracy is measured once per model (the thread count does not change it)."""
     from tqdm import tqdm
 
     from .cpu import machine_record
@@ -190,56 +275,78 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
         while row.label in seen:
             row.label, i = f"{base}#{i}", i + 1
         seen.add(row.label)
+    cfg, chosen = timing_defaults(cfg, [r.input_shape for r in rows])
+    note = timing_note(chosen, cfg)
+    if note:
+        print(f"[bench] {note}", file=sys.stderr, flush=True)
 
     processes = cfg.processes
-    cpus = pinned_cpus(cfg.threads) if cfg.pin else None
+    counts = cfg.thread_counts()
+    cpus = {t: pinned_cpus(t) if cfg.pin else None for t in counts}
+    accuracy_at = max(counts)  # the one accuracy pass runs where it is fastest: the same answer
     timeouts = worker_timeouts(cfg)
     per_process = replace(cfg, min_runs=math.ceil(cfg.min_runs / processes), timing_s=cfg.timing_s / processes)
-    timed: dict[str, dict[int, list[LatencyStats]]] = {r.label: {b: [] for b in cfg.batch_sizes} for r in rows}
+    timed: dict[str, dict[tuple[int, int], list[LatencyStats]]] = {
+        r.label: {(t, b): [] for t in counts for b in cfg.batch_sizes} for r in rows}
     evaluated: dict[str, dict] = {}  # label -> the worker's accuracy answer (each model's one pass)
     for k in range(processes):
-        workers: dict[str, Worker] = {}
-        try:
-            for row, p in zip(rows, paths):
-                workers[row.label] = w = Worker(p, cfg.threads, tuple(row.input_shape), cpus,
-                                                timeout_s=timeouts["call"], load_timeout_s=timeouts["load"])
-                if k == 0:  # what does not depend on the process is measured once
-                    row.load_s = w.load_s
-                    row.ops = OpCounts(**w.ask(op="ops")["ops"])
-                    row.status = row.ops.status(row.dtype)
-            # Timing first, smallest batch first: each figure is then what a process that ran only
-            # the file's load lines gives (a pass at a big batch, as accuracy makes, before can
-            # leave batch 1 slower, far slower on oneDNN kernels: docs/torchscript-engine.md).
-            for b in sorted(cfg.batch_sizes):
-                with tqdm(desc=f"timing batch {b}, process {k + 1}/{processes}", unit="round", leave=False,
-                          disable=not cfg.progress) as bar:
-                    stats = measure_latency(workers, per_process, b, bar)
-                for label, st in stats.items():
-                    timed[label][b].append(st)
-            if k == 0 and cfg.accuracy:
-                for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
-                    a = workers[row.label].ask(timeout_s=timeouts["accuracy"], op="accuracy", data_dir=_str(cfg.data.dir),
-                                               data_root=_str(cfg.data.root), image_size=cfg.data.image_size,
-                                               batch_size=cfg.accuracy_batch_size, samples=cfg.eval_samples,
-                                               seed=EVAL_SEED)
-                    row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
-                    evaluated[row.label] = a
-            for row in rows:
-                mem = workers[row.label].close()
-                if k == 0:
-                    row.peak_rss_mb = mem["peak_rss_mb"]  # whole process, accuracy run included
-                    row.model_rss_mb = workers[row.label].model_rss_mb
-        finally:
-            for w in workers.values():
-                w.kill()
+        for t in counts[k % len(counts):] + counts[:k % len(counts)]:
+            first = k == 0 and t == counts[0]
+            words = f", {threads_words(t, all_threads() if 'all' in cfg.thread_settings() else None)}" \
+                if len(counts) > 1 else ""
+            workers: dict[str, Worker] = {}
+            try:
+                for row, p in zip(rows, paths):
+                    workers[row.label] = w = Worker(p, t, tuple(row.input_shape), cpus[t],
+                                                    timeout_s=timeouts["call"], load_timeout_s=timeouts["load"])
+                    if first:  # what does not depend on the process is measured once
+                        row.load_s = w.load_s
+                        row.ops = OpCounts(**w.ask(op="ops")["ops"])
+                        row.status = row.ops.status(row.dtype)
+                # Timing first, smallest batch first: each figure is then what a process that ran only
+                # the file's load lines gives (a pass at a big batch, as accuracy makes, before can
+                # leave batch 1 slower, far slower on oneDNN kernels: docs/torchscript-engine.md).
+                for b in sorted(cfg.batch_sizes):
+                    with tqdm(desc=f"timing batch {b}{words}, process {k + 1}/{processes}", unit="round",
+                              leave=False, disable=not cfg.progress) as bar:
+                        stats = measure_latency(workers, per_process, b, bar)
+                    for label, st in stats.items():
+                        timed[label][(t, b)].append(st)
+                measured = k == 0 and t == accuracy_at and cfg.accuracy
+                if measured:
+                    for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
+                        a = workers[row.label].ask(timeout_s=timeouts["accuracy"], op="accuracy",
+                                                   data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
+                                                   image_size=cfg.data.image_size,
+                                                   batch_size=cfg.accuracy_batch_size, samples=cfg.eval_samples,
+                                                   seed=EVAL_SEED)
+                        row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
+                        evaluated[row.label] = a
+                for row in rows:
+                    mem = workers[row.label].close()
+                    if (measured if cfg.accuracy else first):  # whole process, accuracy run included
+                        row.peak_rss_mb = mem["peak_rss_mb"]
+                        row.model_rss_mb = workers[row.label].model_rss_mb
+            finally:
+                for w in workers.values():
+                    w.kill()
     for row in rows:
-        row.latency = {b: combine_processes(timed[row.label][b], b) for b in cfg.batch_sizes}
+        row.threads = counts[0]
+        row.latency = {b: combine_processes(timed[row.label][(counts[0], b)], b) for b in cfg.batch_sizes}
+        row.latency_other_threads = {t: {b: combine_processes(timed[row.label][(t, b)], b) for b in cfg.batch_sizes}
+                                     for t in counts[1:]}
     predictions, test_images = pair_rows(rows, evaluated)
     config = asdict(cfg)
-    config["pinned_cpus"] = sorted(cpus) if cpus else None
+    config["thread_counts"] = counts
+    if "all" in cfg.thread_settings():
+        config["all_threads"] = all_threads()
+    config["pinned_cpus"] = sorted(cpus[counts[0]]) if cpus[counts[0]] else None
+    if len(counts) > 1:
+        config["pinned_cpus_by_threads"] = {str(t): sorted(c) if c else None for t, c in cpus.items()}
+    config["timing_defaults"] = chosen
     config["eval_seed"] = EVAL_SEED
     config["test_images"] = test_images
-    results = BenchResults(machine=machine_record(cfg.threads), config=config,
+    results = BenchResults(machine=machine_record(counts[0]), config=config,
                            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows, predictions))
     results.ship = ship_record(results)
     return results
@@ -271,11 +378,12 @@ def pair_rows(rows: list[ModelResult], evaluated: dict[str, dict]) -> tuple[dict
 
 
 def ship_record(results: BenchResults) -> list[dict]:
-    """"Ship this" at each batch size as judged now, for results.json (report.py words it)."""
+    """"Ship this" at each (threads, batch size) setting as judged now, for results.json
+    (report.py words it)."""
     out = []
-    for b in results.batch_sizes():
-        rec = recommend(results, batch=b)
-        out.append(asdict(rec) if rec is not None else {"batch": b, "label": None})
+    for t, b in results.settings():
+        rec = recommend(results, batch=b, threads=t)
+        out.append(asdict(rec) if rec is not None else {"batch": b, "threads": t, "label": None})
     return out
 
 

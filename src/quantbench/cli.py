@@ -82,7 +82,7 @@ def config_args(g, cls, names, defaults: dict | None = None, flags: dict | None 
         if is_list:  # parsed by config_values, so a bad item is one line like any other bad option
             _LISTS[dest] = (typ, flag)
             conv = str
-        shown = ",".join(map(str, default)) if is_list else default
+        shown = ",".join(map(str, default)) if is_list and default is not None else default
         extra = "" if default is None or default == () else f" (default: {shown})"
         if choices:
             helptext = helptext or f"one of {', '.join(choices)}"
@@ -189,7 +189,7 @@ def _quantize_args(p: argparse.ArgumentParser, qat_epochs_alias: str | None = No
 def _timing_args(p: argparse.ArgumentParser) -> None:
     from .bench import BenchConfig
     g = p.add_argument_group("timing")
-    config_args(g, BenchConfig, ("threads",), flags={"threads": "--bench-threads"}, defaults={"threads": "1"},
+    config_args(g, BenchConfig, ("threads",), flags={"threads": "--bench-threads"}, types={"threads": str},
                 dest_prefix="bench_")
     config_args(g, BenchConfig, ("batch_sizes", "min_runs", "timing_s", "processes", "max_drop"),
                 flags={"timing_s": "--timing-seconds"})
@@ -205,6 +205,29 @@ def parse_threads(s: str) -> int:
     if n < 1:
         raise QuantbenchError("--bench-threads must be at least 1")
     return n
+
+
+def parse_thread_settings(s: str | None) -> int | str | tuple[int | str, ...] | None:
+    """--bench-threads for bench and replicate: N, 'all' or a comma list of them (1,all); None
+    (not given) leaves the choice to the files' input size (bench.timing_defaults)."""
+    if s is None:
+        return None
+    items = [x.strip() for x in str(s).split(",") if x.strip()]
+    if not items:
+        raise QuantbenchError(f"--bench-threads takes N, 'all' or a comma list of them, not {s!r}")
+    out = []
+    for x in items:
+        if x == "all":
+            out.append("all")
+            continue
+        try:
+            n = int(x)
+        except ValueError as e:
+            raise QuantbenchError(f"--bench-threads takes N, 'all' or a comma list of them (1,all), not {s!r}") from e
+        if n < 1:
+            raise QuantbenchError(f"--bench-threads must be at least 1, not {n}")
+        out.append(n)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def parse_batch_sizes(s: str) -> tuple[int, ...]:
@@ -266,7 +289,7 @@ def _data_source(args):
 
 def _bench_config(args):
     from .bench import BenchConfig
-    return BenchConfig(threads=parse_threads(args.bench_threads), batch_sizes=value(args, "batch_sizes"), min_runs=args.min_runs,
+    return BenchConfig(threads=parse_thread_settings(args.bench_threads), batch_sizes=value(args, "batch_sizes"), min_runs=args.min_runs,
                        timing_s=args.timing_s, processes=args.processes, max_drop=args.max_drop,
                        accuracy=not getattr(args, "no_accuracy", False), eval_samples=args.eval_samples,
                        progress=not args.no_progress,

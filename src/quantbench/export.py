@@ -72,7 +72,8 @@ def prune_for_export(model: nn.Module, shape: tuple[int, ...], enabled: bool = T
         record["verified_on"] = f"random inputs{f' and {read[0]} real images' if read else ''}"
     else:
         record["verified_on"] = "nothing pruned, nothing to verify"
-        record["why"] = "no convolution reads only padding with some taps at this input size"
+        record["why"] = (f"nothing to prune: no convolution has taps that read only padding at "
+                         f"{'x'.join(map(str, shape))} (large inputs, e.g. 224x224, have none)")
     return record
 
 

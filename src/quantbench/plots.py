@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .fileio import atomic_path
-from .results import BenchResults
+from .results import BenchResults, threads_words
 
 MiB = 2 ** 20
 
@@ -69,6 +69,11 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     rows = results.models
     written = []
+    # the figures show batch 1 at the first thread setting (each row's `latency`); named where the
+    # run timed several
+    counts = results.thread_counts()
+    at = f"batch 1, {threads_words(counts[0], (results.config or {}).get('all_threads'))}" if len(counts) > 1 \
+        else "batch 1"
 
     pts = sorted((r.median_ms(), r.accuracy, r.label) for r in rows if r.median_ms() and r.accuracy is not None)
     if pts:
@@ -96,7 +101,7 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
         ax.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="grey", label="Pareto front")
         for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
             axis(FormatStrFormatter("%g"))
-        ax.set_xlabel("latency, batch 1 (ms, median, log scale)")
+        ax.set_xlabel(f"latency, {at} (ms, median, log scale)")
         ax.set_ylabel("top-1 accuracy (%)")
         bars = any(by_label[name].accuracy_delta_ci for _, _, name in pts)
         ax.set_title("Accuracy vs latency" + (" (bars: 95 % interval of the delta vs fp32, paired)" if bars else ""))
@@ -122,7 +127,7 @@ def plot_all(results: BenchResults, out_dir: str | Path) -> list[Path]:
                    showfliers=False, tick_labels=[_text(r.label) for r in lat_rows])
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlabel("latency per call, batch 1 (ms, log scale; box: quartiles, whiskers: p10-p90)")
+        ax.set_xlabel(f"latency per call, {at} (ms, log scale; box: quartiles, whiskers: p10-p90)")
         ax.set_title("Latency distribution")
         _save(fig, out_dir / "latency_distribution.png")
         written.append(out_dir / "latency_distribution.png")

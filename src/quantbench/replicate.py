@@ -154,6 +154,9 @@ def plan(cfg: ReplicateConfig, data, trained: bool = False) -> list[str]:
     ts = targets(cfg)
     n_files = sum(1 if is_flow(t.maker) else len(runtimes.made_files(t.maker)) for t in ts)
     b = cfg.bench
+    if b.threads is None or b.batch_sizes is None:  # chosen by the files' input size, as bench will
+        from .bench import timing_defaults
+        b, _ = timing_defaults(b, [tuple(data.input_shape)])
     threads = b.threads if isinstance(b.threads, (tuple, list)) else (b.threads,)
     settings = len(b.batch_sizes) * len(threads)
     bound_s = n_files * settings * b.timing_s

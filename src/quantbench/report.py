@@ -14,7 +14,8 @@ from pathlib import Path
 from . import runtimes
 from .errors import QuantbenchError, cause
 from .fileio import read_json, sha256, write_bytes, write_json, write_text
-from .results import BenchResults, ModelResult, QuantStatus, ResultsFormatError, max_drop_of, recommend
+from .results import (BenchResults, ModelResult, QuantStatus, ResultsFormatError, max_drop_of, recommend,
+                      threads_words)
 
 MiB = 2 ** 20
 
@@ -125,16 +126,41 @@ def accuracy_basis(results: BenchResults) -> str:
     return text
 
 
-def throughput_table(results: BenchResults) -> str:
-    batches = results.batch_sizes()
-    if batches in ([1], []):
-        return ""
-    lines = ["| Model | " + " | ".join(f"batch {b} (img/s)" for b in batches) + " |",
-             "|---|" + "---:|" * len(batches)]
+def several_threads(results: BenchResults) -> bool:
+    return len(results.thread_counts()) > 1
+
+
+def setting_words(results: BenchResults, threads: int | None, batch: int) -> str:
+    """A timing setting as the report names it: "batch 16" when the run timed one thread
+    setting, else "batch 16, 1 thread" / "batch 16, all 2 cores"."""
+    if not several_threads(results):
+        return f"batch {batch}"
+    return f"batch {batch}, {threads_words(threads, (results.config or {}).get('all_threads'))}"
+
+
+def _setting_table(results: BenchResults, settings, unit: str, cell) -> str:
+    lines = ["| Model | " + " | ".join(f"{md(setting_words(results, t, b))} ({unit})" for t, b in settings) + " |",
+             "|---|" + "---:|" * len(settings)]
     for r in results.models:
-        lines.append(f"| {md(r.label)} | " + " | ".join(
-            _fmt(r.latency[b].throughput_ips if b in r.latency else None, ".0f") for b in batches) + " |")
+        lines.append(f"| {md(r.label)} | " + " | ".join(cell(r.latency_at(t).get(b)) for t, b in settings) + " |")
     return "\n".join(lines)
+
+
+def throughput_table(results: BenchResults) -> str:
+    """Images per second at each setting: every batch size (of one thread setting, or of each
+    when there are several); empty when only batch 1 at one thread setting was timed."""
+    settings = results.settings()
+    if not several_threads(results) and [b for _, b in settings] in ([1], []):
+        return ""
+    return _setting_table(results, settings, "img/s", lambda lat: _fmt(lat and lat.throughput_ips, ".0f"))
+
+
+def latency_table(results: BenchResults) -> str:
+    """Median milliseconds per call at each (threads, batch) setting, when several thread
+    settings were timed (the main table shows the first one's batch 1 only)."""
+    if not several_threads(results):
+        return ""
+    return _setting_table(results, results.settings(), "ms", lambda lat: _fmt(lat and lat.median_ms, ".3f"))
 
 
 BUSY_WARN_CORES = 0.2  # other work above this while timing makes the report say so
@@ -142,7 +168,8 @@ BUSY_WARN_CORES = 0.2  # other work above this while timing makes the report say
 
 def busy_cores(results: BenchResults) -> float | None:
     """The most CPU that other processes used while any batch size was timed (in cores)."""
-    seen = [lat.other_cores for r in results.models for lat in r.latency.values() if lat.other_cores is not None]
+    seen = [lat.other_cores for r in results.models for t in results.thread_counts()
+            for lat in r.latency_at(t).values() if lat.other_cores is not None]
     return max(seen) if seen else None
 
 
@@ -164,32 +191,34 @@ def load_lines(runtime, name: str, sidecar: dict | None) -> str:
 
 
 def recommendation_lines(results: BenchResults, max_drop: float | None = None) -> list[str]:
-    """"Ship this", for batch 1 and for every throughput batch size measured."""
+    """"Ship this", for batch 1 and for every throughput batch size measured, at each thread
+    setting timed."""
     lines = []
     max_drop = max_drop_of(results) if max_drop is None else max_drop
     fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
-    for b in results.batch_sizes():
-        rec = recommend(results, max_drop, b)
+    for t, b in results.settings():
+        rec = recommend(results, max_drop, b, threads=t)
+        at = setting_words(results, t, b)
         if rec is None and not fp32:  # nothing to judge the int8 rows against, nothing to ship
-            lines.append(f"- batch {b}: no fp32 model's accuracy was measured in this run, so no int8 model can be "
+            lines.append(f"- {at}: no fp32 model's accuracy was measured in this run, so no int8 model can be "
                          f"judged against it; measure the fp32 file alongside the int8 ones.")
             continue
         if rec is None:
             best = max(fp32, key=lambda m: m.accuracy)
-            lines.append(f"- batch {b}: no int8 or bf16 model is within {max_drop} point of fp32 accuracy; ship the fp32 model "
+            lines.append(f"- {at}: no int8 or bf16 model is within {max_drop} point of fp32 accuracy; ship the fp32 model "
                          f"(**{md(best.label)}**, {code(Path(best.file).name)}).")
             continue
         vs = (f", {rec.speedup_vs_fastest_fp32:.2f}x the speed of the fastest fp32 model ({md(rec.fastest_fp32)})"
               if rec.speedup_vs_fastest_fp32 else "")
         # the runtimes' own int8 rows (replicate --plain): what quantbench adds over each runtime alone
-        vs += "".join(f", {m.median_ms(b) / rec.median_ms:.2f}x the speed of {md(m.label)}"
-                      for m in results.models if m.sidecar.get("plain") and m.median_ms(b) and m.label != rec.label)
+        vs += "".join(f", {m.median_ms(b, t) / rec.median_ms:.2f}x the speed of {md(m.label)}"
+                      for m in results.models if m.sidecar.get("plain") and m.median_ms(b, t) and m.label != rec.label)
         sidecar = next((m.sidecar for m in results.models if m.label == rec.label), None)
         try:
             hint = load_lines(runtimes.get(rec.runtime), Path(rec.file).name, sidecar)
         except (QuantbenchError, AttributeError, ImportError):  # a runtime not installed here
             hint = None
-        lines.append(f"- batch {b}: **{md(rec.label)}** ({md(rec.runtime)}, {code(Path(rec.file).name)}): "
+        lines.append(f"- {at}: **{md(rec.label)}** ({md(rec.runtime)}, {code(Path(rec.file).name)}): "
                      f"{rec.median_ms:.2f} ms per batch{vs}; "
                      f"accuracy {delta_cell(rec.accuracy_delta, rec.accuracy_delta_ci)} point vs fp32" + (f" on {rec.accuracy_n} images" if rec.accuracy_n else "")
                      + "".join(f"; {t}" for t in ties(rec, subset=_subset(results, rec.accuracy_n)))
@@ -269,13 +298,27 @@ def analysis_sections(run_dir: Path | None) -> list[str]:
     return parts
 
 
+def timing_words(results: BenchResults) -> str:
+    """What the main table's and the details' latency is: "batch 1, 1 thread(s)" as the run's
+    config says, and with several thread settings, which one they show and what else was timed."""
+    cfg = results.config or {}
+    if not several_threads(results):
+        t = results.thread_counts()[0]
+        if t is None:  # a run from before rows said: its config's number
+            return f"batch 1, {md(cfg.get('threads'))} thread(s)"
+        return f"batch 1, {threads_words(t, cfg.get('all_threads'))}"
+    first = results.thread_counts()[0]
+    return (f"{setting_words(results, first, 1)} in the main table and the details (every setting timed: "
+            + "; ".join(setting_words(results, t, b) for t, b in results.settings()) + ")")
+
+
 def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None = None) -> str:
     cfg = results.config
     fastest = next((r.fastest_fp32 for r in results.models if r.fastest_fp32), None)
     parts = ["# quantbench report", "",
              f"Machine: {machine_line(results.machine)}.", "",
-             f"Latency: >= {md(cfg.get('min_runs'))} timed calls per model after warm-up, batch 1, "
-             f"{md(cfg.get('threads'))} thread(s), rounds interleaved across models, in "
+             f"Latency: >= {md(cfg.get('min_runs'))} timed calls per model after warm-up, {timing_words(results)}, "
+             "rounds interleaved across models, in "
              f"{md(cfg.get('processes', 1))} fresh process(es) per model; the median of the per-process medians "
              "(process spread: (max - min) / median of those). "
              + accuracy_basis(results) + " File size: the deployment file and its companions. "
@@ -295,6 +338,10 @@ def render(results: BenchResults, figures: list[Path] = (), run_dir: Path | None
              "(ties within the process spread are ties; accuracy differences inside their 95 % interval are ties, "
              "and said so):", ""] + recommendation_lines(results) + [
              "", "## Details", "", detail_table(results), ""]
+    lt = latency_table(results)
+    if lt:
+        parts += ["## Latency by setting", "", "Median milliseconds per call; each thread setting in its own pinned "
+                  "processes.", "", lt, ""]
     tp = throughput_table(results)
     if tp:
         parts += ["## Throughput", "", tp, ""]
@@ -320,16 +367,20 @@ ROW_COLUMNS = ("label", "runtime", "flow", "method", "dtype", "accuracy", "accur
 
 
 def to_csv(results: BenchResults) -> str:
+    """One line per model; latency columns b{batch}_{figure} at the first thread setting (as
+    before there were several), t{threads}_b{batch}_{figure} at each other one."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    batches = results.batch_sizes()
-    w.writerow(list(ROW_COLUMNS) + [f"b{b}_{k}" for b in batches for k in LATENCY_COLUMNS])
+    first, *others = results.thread_counts()
+    settings = [(first, b, f"b{b}") for b in results.batch_sizes(first)]
+    settings += [(t, b, f"t{t}_b{b}") for t in others for b in results.batch_sizes(t)]
+    w.writerow(list(ROW_COLUMNS) + [f"{name}_{k}" for _, _, name in settings for k in LATENCY_COLUMNS])
     for r in results.models:
         ci = r.accuracy_delta_ci or [None, None]
         cells = {"status": r.status.value, "accuracy_delta_low": ci[0], "accuracy_delta_high": ci[1]}
         row = [cells[c] if c in cells else getattr(r, c) for c in ROW_COLUMNS]
-        w.writerow(row + [getattr(r.latency[b], k) if b in r.latency else None
-                          for b in batches for k in LATENCY_COLUMNS])
+        w.writerow(row + [getattr(r.latency_at(t)[b], k) if b in r.latency_at(t) else None
+                          for t, b, _ in settings for k in LATENCY_COLUMNS])
     return buf.getvalue()
 
 

@@ -1,7 +1,12 @@
 """Typed results: what `bench` measures, what `report`, the plots and benchmarks/ read.
 
 results.json is the serialized form (`BenchResults.to_dict()` / `from_dict()`); JSON object keys
-are strings, so batch sizes become "1", "32" there and ints again here.
+are strings, so batch sizes and thread counts become "1", "32" there and ints again here.
+
+Latency is timed at one or more thread settings: a row's `latency` (batch -> stats) is at the
+run's first thread setting (`threads`; what every reader before there were several reads), and
+`latency_other_threads` (threads -> batch -> stats) holds the others. Files from before them load
+as they are: no `threads` (the run's config and machine record say how many), no other settings.
 """
 from __future__ import annotations
 
@@ -107,7 +112,10 @@ class ModelResult:
     load_s: float | None = None      # loading, and compiling where the runtime compiles
     ops: OpCounts | None = None
     status: QuantStatus = QuantStatus.UNCHECKED
-    latency: dict[int, LatencyStats] = field(default_factory=dict)
+    latency: dict[int, LatencyStats] = field(default_factory=dict)  # at `threads`, the run's first setting
+    threads: int | None = None       # the thread count `latency` was timed at
+    # the run's other thread settings: threads -> batch -> stats (e.g. all cores beside 1 thread)
+    latency_other_threads: dict[int, dict[int, LatencyStats]] = field(default_factory=dict)
     peak_rss_mb: float | None = None
     model_rss_mb: float | None = None
     # derived: ratios against the fp32 row of the same runtime (None when there is none)
@@ -121,8 +129,14 @@ class ModelResult:
     fastest_fp32: str | None = None
     speedup_vs_fastest_fp32: float | None = None
 
-    def median_ms(self, batch: int = 1) -> float | None:
-        lat = self.latency.get(batch)
+    def latency_at(self, threads: int | None = None) -> dict[int, LatencyStats]:
+        """batch -> stats at `threads` (None: the first setting, `latency`); {} if not timed there."""
+        if threads is None or threads == self.threads:
+            return self.latency
+        return self.latency_other_threads.get(threads, {})
+
+    def median_ms(self, batch: int = 1, threads: int | None = None) -> float | None:
+        lat = self.latency_at(threads).get(batch)
         return lat.median_ms if lat else None
 
 
@@ -140,14 +154,28 @@ class BenchResults:
     def by_label(self) -> dict[str, ModelResult]:
         return {m.label: m for m in self.models}
 
-    def batch_sizes(self) -> list[int]:
-        return sorted({b for m in self.models for b in m.latency})
+    def batch_sizes(self, threads: int | None = None) -> list[int]:
+        """The batch sizes timed at `threads` (None: the first thread setting)."""
+        return sorted({b for m in self.models for b in m.latency_at(threads)})
+
+    def thread_counts(self) -> list[int | None]:
+        """The thread settings timed, the first (each row's `latency`) first; [None] for rows
+        that do not say (made in Python without it)."""
+        first = next((m.threads for m in self.models if m.threads is not None), None)
+        others = sorted({t for m in self.models for t in m.latency_other_threads} - {first})
+        return [first] + others
+
+    def settings(self) -> list[tuple[int | None, int]]:
+        """Every (threads, batch size) timed: the first thread setting's batches, then the others'."""
+        return [(t, b) for t in self.thread_counts() for b in self.batch_sizes(t)]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for m, row in zip(self.models, d["models"]):
             row["status"] = m.status.value
             row["latency"] = {str(b): s for b, s in row["latency"].items()}
+            row["latency_other_threads"] = {str(t): {str(b): s for b, s in by_batch.items()}
+                                            for t, by_batch in row["latency_other_threads"].items()}
         return d
 
     @classmethod
@@ -160,6 +188,7 @@ class BenchResults:
         for i, row in enumerate(d["models"]):
             models.append(_model_result(row, f"models[{i}]"))
         machine = _check(d.get("machine", {}), "machine", dict)
+        config = _check(d.get("config", {}), "config", dict)
         for key in ("isa", "versions"):
             _check(machine.get(key), f"machine.{key}", dict, optional=True)
         replicate = _check(d.get("replicate"), "replicate", dict, optional=True)
@@ -171,10 +200,20 @@ class BenchResults:
         for j, s in enumerate(ship or []):
             _check(s, f"ship[{j}]", dict)
             _check(s.get("batch"), f"ship[{j}].batch", int, minimum=1)
+            _check(s.get("threads"), f"ship[{j}].threads", int, optional=True, minimum=1)
             _check(s.get("label"), f"ship[{j}].label", str, optional=True)
-        return cls(machine=machine, config=_check(d.get("config", {}), "config", dict),
+        return cls(machine=machine, config=config,
                    created=_check(d.get("created", ""), "created", str), models=models, replicate=replicate,
                    ship=ship)
+
+
+def threads_words(threads: int | None, all_count: int | None = None) -> str:
+    """"1 thread", "4 threads", or "all 2 cores" where the count is what 'all' meant (all_count)."""
+    if threads is None:
+        return "the run's threads"
+    if all_count is not None and threads == all_count:
+        return f"all {threads} core{'s' if threads != 1 else ''}"
+    return f"{threads} thread{'s' if threads != 1 else ''}"
 
 
 class ResultsFormatError(ValueError):
@@ -222,7 +261,7 @@ _ROW_FIELDS = {
     "fastest_fp32": (str, True, None, None), "speedup_vs_fastest_fp32": (float, True, 0, None),
     "input_shape": (list, True, None, None), "correct": (str, True, None, None),
     "accuracy_delta_ci": (list, True, None, None), "agreement": (float, True, 0, 100),
-    "paired_n": (int, True, 0, None),
+    "paired_n": (int, True, 0, None), "threads": (int, True, 1, None),
 }
 _LATENCY_INTS = ("n", "rounds", "processes")
 _LATENCY_LISTS = ("process_medians_ms", "samples_ms")
@@ -251,11 +290,37 @@ def _model_result(row, where: str) -> ModelResult:
         _check(w, f"{where}.sidecar.warnings[{j}]", str)
     _check(sidecar.get("engine"), f"{where}.sidecar.engine", str, optional=True)
     row["sidecar"] = sidecar
+    row["latency"] = _latency(row.get("latency"), f"{where}.latency")
+    other = {}
+    for t, by_batch in (_check(row.get("latency_other_threads"), f"{where}.latency_other_threads", dict,
+                               optional=True) or {}).items():
+        if not str(t).isdigit() or int(t) < 1:
+            raise ResultsFormatError(f"{where}.latency_other_threads has a thread count {t!r}; thread counts are "
+                                     "whole numbers >= 1")
+        other[int(t)] = _latency(_check(by_batch, f"{where}.latency_other_threads[{t!r}]", dict),
+                                 f"{where}.latency_other_threads[{t!r}]")
+    row["latency_other_threads"] = other
+    ops = _check(row.get("ops"), f"{where}.ops", dict, optional=True)
+    if ops:
+        for f in dataclasses.fields(OpCounts):
+            _check(ops.get(f.name, 0), f"{where}.ops.{f.name}", int, minimum=0)
+    row["ops"] = OpCounts(**{f.name: ops.get(f.name, 0) for f in dataclasses.fields(OpCounts)}) if ops else None
+    status = row.get("status", "unchecked")
+    try:
+        row["status"] = QuantStatus(status)
+    except ValueError as e:
+        raise ResultsFormatError(f"{where}.status must be one of {', '.join(s.value for s in QuantStatus)}, "
+                                 f"not {_shown(status)}") from e
+    return ModelResult(**{k: v for k, v in row.items() if k in _ROW_KNOWN})
+
+
+def _latency(d, where: str) -> dict[int, LatencyStats]:
+    """batch -> LatencyStats from a results.json object, every field checked."""
     latency = {}
-    for b, st in (_check(row.get("latency"), f"{where}.latency", dict, optional=True) or {}).items():
-        at = f"{where}.latency[{b!r}]"
+    for b, st in (_check(d, where, dict, optional=True) or {}).items():
+        at = f"{where}[{b!r}]"
         if not str(b).isdigit() or int(b) < 1:
-            raise ResultsFormatError(f"{where}.latency has a batch size {b!r}; batch sizes are whole numbers >= 1")
+            raise ResultsFormatError(f"{where} has a batch size {b!r}; batch sizes are whole numbers >= 1")
         _check(st, at, dict)
         for f in dataclasses.fields(LatencyStats):
             v = st.get(f.name)
@@ -272,19 +337,7 @@ def _model_result(row, where: str) -> ModelResult:
             latency[int(b)] = LatencyStats(**{k: v for k, v in st.items() if k in _LATENCY_FIELDS and v is not None})
         except TypeError as e:
             raise ResultsFormatError(f"{at}: {e}") from e
-    row["latency"] = latency
-    ops = _check(row.get("ops"), f"{where}.ops", dict, optional=True)
-    if ops:
-        for f in dataclasses.fields(OpCounts):
-            _check(ops.get(f.name, 0), f"{where}.ops.{f.name}", int, minimum=0)
-    row["ops"] = OpCounts(**{f.name: ops.get(f.name, 0) for f in dataclasses.fields(OpCounts)}) if ops else None
-    status = row.get("status", "unchecked")
-    try:
-        row["status"] = QuantStatus(status)
-    except ValueError as e:
-        raise ResultsFormatError(f"{where}.status must be one of {', '.join(s.value for s in QuantStatus)}, "
-                                 f"not {_shown(status)}") from e
-    return ModelResult(**{k: v for k, v in row.items() if k in _ROW_KNOWN})
+    return latency
 
 
 _ROW_KNOWN = {f.name for f in dataclasses.fields(ModelResult)}
@@ -489,6 +542,7 @@ class Recommendation:
     # faster int8 rows left out by their delta alone, whose interval reaches -max_drop: not
     # distinguishable from qualifying on these images
     borderline: list[str] = field(default_factory=list)
+    threads: int | None = None     # the thread setting timed (None: a run that does not say)
 
 
 def max_drop_of(results: BenchResults) -> float:
@@ -510,37 +564,48 @@ def _vs_fp32(m: ModelResult, reference: ModelResult | None) -> tuple[float | Non
     return (pair.delta if pair else m.accuracy - reference.accuracy), pair
 
 
-def recommend(results: BenchResults, max_drop: float | None = None, batch: int = 1) -> Recommendation | None:
-    """The fastest int8 or bf16 model at `batch` whose top-1 is at most `max_drop` points (default:
-    the run's --max-drop, 0.3 for runs made before it existed) below the fp32
+def recommend(results: BenchResults, max_drop: float | None = None, batch: int = 1,
+              threads: int | None = None) -> Recommendation | None:
+    """The fastest int8 or bf16 model at `batch` and `threads` (None: the run's first thread setting)
+    whose top-1 is at most `max_drop` points (default: the
+    run's --max-drop, 0.3 for runs made before it existed) below the fp32
     model's (its own runtime's fp32 row, else the most accurate fp32 row); None when no int8
-    or bf16 row qualifies (or nothing was measured at that batch size). A row qualifies by its measured
+    or bf16 row qualifies (or nothing was measured at that setting). A row qualifies by its measured
     delta; the intervals say how far the measurement settles it (see Recommendation)."""
     if max_drop is None:
         max_drop = max_drop_of(results)
+    if threads is None:
+        threads = results.thread_counts()[0]
+
+    def ms_of(m: ModelResult) -> float | None:
+        return m.median_ms(batch, threads)
+
     fp32 = [m for m in results.models if m.dtype == "fp32" and m.accuracy is not None]
     reference = max(fp32, key=lambda m: m.accuracy, default=None)
-    timed_fp32 = [m for m in results.models if m.dtype == "fp32" and m.median_ms(batch)]
-    fastest = min(timed_fp32, key=lambda m: m.median_ms(batch), default=None)
+    timed_fp32 = [m for m in results.models if m.dtype == "fp32" and ms_of(m)]
+    fastest = min(timed_fp32, key=ms_of, default=None)
     picks, left_out = [], []
     for m in results.models:
-        if m.dtype not in CANDIDATE_DTYPES or m.status is QuantStatus.NOT_QUANTIZED or m.accuracy is None or not m.median_ms(batch):
+        if m.dtype not in CANDIDATE_DTYPES or m.status is QuantStatus.NOT_QUANTIZED or m.accuracy is None:
+            continue
+        if not ms_of(m):  # not timed at this batch size and thread setting
             continue
         delta, pair = _vs_fp32(m, reference)
         if delta is not None and delta >= -max_drop:
-            picks.append((m.median_ms(batch), m, delta, pair))
+            picks.append((ms_of(m), m, delta, pair))
         elif pair is not None and pair.high >= -max_drop:
-            left_out.append((m.median_ms(batch), m))
+            left_out.append((ms_of(m), m))
     if not picks:
         return None
     picks.sort(key=lambda p: p[0])
     ms, m, delta, pair = picks[0]
     rec = Recommendation(label=m.label, file=m.file, runtime=m.runtime, batch=batch, median_ms=ms,
                          accuracy_delta=delta, max_drop=max_drop,
-                         speedup_vs_fastest_fp32=fastest.median_ms(batch) / ms if fastest else None,
+                         speedup_vs_fastest_fp32=ms_of(fastest) / ms if fastest else None,
                          fastest_fp32=fastest.label if fastest else None,
                          accuracy_n=pair.n if pair else m.accuracy_n,
-                         borderline=[x.label for t, x in sorted(left_out, key=lambda p: p[0]) if t < ms])
+                         borderline=[x.label for t, x in sorted(left_out, key=lambda p: p[0]) if t < ms],
+                         threads=threads)
     if pair is not None:
         rec.accuracy_delta_ci = [pair.low, pair.high]
         rec.fp32_tie, rec.threshold_inside = pair.includes(0.0), pair.includes(-max_drop)
