@@ -8,7 +8,8 @@ weights can be downloaded here; the flows, runtimes and timings do not depend on
 accuracy column does), then, in a fresh process under resource accounting,
 
     quantbench replicate --arch A --weights W --data-dir FOLDER --flows eager,fx,pt2e --methods static
-                         --plain openvino --eval-samples N --timing-seconds S --processes P
+                         --plain openvino --eval-samples N --calib-samples C --timing-seconds S
+                         --processes P
 
 (every installed runtime adds its rows; `--plain openvino` adds the int8 file `nncf.quantize` makes
 with its defaults: OpenVINO's own). Prints one Markdown table per model (each row's accuracy,
@@ -51,6 +52,15 @@ def weights_file(arch: str, classes: int, out: Path) -> Path:
     return path
 
 
+def _ms(row: dict, threads, batch) -> float | None:
+    """A row's median at one (threads, batch) setting from results.json."""
+    if threads is None or threads == row.get("threads"):
+        st = (row.get("latency") or {}).get(str(batch))
+    else:
+        st = ((row.get("latency_other_threads") or {}).get(str(threads)) or {}).get(str(batch))
+    return st.get("median_ms") if st else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, required=True)
@@ -60,6 +70,9 @@ def main() -> None:
     ap.add_argument("--timing-seconds", type=float, default=10)
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--flows", default="eager,fx,pt2e")
+    ap.add_argument("--calib-samples", type=int, default=300,
+                    help="calibration images per file (quantbench's default is 1,000; at 224 each calibration "
+                         "with histogram observers costs minutes here)")
     args = ap.parse_args()
     split = args.data_dir / "val" if (args.data_dir / "val").is_dir() else args.data_dir / "test"
     classes = sum(1 for d in split.iterdir() if d.is_dir())
@@ -71,6 +84,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "quantbench", "replicate", "--arch", arch, "--weights", str(w),
                "--data-dir", str(args.data_dir), "--flows", args.flows, "--methods", "static",
                "--plain", "openvino", "--eval-samples", str(args.eval_samples),
+               "--calib-samples", str(args.calib_samples),
                "--timing-seconds", str(args.timing_seconds), "--processes", str(args.processes),
                "--output", str(run_dir), "--resume", "--no-progress"]
         t0 = time.perf_counter()
@@ -80,28 +94,27 @@ def main() -> None:
         peak = next((int(x.split()[1]) for x in p.stderr.splitlines() if x.startswith("PEAK_RSS_KIB")), 0)
         if p.returncode != 0:
             last = [x for x in p.stderr.splitlines() if x.strip() and not x.startswith("PEAK_RSS")][-1:]
-            summary.append(f"| {arch} | failed: {' '.join(last)[:200]} | {wall:.0f} | {peak / 1024:.0f} | | |")
+            summary.append(f"| {arch} | | failed: {' '.join(last)[:200]} | | | {wall:.0f} | {peak / 1024:.0f} |")
             continue
         res = json.loads((run_dir / "results.json").read_text())
         rows = {m["label"]: m for m in res["models"]}
         print(f"\n### {arch}\n\n| row | runtime | dtype | top-1 % | batch 1 ms | MiB |\n|---|---|---|---:|---:|---:|")
         for m in res["models"]:
-            lat = (m.get("latency") or {}).get("1") or {}
             print(f"| {m['label']} | {m['runtime']} | {m['dtype']} | {m.get('accuracy') or 0:.2f} | "
-                  f"{lat.get('median_ms', float('nan')):.2f} | {m['file_bytes'] / 2**20:.1f} |")
-        ship = next((s for s in res.get("ship") or [] if s.get("batch") == 1), {})
-        pick = ship.get("label")
+                  f"{_ms(m, None, 1) or float('nan'):.2f} | {m['file_bytes'] / 2**20:.1f} |")
         plain = rows.get("openvino-int8-plain")
-        ratio = ""
-        if pick and plain:
-            ratio = f"{ship['median_ms'] / plain['latency']['1']['median_ms']:.2f}"
-        summary.append(f"| {arch} | {pick} ({ship.get('median_ms', 0):.2f} ms) | {wall:.0f} | {peak / 1024:.0f} | "
-                       f"{plain['latency']['1']['median_ms'] if plain else 'n/a'} | {ratio} |")
+        for ship in res.get("ship") or []:  # one pick per (threads, batch) setting
+            b, t, pick = ship.get("batch"), ship.get("threads"), ship.get("label")
+            plain_ms = _ms(plain, t, b) if plain else None
+            ratio = f"{ship['median_ms'] / plain_ms:.2f}" if pick and plain_ms else ""
+            summary.append(f"| {arch} | batch {b}, {t or 1} thread(s) | {pick} ({ship.get('median_ms') or 0:.2f} ms) | "
+                           f"{plain_ms if plain_ms else 'n/a'} | {ratio} | {wall:.0f} | {peak / 1024:.0f} |")
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"data {args.data_dir}; {args.eval_samples} images for accuracy; timing {args.timing_seconds} s, "
-          f"{args.processes} process(es), batch 1, 1 thread\n")
-    print("| model | pick (batch 1) | wall s | peak RSS MiB | openvino-int8-plain ms | pick / plain |\n"
-          "|---|---|---:|---:|---:|---:|")
+          f"data {args.data_dir}; {args.calib_samples} calibration and {args.eval_samples} accuracy images; "
+          f"timing {args.timing_seconds} s per setting, {args.processes} process(es); the pick and ratio at batch 1, "
+          f"1 thread\n")
+    print("| model | setting | pick | openvino-int8-plain ms | pick / plain | run wall s | run peak RSS MiB |\n"
+          "|---|---|---|---:|---:|---:|---:|")
     print("\n".join(summary))
 
 
