@@ -121,3 +121,17 @@ def tiny_train_run(tiny_data_dir, tmp_path_factory) -> Path:
 def tiny_trained_checkpoint(tiny_train_run) -> Path:
     """best.pth of `tiny_train_run`: a trained fp32 resnet10 checkpoint for the tiny data."""
     return tiny_train_run / "best.pth"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_cache(tmp_path_factory):
+    """Decoded-image shards (data.ImageCache) and cached predictions go to a folder of the test
+    session, never to the user's ~/.cache (worker subprocesses inherit it)."""
+    from quantbench.data import IMAGE_CACHE_ENV
+    old = os.environ.get(IMAGE_CACHE_ENV)
+    os.environ[IMAGE_CACHE_ENV] = str(tmp_path_factory.mktemp("image-cache"))
+    yield
+    if old is None:
+        os.environ.pop(IMAGE_CACHE_ENV, None)
+    else:
+        os.environ[IMAGE_CACHE_ENV] = old
