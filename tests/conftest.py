@@ -123,15 +123,10 @@ def tiny_trained_checkpoint(tiny_train_run) -> Path:
     return tiny_train_run / "best.pth"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _image_cache(tmp_path_factory):
-    """Decoded-image shards (data.ImageCache) and cached predictions go to a folder of the test
-    session, never to the user's ~/.cache (worker subprocesses inherit it)."""
+@pytest.fixture(autouse=True)
+def _image_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image shards (data.ImageCache) and kept predictions (evaluate.PredictionMemo) go to
+    a folder of each test's own, never to the user's ~/.cache nor to another test's (worker
+    subprocesses inherit it)."""
     from quantbench.data import IMAGE_CACHE_ENV
-    old = os.environ.get(IMAGE_CACHE_ENV)
-    os.environ[IMAGE_CACHE_ENV] = str(tmp_path_factory.mktemp("image-cache"))
-    yield
-    if old is None:
-        os.environ.pop(IMAGE_CACHE_ENV, None)
-    else:
-        os.environ[IMAGE_CACHE_ENV] = old
+    monkeypatch.setenv(IMAGE_CACHE_ENV, str(tmp_path_factory.mktemp("image-cache")))
