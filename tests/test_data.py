@@ -397,3 +397,16 @@ def test_reading_a_cached_split_does_not_grow_memory_with_its_size(tiny_data_dir
         peak = max(peak, _current_rss_mb())
     assert torch.equal(x, torch.from_numpy(block[500:]))
     assert peak - before < 60, f"resident memory grew by {peak - before:.0f} MB reading 295 MB of shards"
+
+
+def test_image_cache_options_reach_the_data_source_of_every_command(tmp_path):
+    from quantbench.cli import _data_source, build_parser
+    _, subs = build_parser()
+    for cmd, extra in (("eval", ["m.pth"]), ("quantize", ["m.pth", "--method", "static", "--output", "x.pt"]),
+                       ("bench", ["m.pt"]), ("replicate", []), ("tune", ["m.pth"]), ("sensitivity", ["m.pth"])):
+        args = subs[cmd].parse_args(extra + ["--image-cache", str(tmp_path), "--image-cache-gb", "2"])
+        src = _data_source(args)
+        assert (src.image_cache, src.image_cache_gb) == (tmp_path, 2.0), cmd
+        assert _data_source(subs[cmd].parse_args(extra + ["--image-cache", "off"])).image_cache is None
+    with pytest.raises(QuantbenchError, match="--image-cache-gb"):
+        _data_source(subs["eval"].parse_args(["m.pth", "--image-cache-gb", "-1"]))
