@@ -58,3 +58,15 @@ def test_changed_test_images_or_an_unreadable_memo_mean_measuring_again(tmp_path
     assert PredictionMemo(path, data, q).get() is None
     memo.file.write_text('{"accuracy": 50.0, "n": 3')  # truncated
     assert memo.get() is None
+
+
+def test_kept_predictions_count_toward_the_image_cache_cap(tmp_path, monkeypatch, tiny_data_dir):
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    answer = {"accuracy": 50.0, "n": 2, "total": 2, "indices": [0, 1], "predictions": [0, 1], "labels": [0, 0]}
+    data = DataSource(tiny_data_dir, image_cache=tmp_path / "cache", image_cache_gb=150 / 2**30)  # 150 bytes
+    memos = [PredictionMemo(_colour_model(tmp_path, f"m{i}", float(i), "int8"), data, {}) for i in range(3)]
+    for m in memos:
+        m.put(answer)
+    left = list((tmp_path / "cache" / "predictions").glob("*.json"))
+    assert 75 < memos[-1].file.stat().st_size <= 150  # one fits, two do not: the newest stays
+    assert left == [memos[-1].file]

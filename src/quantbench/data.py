@@ -218,7 +218,7 @@ class ImageCache:
         try:
             with atomic_path(path, nbytes=images.nbytes) as tmp, open(tmp, "wb") as f:
                 np.save(f, images, allow_pickle=False)
-            self._evict(keep=path)
+            self.evict(keep=path)
         except (QuantbenchError, OSError) as e:
             self.broken = True
             warnings.warn(f"decoded-image cache {self.root} turned off for this run: {e}", stacklevel=2)
@@ -227,18 +227,25 @@ class ImageCache:
         return sum(size for _, size, _ in self._shards())
 
     def _shards(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every shard, and of the predictions kept beside them
+        (evaluate.PredictionMemo, in predictions/): the cap covers both."""
         out = []
-        with os.scandir(self.root) as entries:
-            for e in entries:
-                if e.name.endswith(".npy") and not e.name.startswith("."):
-                    try:
-                        st = e.stat()
-                    except OSError:
-                        continue
-                    out.append((st.st_mtime, st.st_size, Path(e.path)))
+        for folder, suffix in ((self.root, ".npy"), (self.root / "predictions", ".json")):
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        if e.name.endswith(suffix) and not e.name.startswith("."):  # .NAME.tmp: being written
+                            try:
+                                st = e.stat()
+                            except OSError:
+                                continue
+                            out.append((st.st_mtime, st.st_size, Path(e.path)))
+            except OSError:
+                continue
         return out
 
-    def _evict(self, keep: Path) -> None:
+    def evict(self, keep: Path) -> None:
+        """Delete the least recently used files until the rest fit the cap (never `keep`)."""
         shards = self._shards()
         total = sum(size for _, size, _ in shards)
         for _, size, p in sorted(shards):
@@ -252,7 +259,9 @@ class ImageCache:
 class LazyImages:
     """uint8 images (N, 3, crop, crop) of a split, decoded from their files when a batch asks
     for them (through the model's own preprocessing), never all at once: memory does not grow
-    with the split. Indexing with one number gives that image; with indices, slices or a mask,
+    with the split. With an ImageCache, images come from its shards where it has them, and
+    every shard of this view whose images have all been decoded is written there (a streaming
+    read holds at most PENDING_SHARDS shards in memory meanwhile: 147 MiB at 224 x 224). Indexing with one number gives that image; with indices, slices or a mask,
     a view of those images (still undecoded); `take(indices)` decodes a batch, in threads."""
 
     def __init__(self, paths: Sequence[Path], preprocess: "Preprocess", index: np.ndarray | None = None,

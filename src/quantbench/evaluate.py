@@ -133,7 +133,8 @@ class PredictionMemo:
 
     def __init__(self, path, source, question: dict):
         self.file: Path | None = None
-        if source.image_cache is None:
+        self.cache = source.cache()
+        if self.cache is None:
             return
         import json
 
@@ -167,10 +168,13 @@ class PredictionMemo:
     def put(self, answer: dict) -> None:
         if self.file is None:
             return
+        import json
         import warnings
 
-        from .fileio import write_json
+        from .fileio import write_text
         try:
-            write_json(self.file, {k: answer[k] for k in _ANSWER})
+            write_text(self.file, json.dumps({k: answer[k] for k in _ANSWER}, separators=(",", ":")))
+            if self.cache is not None:
+                self.cache.evict(keep=self.file)  # the image cache's cap covers the predictions too
         except (QuantbenchError, OSError, KeyError) as e:
             warnings.warn(f"predictions not kept for reuse: {e}", stacklevel=2)
