@@ -70,3 +70,27 @@ def test_kept_predictions_count_toward_the_image_cache_cap(tmp_path, monkeypatch
     left = list((tmp_path / "cache" / "predictions").glob("*.json"))
     assert 75 < memos[-1].file.stat().st_size <= 150  # one fits, two do not: the newest stays
     assert left == [memos[-1].file]
+
+
+def test_an_fp32_file_made_again_from_the_same_weights_is_not_evaluated_again(tmp_path, monkeypatch,
+                                                                              tiny_data_dir):
+    """TorchScript writes other bytes each time (a serialization id), so the fp32 row of the next
+    run on the same weights is known by what made it: the checkpoint's sha256 and the target."""
+    from conftest import TINY_CLASSES
+    from quantbench.export import write_sidecar
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    data = DataSource(tiny_data_dir, image_cache=tmp_path / "cache")
+
+    def made(run, sha, dtype="fp32", bias=0.0):
+        path = tmp_path / run / "fp32.sleep"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"ms": 0, "bias": bias, "serialization_id": run}))
+        write_sidecar(path, label="fp32", method="origin", flow="eager", runtime="sleepy", dtype=dtype,
+                      classes=list(TINY_CLASSES), input_shape=[3, 32, 32], source_sha256=sha,
+                      source_checkpoint=str(tmp_path / run / "best.pth"), target={"maker": "eager", "method": "origin"})
+        return PredictionMemo(path, data, {"samples": None})
+    answer = {"accuracy": 50.0, "n": 2, "total": 2, "indices": [0, 1], "predictions": [0, 1], "labels": [0, 0]}
+    made("run1", "a" * 64).put(answer)
+    assert made("run2", "a" * 64).get() == answer
+    assert made("run3", "b" * 64).get() is None          # other weights
+    assert made("run4", "a" * 64, dtype="int8").get() is None  # int8 files: by their bytes only

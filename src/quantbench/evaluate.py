@@ -105,6 +105,8 @@ PREDICTIONS_FORMAT = "1"
 # the same bytes, as in tests, are measured each), not when or how fast it was made.
 _INPUT_FIELDS = ("normalize_mean", "normalize_std", "image_size", "preprocess", "classes", "num_classes",
                  "input_shape", "label", "dtype", "runtime")
+# Sidecar fields that change each time a file is made, whatever it holds.
+_VOLATILE = ("file", "source_checkpoint", "created", "export_s", "quantize_s")
 _ANSWER = ("accuracy", "n", "total", "indices", "predictions", "labels")
 
 
@@ -124,8 +126,8 @@ def _versions() -> dict:
 class PredictionMemo:
     """One deployment file's per-image predictions on one question (the measuring worker's
     accuracy answer), kept on disk beside the decoded images (DataSource.image_cache/predictions/),
-    keyed by the sha256 of the file's content (with its companions), what its sidecar says about
-    its input, the data's fingerprint (DataSource.fingerprint: identity, preprocessing, every test
+    keyed by the sha256 of the file's content (with its companions; for an fp32 file made from a
+    checkpoint, what made it: see __init__), what its sidecar says about its input, the data's fingerprint (DataSource.fingerprint: identity, preprocessing, every test
     file's size and time), the question (subset size, seed, batch size) and the package versions.
     A file measured before (the fp32 model, every run on the same weights; each file of
     `replicate --resume`) is then not evaluated again: bench records where the figure came from.
@@ -143,10 +145,18 @@ class PredictionMemo:
         from .fileio import sha256
         path = Path(path)
         h = hashlib.sha256(f"predictions:{PREDICTIONS_FORMAT}".encode())
-        for f in sorted(runtimes.for_path(path).files(path)):
-            if f.is_file():
-                h.update(f"{f.suffix}:{sha256(f)}\n".encode())
         side = read_sidecar(path)
+        if side.get("dtype") == "fp32" and side.get("source_sha256"):
+            # An fp32 file is a function of what made it (the checkpoint's sha256, the target, the
+            # runtime and its options, the pruning...): its bytes are not, TorchScript writes a new
+            # serialization id each time, so the fp32 row of every run on the same weights has
+            # other bytes and the same predictions.
+            made = {k: v for k, v in side.items() if k not in _VOLATILE}
+            h.update(("made:" + json.dumps(made, sort_keys=True, default=str)).encode())
+        else:
+            for f in sorted(runtimes.for_path(path).files(path)):
+                if f.is_file():
+                    h.update(f"{f.suffix}:{sha256(f)}\n".encode())
         h.update(json.dumps({k: side.get(k) for k in _INPUT_FIELDS}, sort_keys=True, default=str).encode())
         h.update(source.fingerprint().encode())
         h.update(json.dumps({**question, **_versions()}, sort_keys=True, default=str).encode())
