@@ -121,3 +121,12 @@ def tiny_train_run(tiny_data_dir, tmp_path_factory) -> Path:
 def tiny_trained_checkpoint(tiny_train_run) -> Path:
     """best.pth of `tiny_train_run`: a trained fp32 resnet10 checkpoint for the tiny data."""
     return tiny_train_run / "best.pth"
+
+
+@pytest.fixture(autouse=True)
+def _image_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image shards (data.ImageCache) and kept predictions (evaluate.PredictionMemo) go to
+    a folder of each test's own, never to the user's ~/.cache nor to another test's (worker
+    subprocesses inherit it)."""
+    from quantbench.data import IMAGE_CACHE_ENV
+    monkeypatch.setenv(IMAGE_CACHE_ENV, str(tmp_path_factory.mktemp("image-cache")))

@@ -282,3 +282,131 @@ def test_cifar10_source(tmp_path, monkeypatch):
     assert ds.test.images.shape == (4, 3, 32, 32) and ds.test.images.dtype == torch.uint8
     assert ds.test.images[0, :, 0, 0].tolist() == [1, 2, 3]  # HWC -> CHW
     assert ds.train.labels.dtype == torch.int64 and ds.train.labels.tolist() == [0, 1] * 3
+
+
+# ---------------------------------------------------------------- the decoded-image cache
+PRE = data.Preprocess(crop=16, resize=20)
+
+
+def _lazy(folder: Path, cache_dir: Path | None, **kw):
+    src = data.DataSource(folder, preprocess=PRE, image_cache=cache_dir if cache_dir is not None else "off", **kw)
+    return src.load(train=False, progress=False).test.images
+
+
+def _shards(d: Path) -> list[Path]:
+    return sorted(d.glob("*.npy"))
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(data, "SHARD_IMAGES", 5)  # 24 test images: shards of 5,5,5,5,4
+
+
+def test_a_streamed_split_is_decoded_once_then_read_from_shards(tiny_data_dir, tmp_path, small_shards, monkeypatch):
+    plain = _lazy(tiny_data_dir, None)
+    expected = plain.take(np.arange(len(plain)))
+    images = _lazy(tiny_data_dir, tmp_path / "c")
+    for start in range(0, len(images), 7):  # batches that straddle shards, as eval's do
+        got = images.take(np.arange(start, min(start + 7, len(images))))
+        assert torch.equal(got, expected[start:start + 7])
+    shards = _shards(tmp_path / "c")
+    assert sorted(np.load(p).shape for p in shards) == [(4, 3, 16, 16)] + [(5, 3, 16, 16)] * 4
+    # another reader (another worker, the next run) decodes nothing, in any order, any view
+    monkeypatch.setattr(data, "_decode_preprocessed", _no_decode)
+    again = _lazy(tiny_data_dir, tmp_path / "c")
+    assert torch.equal(again.take(np.arange(len(again))), expected)
+    assert torch.equal(again.take([23, 0, 11]), expected[[23, 0, 11]])
+    assert torch.equal(again[3], expected[3])
+
+
+def test_a_truncated_or_foreign_shard_is_made_again(tiny_data_dir, tmp_path, small_shards):
+    images = _lazy(tiny_data_dir, tmp_path / "c")
+    expected = images.take(np.arange(len(images)))
+    shards = _shards(tmp_path / "c")
+    shards[0].write_bytes(shards[0].read_bytes()[:300])     # truncated: a writer killed mid-copy
+    np.save(shards[1], np.zeros((2, 3, 16, 16), np.uint8))  # the wrong shape
+    shards[2].write_bytes(b"not a numpy file")
+    again = _lazy(tiny_data_dir, tmp_path / "c")
+    assert torch.equal(again.take(np.arange(len(again))), expected)
+    assert sorted(np.load(p).shape[0] for p in _shards(tmp_path / "c")) == [4, 5, 5, 5, 5]
+
+
+def test_a_changed_file_or_preprocessing_misses_the_cache(tiny_data_copy, tmp_path, small_shards):
+    images = _lazy(tiny_data_copy, tmp_path / "c")
+    images.take(np.arange(len(images)))
+    first = set(_shards(tmp_path / "c"))
+    victim = sorted((tiny_data_copy / "test" / "red").iterdir())[0]  # image 16: shard 3
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(victim)
+    again = _lazy(tiny_data_copy, tmp_path / "c")
+    got = again.take(np.arange(len(again)))
+    assert got[16].max() == 0  # the new image, not the cached one
+    assert len(set(_shards(tmp_path / "c")) - first) == 1
+    other = data.DataSource(tiny_data_copy, preprocess=data.Preprocess(crop=12, resize=20),
+                            image_cache=tmp_path / "c").load(train=False, progress=False).test.images
+    assert other.take(np.arange(len(other))).shape == (24, 3, 12, 12)
+
+
+def test_the_cache_keeps_to_its_cap_dropping_the_least_recently_used(tiny_data_dir, tmp_path, small_shards):
+    shard_bytes = 5 * 3 * 16 * 16 + 128
+    images = _lazy(tiny_data_dir, tmp_path / "c", image_cache_gb=2.5 * shard_bytes / 2**30)
+    images.take(np.arange(len(images)))
+    left = _shards(tmp_path / "c")
+    assert len(left) == 2 and sum(p.stat().st_size for p in left) <= 2.5 * shard_bytes
+    assert data.ImageCache(tmp_path / "c").size_bytes() == sum(p.stat().st_size for p in left)
+
+
+def test_image_cache_options_are_checked_and_off_means_off(tiny_data_dir, tmp_path, monkeypatch):
+    with pytest.raises(QuantbenchError, match="--image-cache-gb"):
+        data.DataSource(tiny_data_dir, image_cache_gb=0)
+    assert data.DataSource(image_cache="off").cache() is None
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, str(tmp_path / "env"))
+    assert data.DataSource().image_cache == tmp_path / "env"
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, "off")
+    assert data.DataSource().image_cache is None
+    assert data.DataSource(image_cache=tmp_path).identity() == data.DataSource(image_cache=None).identity()
+
+
+def test_an_unwritable_cache_turns_itself_off_and_the_images_still_come(tiny_data_dir, tmp_path, small_shards):
+    (tmp_path / "file").write_text("in the way")
+    images = _lazy(tiny_data_dir, tmp_path / "file" / "c")
+    with pytest.warns(UserWarning, match="turned off"):
+        got = images.take(np.arange(len(images)))
+    assert got.shape == (24, 3, 16, 16)
+
+
+def test_reading_a_cached_split_does_not_grow_memory_with_its_size(tiny_data_dir, tmp_path, monkeypatch):
+    """Shards are memory-mapped per batch and unmapped after: a reader's resident memory holds
+    a batch, not the split (the split here is repeated to 24,000 images of 3x64x64, 295 MB)."""
+    monkeypatch.setattr(data, "SHARD_IMAGES", 1000)
+    files = sorted((tiny_data_dir / "test").rglob("*.*"))
+    paths = [files[i % len(files)] for i in range(24_000)]
+    pre = data.Preprocess(crop=64, resize=64)
+    cache = data.ImageCache(tmp_path / "c")
+    one = data.LazyImages(paths[:1000], pre, cache=cache)
+    block = one.take(np.arange(1000)).numpy()
+    # the 24 shards, written directly (decoding 24,000 images would be slow)
+    whole = data.LazyImages(paths, pre, cache=cache)
+    for s in range(24):
+        cache.write(whole._key(s), block)
+    from quantbench.worker import _current_rss_mb
+    monkeypatch.setattr(data, "_decode_preprocessed", _no_decode)
+    before = _current_rss_mb()
+    peak = before
+    for start in range(0, 24_000, 500):
+        x = whole.take(np.arange(start, start + 500))
+        peak = max(peak, _current_rss_mb())
+    assert torch.equal(x, torch.from_numpy(block[500:]))
+    assert peak - before < 60, f"resident memory grew by {peak - before:.0f} MB reading 295 MB of shards"
+
+
+def test_image_cache_options_reach_the_data_source_of_every_command(tmp_path):
+    from quantbench.cli import _data_source, build_parser
+    _, subs = build_parser()
+    for cmd, extra in (("eval", ["m.pth"]), ("quantize", ["m.pth", "--method", "static", "--output", "x.pt"]),
+                       ("bench", ["m.pt"]), ("replicate", []), ("tune", ["m.pth"]), ("sensitivity", ["m.pth"])):
+        args = subs[cmd].parse_args(extra + ["--image-cache", str(tmp_path), "--image-cache-gb", "2"])
+        src = _data_source(args)
+        assert (src.image_cache, src.image_cache_gb) == (tmp_path, 2.0), cmd
+        assert _data_source(subs[cmd].parse_args(extra + ["--image-cache", "off"])).image_cache is None
+    with pytest.raises(QuantbenchError, match="--image-cache-gb"):
+        _data_source(subs["eval"].parse_args(["m.pth", "--image-cache-gb", "-1"]))

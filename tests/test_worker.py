@@ -149,3 +149,30 @@ def test_the_worker_dies_with_its_parent(tmp_path, plugged):
         parent.kill()
         parent.wait()
         parent.stdout.close()
+
+
+def test_measuring_workers_share_the_decoded_image_cache(tmp_path, plugged, tiny_data_dir):
+    """The accuracy op reads a pretrained model's images through the image cache it is given:
+    the first worker writes the shards, the next one (another row, the next run) reads them."""
+    from quantbench import data
+    from quantbench.export import write_sidecar
+    from quantbench.worker import Worker
+    from conftest import TINY_CLASSES
+    pre = data.Preprocess(crop=16, resize=20)
+    path = _model(tmp_path, call_s=0)
+    write_sidecar(path, label="zeros", method="origin", flow="test", runtime=NAME, dtype="fp32",
+                  classes=list(TINY_CLASSES), input_shape=[3, 16, 16], preprocess=pre.to_dict())
+    cache = tmp_path / "images"
+    answers = []
+    for _ in range(2):
+        w = Worker(path, 1, (3, 16, 16), timeout_s=60)
+        try:
+            answers.append(w.ask(op="accuracy", data_dir=str(tiny_data_dir), image_cache=str(cache), image_cache_gb=1,
+                                 batch_size=5, samples=None, seed=0))
+            if len(answers) == 1:
+                shards = {p: p.stat().st_ino for p in cache.glob("*.npy")}
+        finally:
+            w.close()
+    # 24 test images: one shard, read by the second worker, not written again (same inode)
+    assert len(shards) == 1 and {p: p.stat().st_ino for p in cache.glob("*.npy")} == shards
+    assert answers[0] == answers[1] and answers[0]["n"] == 24

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import DataSource
-from .evaluate import EVAL_SEED
+from .evaluate import EVAL_SEED, PredictionMemo
 from .errors import QuantbenchError
 from .record import read_record, sidecar_path
 from .results import (BenchResults, LatencyStats, ModelResult, OpCounts, correct_bits, derive, recommend,
@@ -289,6 +289,7 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
     timed: dict[str, dict[tuple[int, int], list[LatencyStats]]] = {
         r.label: {(t, b): [] for t in counts for b in cfg.batch_sizes} for r in rows}
     evaluated: dict[str, dict] = {}  # label -> the worker's accuracy answer (each model's one pass)
+    reused: dict[str, str] = {}  # label -> where its predictions were kept (evaluate.PredictionMemo)
     for k in range(processes):
         for t in counts[k % len(counts):] + counts[:k % len(counts)]:
             first = k == 0 and t == counts[0]
@@ -314,12 +315,21 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
                         timed[label][(t, b)].append(st)
                 measured = k == 0 and t == accuracy_at and cfg.accuracy
                 if measured:
-                    for row in tqdm(rows, desc="accuracy", unit="model", leave=False, disable=not cfg.progress):
-                        a = workers[row.label].ask(timeout_s=timeouts["accuracy"], op="accuracy",
-                                                   data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
-                                                   image_size=cfg.data.image_size,
-                                                   batch_size=cfg.accuracy_batch_size, samples=cfg.eval_samples,
-                                                   seed=EVAL_SEED)
+                    for row, p in tqdm(list(zip(rows, paths)), desc="accuracy", unit="model", leave=False,
+                                       disable=not cfg.progress):
+                        question = dict(batch_size=cfg.accuracy_batch_size, samples=cfg.eval_samples,
+                                        seed=EVAL_SEED)
+                        memo = PredictionMemo(p, cfg.data, question)  # this file measured on these images before?
+                        a = memo.get()
+                        if a is not None:
+                            reused[row.label] = str(memo.file)
+                        else:
+                            a = workers[row.label].ask(timeout_s=timeouts["accuracy"], op="accuracy",
+                                                       data_dir=_str(cfg.data.dir), data_root=_str(cfg.data.root),
+                                                       image_size=cfg.data.image_size,
+                                                       image_cache=_str(cfg.data.image_cache),
+                                                       image_cache_gb=cfg.data.image_cache_gb, **question)
+                            memo.put(a)
                         row.accuracy, row.accuracy_n = a["accuracy"], a["n"]
                         evaluated[row.label] = a
                 for row in rows:
@@ -346,6 +356,8 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig) -> BenchResults:
     config["timing_defaults"] = chosen
     config["eval_seed"] = EVAL_SEED
     config["test_images"] = test_images
+    # rows whose accuracy was not measured again: the same file measured on the same images before
+    config["accuracy_reused"] = reused
     results = BenchResults(machine=machine_record(counts[0]), config=config,
                            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), models=derive(rows, predictions))
     results.ship = ship_record(results)

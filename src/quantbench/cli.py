@@ -154,6 +154,7 @@ def runtime_option_values(args) -> dict:
 
 # ------------------------------------------------------------------ shared options
 def _data_args(p: argparse.ArgumentParser) -> None:
+    from .data import IMAGE_CACHE_GB
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, help="ImageFolder tree with train/ and test/ (or val/)")
     g.add_argument("--data-root", type=Path, default=Path("data"),
@@ -161,6 +162,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int,
                    help="resize images to N x N (default: the images' own size when they all agree; for a "
                         "trained model, the size it was trained at)")
+    g.add_argument("--image-cache", metavar="DIR|off",
+                   help="where images read through a pretrained model's preprocessing (resize + crop) are kept "
+                        "decoded, at its input size, for every later row and run: about 147 KiB per image at "
+                        "224x224 (7 GiB for ImageNet's 50,000 val images); 'off' decodes every time (default: "
+                        "$QUANTBENCH_IMAGE_CACHE, else ~/.cache/quantbench/images). Each file's predictions are "
+                        "kept there too, so a file measured before is not evaluated again")
+    g.add_argument("--image-cache-gb", type=float, default=IMAGE_CACHE_GB, metavar="GB",
+                   help=f"cap on the image cache's size: past it the least recently used shards are deleted "
+                        f"(default: {IMAGE_CACHE_GB:g})")
 
 
 def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
@@ -284,7 +294,9 @@ def _list(s: str) -> tuple[str, ...]:
 
 def _data_source(args):
     from .data import DataSource
-    return DataSource(args.data_dir, args.data_root, getattr(args, "image_size", None))
+    return DataSource(args.data_dir, args.data_root, getattr(args, "image_size", None),
+                      image_cache=args.image_cache if args.image_cache is not None else "auto",
+                      image_cache_gb=args.image_cache_gb)
 
 
 def _bench_config(args):

@@ -29,6 +29,10 @@ import numbers
 import os
 import re
 import signal
+import stat
+import threading
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import QuantbenchError
-from .fileio import save_torch
+from .fileio import atomic_path, save_torch
 
 # The original's normalization (RECIPE.md): used for torchvision's CIFAR-10, and for an
 # ImageFolder's test split when no train/ split exists to compute statistics from.
@@ -143,15 +147,130 @@ def _decode_preprocessed(path: Path, pre: "Preprocess") -> np.ndarray:
         raise QuantbenchError(f"cannot read image {path}: {e}") from e
 
 
+# The decoded-image cache: images read through a model's preprocessing (LazyImages), stored at
+# the model's input size as uint8 [n, 3, crop, crop] shards of SHARD_IMAGES consecutive images of
+# the split being read (.npy, read back memory-mapped), so that every later reader of the same
+# images (the other rows' measuring workers, the next run) copies them instead of decoding.
+SHARD_IMAGES = 512          # 512 x 147 KiB = 74 MiB per shard at 224 x 224
+SHARD_FORMAT = "1"          # in every shard's key: bump when decoding changes what a shard holds
+PENDING_SHARDS = 2          # shards being filled in memory at once, per split read
+IMAGE_CACHE_ENV = "QUANTBENCH_IMAGE_CACHE"   # a folder, or "off"; --image-cache overrides it
+IMAGE_CACHE_GB = 10.0       # the default cap: ImageNet's val split at 224 x 224 is 7.0 GiB
+_CACHE_OFF = ("off", "none", "no", "0")
+
+
+def default_image_cache() -> Path | None:
+    """$QUANTBENCH_IMAGE_CACHE ("off": no cache), else ~/.cache/quantbench/images
+    ($XDG_CACHE_HOME/quantbench/images)."""
+    v = os.environ.get(IMAGE_CACHE_ENV)
+    if v is not None and v.strip():
+        return None if v.strip().lower() in _CACHE_OFF else Path(v).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantbench" / "images"
+
+
+class ImageCache:
+    """A folder of decoded-image shards `KEY.npy`, at most `max_bytes` in all: after each write the
+    least recently used shards (oldest modification time; a read touches its shard) are deleted
+    until the rest fit. A shard is written whole (temp file + fsync + rename, fileio), so
+    concurrent readers and writers (two measuring workers) never see half a shard; two writers of
+    the same shard write the same bytes, the last rename wins. A shard that does not read back
+    with the shape it should have (truncated, corrupt) is deleted and made again. A folder that
+    cannot be written (or a full disk) turns the cache off for this process, with one warning."""
+
+    def __init__(self, root: str | os.PathLike, max_gb: float = IMAGE_CACHE_GB):
+        self.root, self.max_bytes = Path(root), int(max_gb * 2**30)
+        self.broken = False
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npy"
+
+    def read(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The shard memory-mapped (read-only), or None when absent or unusable (then removed)."""
+        path = self.path(key)
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except OSError:  # absent, or the folder is unusable (write() says so)
+            return None
+        except (ValueError, EOFError):  # truncated (shorter than its header says), not .npy
+            self._drop(path)
+            return None
+        if a.shape != tuple(shape) or a.dtype != np.uint8:
+            del a
+            self._drop(path)
+            return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
+        return a
+
+    @staticmethod
+    def _drop(path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def write(self, key: str, images: np.ndarray) -> None:
+        if self.broken:
+            return
+        path = self.path(key)
+        try:
+            with atomic_path(path, nbytes=images.nbytes) as tmp, open(tmp, "wb") as f:
+                np.save(f, images, allow_pickle=False)
+            self.evict(keep=path)
+        except (QuantbenchError, OSError) as e:
+            self.broken = True
+            warnings.warn(f"decoded-image cache {self.root} turned off for this run: {e}", stacklevel=2)
+
+    def size_bytes(self) -> int:
+        return sum(size for _, size, _ in self._shards())
+
+    def _shards(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every shard, and of the predictions kept beside them
+        (evaluate.PredictionMemo, in predictions/): the cap covers both."""
+        out = []
+        for folder, suffix in ((self.root, ".npy"), (self.root / "predictions", ".json")):
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        if e.name.endswith(suffix) and not e.name.startswith("."):  # .NAME.tmp: being written
+                            try:
+                                st = e.stat()
+                            except OSError:
+                                continue
+                            out.append((st.st_mtime, st.st_size, Path(e.path)))
+            except OSError:
+                continue
+        return out
+
+    def evict(self, keep: Path) -> None:
+        """Delete the least recently used files until the rest fit the cap (never `keep`)."""
+        shards = self._shards()
+        total = sum(size for _, size, _ in shards)
+        for _, size, p in sorted(shards):
+            if total <= self.max_bytes:
+                break
+            if p != keep:
+                self._drop(p)  # a reader that has it mapped keeps its pages
+                total -= size
+
+
 class LazyImages:
     """uint8 images (N, 3, crop, crop) of a split, decoded from their files when a batch asks
     for them (through the model's own preprocessing), never all at once: memory does not grow
-    with the split. Indexing with one number gives that image; with indices, slices or a mask,
+    with the split. With an ImageCache, images come from its shards where it has them, and
+    every shard of this view whose images have all been decoded is written there (a streaming
+    read holds at most PENDING_SHARDS shards in memory meanwhile: 147 MiB at 224 x 224). Indexing with one number gives that image; with indices, slices or a mask,
     a view of those images (still undecoded); `take(indices)` decodes a batch, in threads."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: "Preprocess", index: np.ndarray | None = None):
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, paths: Sequence[Path], preprocess: "Preprocess", index: np.ndarray | None = None,
+                 cache: ImageCache | None = None):
+        self.paths, self.preprocess, self.cache = paths, preprocess, cache
         self.index = np.arange(len(paths)) if index is None else np.asarray(index, dtype=np.int64)
+        self._keys: dict[int, str] = {}
+        self._pending: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -165,24 +284,90 @@ class LazyImages:
             return self.take([int(i)])[0]
         if isinstance(i, torch.Tensor):
             i = i.numpy()
-        return LazyImages(self.paths, self.preprocess, self.index[i])
+        return LazyImages(self.paths, self.preprocess, self.index[i], self.cache)
 
     def files(self, idx) -> list[Path]:
         return [self.paths[j] for j in self.index[np.asarray(idx, dtype=np.int64)]]
 
     def take(self, idx) -> torch.Tensor:
-        """Decode the images at `idx` (positions in this view) into one uint8 tensor."""
-        files = self.files(idx.numpy() if isinstance(idx, torch.Tensor) else idx)
-        out = np.empty((len(files), *self.preprocess.input_shape), dtype=np.uint8)
+        """The images at `idx` (positions in this view) as one uint8 tensor: copied from the
+        decoded-image cache where it holds their shard, else decoded now, in threads."""
+        idx = np.asarray(idx.numpy() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), *self.preprocess.input_shape), dtype=np.uint8)
+        if self.cache is None or self.cache.broken:
+            self._decode_into(out, idx)
+            return torch.from_numpy(out)
+        with self._lock:
+            shards = idx // SHARD_IMAGES
+            missing = []
+            for s in np.unique(shards):
+                at = np.nonzero(shards == s)[0]
+                shard = self.cache.read(self._key(int(s)), self._shard_shape(int(s)))
+                if shard is None:
+                    missing.append(at)
+                    continue
+                out[at] = shard[idx[at] - s * SHARD_IMAGES]
+                del shard  # unmapped: what was read leaves this process's memory
+            if missing:
+                at = np.concatenate(missing)
+                self._decode_into(out, idx[at], at)
+                self._keep(idx[at], out[at])
+        return torch.from_numpy(out)
+
+    def _decode_into(self, out: np.ndarray, idx: np.ndarray, at: np.ndarray | None = None) -> None:
+        """Decode the images at view positions `idx` into out[at] (at: 0..len(idx)-1)."""
+        files = self.files(idx)
+        at = np.arange(len(idx)) if at is None else at
 
         def one(k: int) -> None:
-            out[k] = _decode_preprocessed(files[k], self.preprocess)
+            out[at[k]] = _decode_preprocessed(files[k], self.preprocess)
         if len(files) > 1:
             list(_decode_pool().map(one, range(len(files))))
         else:
             for k in range(len(files)):
                 one(k)
-        return torch.from_numpy(out)
+
+    def _shard_shape(self, s: int) -> tuple[int, ...]:
+        n = min(SHARD_IMAGES, len(self.index) - s * SHARD_IMAGES)
+        return (n, *self.preprocess.input_shape)
+
+    def _key(self, s: int) -> str:
+        """Shard `s` of this view: its files (path, size, modification time, in order) and what
+        decoding does to them (preprocessing, decoder version). Any other view of the same files
+        in the same order (another process, another run) finds it."""
+        if s not in self._keys:
+            pre = self.preprocess
+            h = hashlib.sha256(f"{SHARD_FORMAT}:{CACHE_VERSION}:{pre.resize}:{pre.crop}:{pre.interpolation}".encode())
+            for j in self.index[s * SHARD_IMAGES:(s + 1) * SHARD_IMAGES]:
+                p = self.paths[j]
+                try:
+                    st = os.stat(p)
+                    h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+                except OSError:  # decoding will say what is wrong with it
+                    h.update(f"{os.path.abspath(p)}:missing\n".encode())
+            self._keys[s] = f"{pre.key()}-{h.hexdigest()[:24]}"
+        return self._keys[s]
+
+    def _keep(self, idx: np.ndarray, images: np.ndarray) -> None:
+        """Remember decoded images by shard; a shard whose images have all been decoded is
+        written to the cache. At most PENDING_SHARDS are held (a streaming read completes them in
+        turn; a shuffled one rarely does, and its oldest are dropped)."""
+        shards = idx // SHARD_IMAGES
+        for s in np.unique(shards):
+            s = int(s)
+            at = np.nonzero(shards == s)[0]
+            if s not in self._pending:
+                shape = self._shard_shape(s)
+                self._pending[s] = (np.empty(shape, dtype=np.uint8), np.zeros(shape[0], dtype=bool))
+            buf, done = self._pending[s]
+            rows = idx[at] - s * SHARD_IMAGES
+            buf[rows], done[rows] = images[at], True
+            self._pending.move_to_end(s)
+            if done.all():
+                del self._pending[s]
+                self.cache.write(self._key(s), buf)
+        while len(self._pending) > PENDING_SHARDS:
+            self._pending.popitem(last=False)
 
 
 _POOL = None
@@ -225,7 +410,7 @@ class Dataset:
 def load_dataset(data_dir: str | os.PathLike | None = None, data_root: str | os.PathLike = "./data",
                  train: bool = True, image_size: int | None = None, progress: bool = True, *,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 preprocess: Preprocess | None = None) -> Dataset:
+                 preprocess: Preprocess | None = None, image_cache: ImageCache | None = None) -> Dataset:
     """Load the test split (and the train split if `train`) as uint8 tensors.
 
     `image_size`: None keeps the images' own size (they must all agree); N resizes to N x N.
@@ -234,13 +419,14 @@ def load_dataset(data_dir: str | os.PathLike | None = None, data_root: str | os.
     Without them: statistics of the train split (decoded for this if only the test split is
     asked for and train/ exists), else CIFAR-10's constants (`norm_source` says which).
     `preprocess`: a pretrained model's own (resize shorter side, center crop, its mean and std):
-    the splits are then LazyImages, decoded a batch at a time (see _load_lazy_folder).
+    the splits are then LazyImages, decoded a batch at a time (see _load_lazy_folder), through
+    `image_cache` if given (decoded once, read back by every later reader: ImageCache).
     """
     if preprocess is not None and image_size is None:
         if data_dir is None:
             raise QuantbenchError("pretrained weights' preprocessing (resize + crop) needs an ImageFolder "
                                   "(--data-dir), or pass --image-size N to resize CIFAR-10 to N x N")
-        ds = _load_lazy_folder(Path(data_dir), train, preprocess)
+        ds = _load_lazy_folder(Path(data_dir), train, preprocess, image_cache)
         if mean is not None or std is not None:
             given = _check_norm(mean, std)
             ds.mean, ds.std = given
@@ -397,7 +583,7 @@ def _load_image_folder(root: Path, train: bool, image_size: int | None, progress
     return ds
 
 
-def _load_lazy_folder(root: Path, train: bool, pre: Preprocess) -> Dataset:
+def _load_lazy_folder(root: Path, train: bool, pre: Preprocess, cache: ImageCache | None = None) -> Dataset:
     """An ImageFolder read through a pretrained model's preprocessing: only the file list is read
     now; images are decoded (resize + crop) when a batch of them is used. With train/ the
     calibration and fine-tuning images come from there; with only val/ (or test/), a seeded
@@ -411,7 +597,7 @@ def _load_lazy_folder(root: Path, train: bool, pre: Preprocess) -> Dataset:
                               "with val/<class>/*.jpg (and optionally train/<class>/*.jpg)")
     classes, test_samples = _scan(test_dir)
     split = lambda samples, idx=None: Split(  # noqa: E731
-        LazyImages([p for p, _ in samples], pre, idx),
+        LazyImages([p for p, _ in samples], pre, idx, cache),
         torch.tensor([l for _, l in samples], dtype=torch.int64)[torch.from_numpy(idx) if idx is not None else slice(None)])
     ds = Dataset(classes=classes, test=split(test_samples), source=str(root.resolve()), mean=pre.mean,
                  std=pre.std, norm_source=NORM_WEIGHTS)
@@ -714,15 +900,31 @@ class DataSource:
     """Where the images come from: an ImageFolder tree (`dir`), else torchvision's CIFAR-10
     downloaded under `root`; `image_size` resizes (None: the images' own size). One value, passed
     down to every stage that reads images (training, calibration, and the measuring workers'
-    accuracy runs), so they all see the same data."""
+    accuracy runs), so they all see the same data.
+
+    `image_cache`: the folder of decoded images (ImageCache) for data read through a model's
+    preprocessing, None for none; "auto": $QUANTBENCH_IMAGE_CACHE, else ~/.cache/quantbench/images.
+    `image_cache_gb`: its cap. Neither changes which data this is (identity)."""
     dir: Path | None = None
     root: Path = Path("data")
     image_size: int | None = None
     preprocess: Preprocess | None = None  # a pretrained model's own (load() reads through it)
+    image_cache: Path | None = "auto"
+    image_cache_gb: float = IMAGE_CACHE_GB
 
     def __post_init__(self):
         object.__setattr__(self, "dir", Path(self.dir) if self.dir is not None else None)
         object.__setattr__(self, "root", Path(self.root))
+        cache = self.image_cache
+        if isinstance(cache, str) and cache.strip().lower() == "auto":
+            cache = default_image_cache()
+        elif isinstance(cache, str) and cache.strip().lower() in _CACHE_OFF:
+            cache = None
+        object.__setattr__(self, "image_cache", Path(cache).expanduser() if cache is not None else None)
+        gb = self.image_cache_gb
+        if isinstance(gb, bool) or not isinstance(gb, numbers.Real) or not math.isfinite(gb) or gb <= 0:
+            raise QuantbenchError(f"--image-cache-gb must be a number of GiB above 0, not {gb!r} "
+                                  "(--image-cache off turns the cache off)")
         if isinstance(self.preprocess, dict):
             object.__setattr__(self, "preprocess", Preprocess.from_dict(self.preprocess))
 
@@ -736,10 +938,35 @@ class DataSource:
             ident["preprocess"] = self.preprocess.to_dict()
         return ident
 
+    def cache(self) -> ImageCache | None:
+        """The decoded-image cache to read through (None: off)."""
+        return ImageCache(self.image_cache, self.image_cache_gb) if self.image_cache is not None else None
+
+    def fingerprint(self) -> str:
+        """What the test images are now: the identity, plus every file of the test (or val)
+        split's name, size and modification time, and whether train/ exists (without it, val/
+        is split into calibration and accuracy images). Changes when any of them does."""
+        h = hashlib.sha256(repr(sorted(self.identity().items())).encode())
+        if self.dir is None:
+            where = Path(self.root) / "cifar-10-batches-py"
+            files = [where / "test_batch"]
+        else:
+            where = next((self.dir / n for n in ("test", "val") if (self.dir / n).is_dir()), self.dir)
+            h.update(f"train:{(self.dir / 'train').is_dir()}:{where.name}".encode())
+            files = sorted(p for p in where.rglob("*") if ".quantbench-cache" not in p.parts)
+        for p in files:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                h.update(f"{p.relative_to(where) if p.is_relative_to(where) else p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
     def load(self, train: bool = True, progress: bool = True) -> Dataset:
         """The data as it is (normalization statistics of the train split, see load_dataset)."""
         return load_dataset(self.dir, self.root, train=train, image_size=self.image_size, progress=progress,
-                            preprocess=self.preprocess)
+                            preprocess=self.preprocess, image_cache=self.cache())
 
     def load_for(self, meta: dict, what: str, train: bool = False, progress: bool = True) -> Dataset:
         """The data as the model that `meta` (checkpoint meta or sidecar) describes expects it:
@@ -751,7 +978,7 @@ class DataSource:
             mean, std = mean or list(pre.mean), std or list(pre.std)
         data = load_dataset(self.dir, self.root, train=train, image_size=size, progress=progress,
                             mean=mean if mean and std else None, std=std if mean and std else None,
-                            preprocess=pre)
+                            preprocess=pre, image_cache=self.cache())
         return for_model(data, meta, what)
 
 

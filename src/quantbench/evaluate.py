@@ -5,7 +5,9 @@ decoded in threads while the one before it runs through the model, so memory hol
 whatever the number of images; the progress bar shows images/s and the time left."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -95,3 +97,94 @@ def evaluate_file(path, source, batch_size: int = 500, progress: bool = True, mo
                   samples: int | None = None) -> float:
     """evaluate()'s accuracy alone (percent)."""
     return evaluate(path, source, batch_size, progress, model_spec, samples).accuracy
+
+
+# ---------------------------------------------------------------- predictions measured before
+PREDICTIONS_FORMAT = "1"
+# What in a sidecar decides which images a file sees and how, and which row it is (two rows of
+# the same bytes, as in tests, are measured each), not when or how fast it was made.
+_INPUT_FIELDS = ("normalize_mean", "normalize_std", "image_size", "preprocess", "classes", "num_classes",
+                 "input_shape", "label", "dtype", "runtime")
+# Sidecar fields that change each time a file is made, whatever it holds.
+_VOLATILE = ("file", "source_checkpoint", "created", "export_s", "quantize_s")
+_ANSWER = ("accuracy", "n", "total", "indices", "predictions", "labels")
+
+
+def _versions() -> dict:
+    """The packages a file's predictions could change with (those installed), and the CPU kind."""
+    import platform
+    from importlib import metadata
+    out = {"machine": platform.machine()}
+    for name in ("torch", "onnxruntime", "openvino", "executorch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class PredictionMemo:
+    """One deployment file's per-image predictions on one question (the measuring worker's
+    accuracy answer), kept on disk beside the decoded images (DataSource.image_cache/predictions/),
+    keyed by the sha256 of the file's content (with its companions; for an fp32 file made from a
+    checkpoint, what made it: see __init__), what its sidecar says about its input, the data's fingerprint (DataSource.fingerprint: identity, preprocessing, every test
+    file's size and time), the question (subset size, seed, batch size) and the package versions.
+    A file measured before (the fp32 model, every run on the same weights; each file of
+    `replicate --resume`) is then not evaluated again: bench records where the figure came from.
+    Off when the image cache is off."""
+
+    def __init__(self, path, source, question: dict):
+        self.file: Path | None = None
+        self.cache = source.cache()
+        if self.cache is None:
+            return
+        import json
+
+        from . import runtimes
+        from .export import read_sidecar
+        from .fileio import sha256
+        path = Path(path)
+        h = hashlib.sha256(f"predictions:{PREDICTIONS_FORMAT}".encode())
+        side = read_sidecar(path)
+        if side.get("dtype") == "fp32" and side.get("source_sha256"):
+            # An fp32 file is a function of what made it (the checkpoint's sha256, the target, the
+            # runtime and its options, the pruning...): its bytes are not, TorchScript writes a new
+            # serialization id each time, so the fp32 row of every run on the same weights has
+            # other bytes and the same predictions.
+            made = {k: v for k, v in side.items() if k not in _VOLATILE}
+            h.update(("made:" + json.dumps(made, sort_keys=True, default=str)).encode())
+        else:
+            for f in sorted(runtimes.for_path(path).files(path)):
+                if f.is_file():
+                    h.update(f"{f.suffix}:{sha256(f)}\n".encode())
+        h.update(json.dumps({k: side.get(k) for k in _INPUT_FIELDS}, sort_keys=True, default=str).encode())
+        h.update(source.fingerprint().encode())
+        h.update(json.dumps({**question, **_versions()}, sort_keys=True, default=str).encode())
+        self.file = Path(source.image_cache) / "predictions" / f"{h.hexdigest()[:32]}.json"
+
+    def get(self) -> dict | None:
+        """The answer measured before, or None (none, or unreadable: then it is measured)."""
+        if self.file is None:
+            return None
+        from .fileio import read_json
+        try:
+            a = read_json(self.file)
+        except (OSError, ValueError):
+            return None
+        ok = (isinstance(a, dict) and all(k in a for k in _ANSWER) and isinstance(a["n"], int)
+              and len(a["indices"]) == len(a["predictions"]) == len(a["labels"]) == a["n"])
+        return {k: a[k] for k in _ANSWER} if ok else None
+
+    def put(self, answer: dict) -> None:
+        if self.file is None:
+            return
+        import json
+        import warnings
+
+        from .fileio import write_text
+        try:
+            write_text(self.file, json.dumps({k: answer[k] for k in _ANSWER}, separators=(",", ":")))
+            if self.cache is not None:
+                self.cache.evict(keep=self.file)  # the image cache's cap covers the predictions too
+        except (QuantbenchError, OSError, KeyError) as e:
+            warnings.warn(f"predictions not kept for reuse: {e}", stacklevel=2)

@@ -7,11 +7,12 @@ object per line on stdin/stdout:
     (on start)                  -> {"ready": true, "load_s": ..., "base_rss_mb": ..., "load_rss_mb": ...}
     {"op": "time", "batch": B, "n": K, "warmup": W}  -> {"times": [seconds] * K, "cpu_s": ...}
     {"op": "accuracy", "data_dir": ..., "data_root": ..., "image_size": ..., "batch_size": ...,
-     "samples": N or null, "seed": S}
+     "samples": N or null, "seed": S, "image_cache": folder or null, "image_cache_gb": G}
                                 -> {"accuracy": %, "n": images, "total": test images, "indices": [i] * n,
                                     "predictions": [top-1 class] * n, "labels": [label] * n}
                                    (normalized as the sidecar says; `samples`: a seeded subset,
-                                   evaluate.eval_subset)
+                                   evaluate.eval_subset; `image_cache`: the decoded-image
+                                   cache, data.ImageCache, shared by every worker)
     {"op": "ops"}               -> {"ops": {int8_conv: ..., ...}} (quantized vs float operators)
     {"op": "exit"}              -> {"peak_rss_mb": ..., "base_rss_mb": ...}
     any failure                 -> {"error": "..."}
@@ -248,10 +249,12 @@ def _run(op: str, cmd: dict, model, runtime, path: Path, shape, gen) -> dict:
         # to see how much OTHER work ran while we timed.
         return {"times": times, "cpu_s": time.process_time() - cpu}
     if op == "accuracy":
-        from .data import DataSource
+        from .data import IMAGE_CACHE_GB, DataSource
         from .evaluate import EVAL_SEED, eval_subset, predict
         from .export import read_sidecar
-        source = DataSource(cmd.get("data_dir"), cmd.get("data_root", "data"), cmd.get("image_size"))
+        source = DataSource(cmd.get("data_dir"), cmd.get("data_root", "data"), cmd.get("image_size"),
+                            image_cache=cmd.get("image_cache", "auto"),
+                            image_cache_gb=cmd.get("image_cache_gb", IMAGE_CACHE_GB))
         data = source.load_for(read_sidecar(path), path.name, train=False, progress=False)
         idx = eval_subset(len(data.test), cmd.get("samples"), cmd.get("seed", EVAL_SEED))
         preds, labels = predict(model, data, cmd.get("batch_size", 500), indices=idx, progress=False,
