@@ -154,6 +154,13 @@ def test_the_report_shows_each_delta_with_its_interval_agreement_and_images():
     assert float(row["accuracy_delta_low"]) == lo and row["accuracy_n"] == "2000" and row["paired_n"] == "2000"
 
 
+def test_rows_whose_predictions_were_kept_from_before_are_named():
+    res = _paired_results()
+    assert "kept from an earlier measurement" not in render(res)
+    res.config["accuracy_reused"] = {res.models[0].label: "/cache/predictions/x.json"}
+    assert f"Predictions of {res.models[0].label} were kept from an earlier measurement" in render(res)
+
+
 def test_a_real_drop_is_not_called_a_tie_and_all_images_are_said():
     res = _paired_results(lost=60, gained=0, eval_samples=None, test_images=2000)
     text = render(res)

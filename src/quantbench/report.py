@@ -123,6 +123,10 @@ def accuracy_basis(results: BenchResults) -> str:
         text += (" Accuracy deltas are paired, image by image, on those images: each with its 95 % interval (the "
                  "paired bootstrap over the images united with the exact McNemar-style interval: docs/measuring.md) "
                  "and the agreement of its top-1 classes with the fp32 row's.")
+    reused = cfg.get("accuracy_reused") or {}
+    if isinstance(reused, dict) and reused:
+        text += (f" Predictions of {', '.join(md(k) for k in reused)} were kept from an earlier measurement of the "
+                 "same file on the same images (--image-cache), not measured again.")
     return text
 
 
