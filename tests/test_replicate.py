@@ -208,3 +208,19 @@ def test_bf16_rows_are_made_where_the_cpu_has_bf16_and_skipped_with_the_reason_o
             assert err.count(why) == 1
             assert not (models / "inductor-fp32.pt2").exists()
     assert len(fakebf16.calls) == 1  # the resumed run reused every file this machine makes
+
+
+def test_the_plan_is_said_before_training(tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """replicate without a checkpoint trains first (the longest work of all): its plan comes
+    before that, so a user can stop a run whose cost they did not expect."""
+    import quantbench.train as T
+    from quantbench.errors import QuantbenchError
+
+    def stop(*a, **k):
+        raise QuantbenchError("stopped where training starts")
+    monkeypatch.setattr(T, "train", stop)
+    rc = main(["replicate", "--data-dir", str(tiny_data_dir), "--arch", "resnet10", "--preset", "smoke",
+               "--runtimes", "none", "--output", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stopped where training starts" in err
+    assert "plan: " in err and err.index("plan: ") < err.index("training fp32")

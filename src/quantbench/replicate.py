@@ -121,6 +121,10 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
         check_layers(build_model(cfg.arch, cfg.quantize.model, num_classes=data.num_classes,
                                  input_shape=data.input_shape), cfg.quantize.fp32_layers)
 
+    # what the run will do and cost, before the long work (training, when there is no checkpoint)
+    for line in plan(cfg, data, trained=cfg.checkpoint is None):
+        _log(line)
+
     # 1. fp32 model
     ckpt = cfg.checkpoint
     if ckpt is None:
@@ -132,8 +136,6 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     _check_data_identity(out, cfg, ckpt)
 
     # 2. deployment files: every target from the one fp32 model, read once
-    for line in plan(cfg, data, trained=cfg.checkpoint is None):
-        _log(line)
     files, skipped = make_files(cfg, ckpt, data, models, progress=progress)
 
     # 3. measure and report
