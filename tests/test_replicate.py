@@ -224,3 +224,25 @@ def test_the_plan_is_said_before_training(tiny_data_dir, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert rc == 2 and "stopped where training starts" in err
     assert "plan: " in err and err.index("plan: ") < err.index("training fp32")
+
+
+def test_the_plan_times_and_evaluates_only_the_int8_file_of_a_plain_runtime(monkeypatch):
+    """--plain RUNTIME makes the runtime's files (fp32, int8, bf16 here) but measures only its
+    int8 one (make_files): the plan's timing and accuracy figures count what is measured."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from quantbench import cpu
+    from quantbench.bench import BenchConfig
+    from quantbench.replicate import ReplicateConfig, plan
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fakebf16=support.fakebf16")
+    monkeypatch.setattr(cpu, "has_bf16", lambda: True)
+    cfg = ReplicateConfig(checkpoint="x.pth", flows=("fx",), methods=("static",), runtimes=(), plain=("fakebf16",),
+                          bench=BenchConfig(batch_sizes=(1,), threads=1, timing_s=60, processes=3,
+                                            eval_samples=1000))
+    lines = plan(cfg, SimpleNamespace(test=[0] * 5000, train=None, input_shape=(3, 32, 32)))
+    # origin + ptq-s-fx + the plain runtime's 3 files are made; 3 of them are measured
+    assert "3 targets, about 5 files" in lines[0]
+    assert "timing 3 files x 1 setting(s)" in lines[1] and "at most 3 min" in lines[1]
+    assert "(3,000 images in all)" in lines[2]
