@@ -246,3 +246,12 @@ def test_the_plan_times_and_evaluates_only_the_int8_file_of_a_plain_runtime(monk
     assert "3 targets, about 5 files" in lines[0]
     assert "timing 3 files x 1 setting(s)" in lines[1] and "at most 3 min" in lines[1]
     assert "(3,000 images in all)" in lines[2]
+
+
+def test_plain_takes_only_runtimes_that_make_an_int8_file():
+    """--plain RUNTIME adds the runtime's own int8 row; inductor's exporter makes fp32 and bf16
+    files only (MAKES_INT8 = False), so --plain inductor would add nothing, silently: one line."""
+    from quantbench.errors import QuantbenchError
+    from quantbench.replicate import ReplicateConfig
+    with pytest.raises(QuantbenchError, match="^runtime 'inductor' makes no int8 file"):
+        ReplicateConfig(checkpoint="x.pth", plain=("inductor",))

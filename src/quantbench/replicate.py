@@ -60,7 +60,7 @@ class ReplicateConfig:
                 self.quantize.replace(method=method, flow=flow)  # validates the combination
         if self.runtimes is not None:
             object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes))
-        object.__setattr__(self, "plain", runtimes.check_exporters(self.plain) if self.plain else ())
+        object.__setattr__(self, "plain", runtimes.check_exporters(self.plain, int8=True) if self.plain else ())  # its int8 row
         if self.checkpoint is None:
             from .train import get_recipe
             get_recipe(self.preset, epochs=self.epochs)  # unknown preset, bad epochs: fail now
