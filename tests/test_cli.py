@@ -321,3 +321,21 @@ def test_bench_threads_takes_a_list_and_leaves_unset_timing_to_the_input_size(ca
     assert_one_line_error(rc, err, "--bench-threads")
     rc, _, err = run_cli(capsys, "bench", model, "--bench-threads", "one", "--no-progress")
     assert_one_line_error(rc, err, "--bench-threads", "'one'")
+
+
+def test_the_verdict_names_what_ship_this_picks_from(capsys):
+    """"Ship this" picks from the int8 and bf16 rows: the verdict printed after bench/replicate
+    says so, not "fastest int8", when the pick is a bf16 row."""
+    from quantbench.cli import _print_verdict
+    from quantbench.results import BenchResults, LatencyStats, ModelResult, OpCounts, derive
+
+    def row(label, dtype, acc, ms):
+        return ModelResult(label=label, file=f"{label}.xml", method="origin" if dtype == "fp32" else dtype,
+                           flow="openvino", runtime="openvino", dtype=dtype, file_bytes=100, accuracy=acc,
+                           accuracy_n=100, threads=1, latency={1: LatencyStats.of([ms] * 5)},
+                           ops=OpCounts(float_conv=1), status=OpCounts(float_conv=1).status(dtype))
+    res = BenchResults(machine={}, config={"max_drop": 0.3}, created="",
+                       models=derive([row("openvino-fp32", "fp32", 80.0, 10.0), row("openvino-bf16", "bf16", 80.0, 4.0)]))
+    _print_verdict(res)
+    out = capsys.readouterr().out
+    assert "openvino-bf16" in out and "fastest int8 or bf16 " in out

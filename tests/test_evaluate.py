@@ -94,3 +94,23 @@ def test_an_fp32_file_made_again_from_the_same_weights_is_not_evaluated_again(tm
     assert made("run2", "a" * 64).get() == answer
     assert made("run3", "b" * 64).get() is None          # other weights
     assert made("run4", "a" * 64, dtype="int8").get() is None  # int8 files: by their bytes only
+
+
+def test_predictions_kept_on_another_cpu_are_not_reused(tmp_path, monkeypatch, tiny_data_dir):
+    """int8 kernels differ by instruction set (without VNNI, fbgemm's u8 x s8 products saturate in
+    int16: quantbench.cpu), so a file's predictions kept in a cache folder shared between machines
+    (a home directory on NFS) must not serve a machine with another CPU or other int8/bf16 support."""
+    from quantbench import cpu
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", SLEEPY)
+    path = _colour_model(tmp_path, "int8-blue", 100.0, "int8")
+    data = DataSource(tiny_data_dir, image_cache=tmp_path / "cache")
+    q = dict(batch_size=500, samples=None, seed=0)
+    answer = {"accuracy": 50.0, "n": 2, "total": 2, "indices": [0, 1], "predictions": [0, 1], "labels": [0, 0]}
+    PredictionMemo(path, data, q).put(answer)
+    assert PredictionMemo(path, data, q).get() == answer  # the same machine
+    vnni = cpu.has_vnni()
+    monkeypatch.setattr(cpu, "has_vnni", lambda: not vnni)  # the same model name, VNNI masked (a VM)
+    assert PredictionMemo(path, data, q).get() is None
+    monkeypatch.setattr(cpu, "has_vnni", lambda: vnni)
+    monkeypatch.setattr(cpu, "cpu_model", lambda: "Another CPU @ 2.0GHz")
+    assert PredictionMemo(path, data, q).get() is None

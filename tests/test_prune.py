@@ -287,3 +287,20 @@ def test_torchvision_resnet18_at_224_reports_nothing_to_prune(quantizable):
     assert rec["applied"] is False and rec["layers"] == [] and rec["convs_seen"] == 20
     assert rec["why"].startswith("nothing to prune") and "3x224x224" in rec["why"]
     assert all(model.get_submodule(n) is m for n, m in convs.items())
+
+
+@pytest.mark.parametrize("inputs", ["unreadable", "wrong shape"])
+def test_real_images_that_cannot_be_had_leave_the_model_as_it_was(inputs):
+    """The real images are read after the crops are made (only when something was pruned): an
+    image that cannot be read, or images of the wrong shape, must restore the original
+    convolutions as a failed verification does, not leave the model cropped and unverified."""
+    model = _resnet18()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    def real_images():
+        if inputs == "unreadable":
+            raise QuantbenchError("cannot read image val/cat/1.jpg: truncated")
+        return torch.randn(2, 3, 16, 16)
+    with pytest.raises(QuantbenchError, match="cannot read image|verification inputs have shape"):
+        prune_dead_taps(model, (3, 32, 32), inputs=real_images)
+    assert all(model.get_submodule(n) is m for n, m in convs.items())

@@ -208,3 +208,50 @@ def test_bf16_rows_are_made_where_the_cpu_has_bf16_and_skipped_with_the_reason_o
             assert err.count(why) == 1
             assert not (models / "inductor-fp32.pt2").exists()
     assert len(fakebf16.calls) == 1  # the resumed run reused every file this machine makes
+
+
+def test_the_plan_is_said_before_training(tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """replicate without a checkpoint trains first (the longest work of all): its plan comes
+    before that, so a user can stop a run whose cost they did not expect."""
+    import quantbench.train as T
+    from quantbench.errors import QuantbenchError
+
+    def stop(*a, **k):
+        raise QuantbenchError("stopped where training starts")
+    monkeypatch.setattr(T, "train", stop)
+    rc = main(["replicate", "--data-dir", str(tiny_data_dir), "--arch", "resnet10", "--preset", "smoke",
+               "--runtimes", "none", "--output", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stopped where training starts" in err
+    assert "plan: " in err and err.index("plan: ") < err.index("training fp32")
+
+
+def test_the_plan_times_and_evaluates_only_the_int8_file_of_a_plain_runtime(monkeypatch):
+    """--plain RUNTIME makes the runtime's files (fp32, int8, bf16 here) but measures only its
+    int8 one (make_files): the plan's timing and accuracy figures count what is measured."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from quantbench import cpu
+    from quantbench.bench import BenchConfig
+    from quantbench.replicate import ReplicateConfig, plan
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("QUANTBENCH_RUNTIMES", "fakebf16=support.fakebf16")
+    monkeypatch.setattr(cpu, "has_bf16", lambda: True)
+    cfg = ReplicateConfig(checkpoint="x.pth", flows=("fx",), methods=("static",), runtimes=(), plain=("fakebf16",),
+                          bench=BenchConfig(batch_sizes=(1,), threads=1, timing_s=60, processes=3,
+                                            eval_samples=1000))
+    lines = plan(cfg, SimpleNamespace(test=[0] * 5000, train=None, input_shape=(3, 32, 32)))
+    # origin + ptq-s-fx + the plain runtime's 3 files are made; 3 of them are measured
+    assert "3 targets, about 5 files" in lines[0]
+    assert "timing 3 files x 1 setting(s)" in lines[1] and "at most 3 min" in lines[1]
+    assert "(3,000 images in all)" in lines[2]
+
+
+def test_plain_takes_only_runtimes_that_make_an_int8_file():
+    """--plain RUNTIME adds the runtime's own int8 row; inductor's exporter makes fp32 and bf16
+    files only (MAKES_INT8 = False), so --plain inductor would add nothing, silently: one line."""
+    from quantbench.errors import QuantbenchError
+    from quantbench.replicate import ReplicateConfig
+    with pytest.raises(QuantbenchError, match="^runtime 'inductor' makes no int8 file"):
+        ReplicateConfig(checkpoint="x.pth", plain=("inductor",))

@@ -220,7 +220,18 @@ def test_openvino_bf16_row_is_the_fp32_ir_compiled_in_bf16(tmp_path, monkeypatch
     assert openvino_rt._compile(paths[-1], 1).get_property("INFERENCE_PRECISION_HINT") == want
     assert openvino_rt._compile(paths[0], 1).get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     assert '"INFERENCE_PRECISION_HINT": "bf16"' in openvino_rt.how_to_load("m.xml", side)
-    assert "INFERENCE_PRECISION_HINT" not in openvino_rt.how_to_load("m.xml", {})
+    assert '"INFERENCE_PRECISION_HINT": "f32"' in openvino_rt.how_to_load("m.xml", {})  # as measured
+
+
+def test_openvino_load_lines_pin_the_precision_the_file_was_measured_with():
+    """"Ship this" gives lines that load the file as it was measured. OpenVINO's own default
+    hint is bf16 on CPUs with bf16 (the machines that have bf16 rows), so the fp32 and int8 files,
+    measured pinned to f32, must be loaded pinned to f32 too; the bf16 row with bf16."""
+    for sidecar in (None, {}, {"dtype": "fp32"}, {"dtype": "int8"}):
+        assert openvino_rt.how_to_load("m.xml", sidecar) == \
+            'openvino.Core().compile_model("m.xml", "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})'
+    assert openvino_rt.how_to_load("m.xml", {"dtype": "bf16", "inference_precision": "bf16"}).endswith(
+        '{"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16"})')
 
 
 def test_inductor_rows_are_the_model_in_fp32_and_in_bf16(tmp_path, monkeypatch):

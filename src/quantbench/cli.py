@@ -489,7 +489,7 @@ def _print_verdict(results) -> None:
     for w in model_warnings(results):
         print(w.replace("**", ""), file=sys.stderr)
     if any(m.accuracy is not None for m in results.models):
-        print(f"\nShip this (fastest int8 within {results.config.get('max_drop', 0.3)} point of fp32 accuracy):")
+        print(f"\nShip this (fastest int8 or bf16 within {results.config.get('max_drop', 0.3)} point of fp32 accuracy):")
         for line in recommendation_lines(results):
             print(line.replace("**", ""))
 

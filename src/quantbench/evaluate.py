@@ -111,10 +111,14 @@ _ANSWER = ("accuracy", "n", "total", "indices", "predictions", "labels")
 
 
 def _versions() -> dict:
-    """The packages a file's predictions could change with (those installed), and the CPU kind."""
+    """The packages a file's predictions could change with (those installed), and the CPU kind:
+    its model and whether it has VNNI and bf16 (int8 kernels differ by instruction set, and a
+    cache folder may be shared between machines)."""
     import platform
     from importlib import metadata
-    out = {"machine": platform.machine()}
+
+    from . import cpu
+    out = {"machine": platform.machine(), "cpu": cpu.cpu_model(), "vnni": cpu.has_vnni(), "bf16": cpu.has_bf16()}
     for name in ("torch", "onnxruntime", "openvino", "executorch"):
         try:
             out[name] = metadata.version(name)

@@ -277,11 +277,11 @@ def prune_dead_taps(model: nn.Module, input_shape: tuple[int, int, int], *, veri
     if not verify or not swaps:
         report.max_abs_diff = 0.0 if verify else None
         return report
-    if callable(inputs):
-        inputs = inputs()
-        if inputs is not None:
-            _check_inputs(inputs, shape)
     try:
+        if callable(inputs):  # read now, with the crops made: a failure here restores them too
+            inputs = inputs()
+            if inputs is not None:
+                _check_inputs(inputs, shape)
         report.max_abs_diff = _verify(model, swaps, shape, gen, inputs, device, dtype)
     except BaseException:
         for names, old, _, _ in swaps:

@@ -60,7 +60,7 @@ class ReplicateConfig:
                 self.quantize.replace(method=method, flow=flow)  # validates the combination
         if self.runtimes is not None:
             object.__setattr__(self, "runtimes", runtimes.check_exporters(self.runtimes))
-        object.__setattr__(self, "plain", runtimes.check_exporters(self.plain) if self.plain else ())
+        object.__setattr__(self, "plain", runtimes.check_exporters(self.plain, int8=True) if self.plain else ())  # its int8 row
         if self.checkpoint is None:
             from .train import get_recipe
             get_recipe(self.preset, epochs=self.epochs)  # unknown preset, bad epochs: fail now
@@ -121,6 +121,10 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
         check_layers(build_model(cfg.arch, cfg.quantize.model, num_classes=data.num_classes,
                                  input_shape=data.input_shape), cfg.quantize.fp32_layers)
 
+    # what the run will do and cost, before the long work (training, when there is no checkpoint)
+    for line in plan(cfg, data, trained=cfg.checkpoint is None):
+        _log(line)
+
     # 1. fp32 model
     ckpt = cfg.checkpoint
     if ckpt is None:
@@ -132,8 +136,6 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     _check_data_identity(out, cfg, ckpt)
 
     # 2. deployment files: every target from the one fp32 model, read once
-    for line in plan(cfg, data, trained=cfg.checkpoint is None):
-        _log(line)
     files, skipped = make_files(cfg, ckpt, data, models, progress=progress)
 
     # 3. measure and report
@@ -153,23 +155,26 @@ def plan(cfg: ReplicateConfig, data, trained: bool = False) -> list[str]:
     and setting) and how many images the accuracy passes run (their rate is shown as they go)."""
     ts = targets(cfg)
     n_files = sum(1 if is_flow(t.maker) else len(runtimes.made_files(t.maker)) for t in ts)
+    # what bench measures: a plain target's int8 file only (make_files), FILES' second
+    n_timed = sum(1 if is_flow(t.maker) else int(getattr(runtimes.get(t.maker), "MAKES_INT8", True)) if t.plain
+                  else len(runtimes.made_files(t.maker)) for t in ts)
     b = cfg.bench
     if b.threads is None or b.batch_sizes is None:  # chosen by the files' input size, as bench will
         from .bench import timing_defaults
         b, _ = timing_defaults(b, [tuple(data.input_shape)])
     threads = b.threads if isinstance(b.threads, (tuple, list)) else (b.threads,)
     settings = len(b.batch_sizes) * len(threads)
-    bound_s = n_files * settings * b.timing_s
+    bound_s = n_timed * settings * b.timing_s
     test_n = len(data.test) if b.eval_samples is None else min(b.eval_samples, len(data.test))
     qat = [t.label for t in ts if t.method == "qat"]
     lines = [f"plan: {len(ts)} targets, about {n_files} files ({', '.join(t.label for t in ts)})"
              + (f"; {len(qat)} QAT fine-tune(s), up to {qat_recipe(cfg.quantize).epochs} epoch(s) each over "
                 f"{len(data.train) if data.train is not None else 0} training images" if qat else "")]
-    lines.append(f"plan: timing {n_files} files x {settings} setting(s) (batch {','.join(map(str, b.batch_sizes))}; "
+    lines.append(f"plan: timing {n_timed} files x {settings} setting(s) (batch {','.join(map(str, b.batch_sizes))}; "
                  f"threads {','.join(map(str, threads))}) x {b.processes} processes: at most "
                  f"{_duration(bound_s)} (--timing-seconds {b.timing_s:g} per file and setting)")
     if b.accuracy:
-        lines.append(f"plan: accuracy of each file on {test_n:,} test images ({n_files * test_n:,} images in all"
+        lines.append(f"plan: accuracy of each file on {test_n:,} test images ({n_timed * test_n:,} images in all"
                      f"{'; --eval-samples N measures fewer' if b.eval_samples is None and test_n > 5000 else ''})")
     return lines
 

@@ -83,9 +83,11 @@ def files(path: Path) -> list[Path]:
 
 
 def how_to_load(name: str, sidecar: dict | None = None) -> str:
+    # the precision hint as _compile sets it: without it, a CPU with bf16 runs the fp32 file and
+    # the int8 file's float layers in bf16, not as they were measured
     precision = _precision(sidecar)
-    hint = f', "INFERENCE_PRECISION_HINT": "{precision}"' if precision == "bf16" else ""
-    return f'openvino.Core().compile_model("{name}", "CPU", {{"PERFORMANCE_HINT": "LATENCY"{hint}}})'
+    return (f'openvino.Core().compile_model("{name}", "CPU", {{"PERFORMANCE_HINT": "LATENCY", '
+            f'"INFERENCE_PRECISION_HINT": "{precision}"}})')
 
 
 def _precision(record) -> str:
