@@ -346,6 +346,18 @@ def test_a_changed_file_or_preprocessing_misses_the_cache(tiny_data_copy, tmp_pa
     assert other.take(np.arange(len(other))).shape == (24, 3, 12, 12)
 
 
+def test_another_pillow_misses_the_cache(tiny_data_dir, tmp_path, small_shards, monkeypatch):
+    # Pillow decodes the JPEGs and resizes them: another version may make other pixels
+    import PIL
+    images = _lazy(tiny_data_dir, tmp_path / "c")
+    images.take(np.arange(len(images)))
+    first = set(_shards(tmp_path / "c"))
+    monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")
+    again = _lazy(tiny_data_dir, tmp_path / "c")
+    again.take(np.arange(len(again)))
+    assert len(set(_shards(tmp_path / "c")) - first) == len(first)
+
+
 def test_the_cache_keeps_to_its_cap_dropping_the_least_recently_used(tiny_data_dir, tmp_path, small_shards):
     shard_bytes = 5 * 3 * 16 * 16 + 128
     images = _lazy(tiny_data_dir, tmp_path / "c", image_cache_gb=2.5 * shard_bytes / 2**30)

@@ -333,11 +333,14 @@ class LazyImages:
 
     def _key(self, s: int) -> str:
         """Shard `s` of this view: its files (path, size, modification time, in order) and what
-        decoding does to them (preprocessing, decoder version). Any other view of the same files
-        in the same order (another process, another run) finds it."""
+        decoding does to them (preprocessing, decoder version, and Pillow's, whose resizing and JPEG
+        decoding make the pixels). Any other view of the same files in the same order (another
+        process, another run) finds it."""
         if s not in self._keys:
+            import PIL
             pre = self.preprocess
-            h = hashlib.sha256(f"{SHARD_FORMAT}:{CACHE_VERSION}:{pre.resize}:{pre.crop}:{pre.interpolation}".encode())
+            h = hashlib.sha256(f"{SHARD_FORMAT}:{CACHE_VERSION}:{PIL.__version__}:{pre.resize}:{pre.crop}:"
+                               f"{pre.interpolation}".encode())
             for j in self.index[s * SHARD_IMAGES:(s + 1) * SHARD_IMAGES]:
                 p = self.paths[j]
                 try:
