@@ -68,6 +68,25 @@ def test_rounds_are_interleaved_in_rotating_order():
     assert set(rounds[:3]) == {"a", "b", "c"}  # every model once per round
 
 
+def test_slow_calls_warm_up_briefly_and_rounds_shrink_to_fit_the_deadlines():
+    # ExecuTorch fp32 at 224x224, batch 16: seconds a call; 20 warm-up calls outlasted the
+    # worker's 60 s deadline and stopped a whole replicate run
+    asked = []
+
+    class Slow:
+        def ask(self, op, batch, n, warmup=0):
+            asked.append((n, warmup))
+            return {"times": [2.0] * n}
+
+    cfg = B.BenchConfig(min_runs=3, timing_s=20.0, round_s=0.5, warmup=20)
+    stats = B.measure_latency({"slow": Slow()}, cfg, batch=16)
+    assert asked[0] == (1, 0)  # one call: how long one takes
+    assert asked[1][1] <= B.WARMUP_S / 2.0  # then a warm-up of about WARMUP_S, not 20 calls
+    assert {n for n, _ in asked[2:]} == {1}  # rounds of one call: 5 would take 10 s
+    assert sum(n * 2.0 for n, w in asked) + sum(w * 2.0 for n, w in asked) < 60
+    assert stats["slow"].median_ms == pytest.approx(2000.0)
+
+
 SLEEPY = "sleepy=support.sleepy"
 
 

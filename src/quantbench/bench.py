@@ -187,6 +187,10 @@ class BusyProbe:
         return max(0.0, (end - self.start - own) / wall) if wall > 0 else None
 
 
+WARMUP_S = 5.0       # warm-up calls of a model at one batch size: `warmup` of them, about this long at most
+SLOW_CALLS_S = 10.0  # rounds of a model whose 5 calls take longer than this are one call each
+
+
 def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, progress=None) -> dict[str, LatencyStats]:
     """Interleaved rounds over all workers (one process per model); returns label -> latency
     stats (+ raw samples, + how busy the rest of the machine was). `min_runs` and `timing_s`
@@ -196,8 +200,16 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
     spent = {n: 0.0 for n in names}
     chunk = {}
     for n in names:  # warm-up, and a first estimate of how many calls fill a round
-        t = workers[n].ask(op="time", batch=batch, n=5, warmup=cfg.warmup)["times"]
-        chunk[n] = max(5, min(500, int(cfg.round_s / max(statistics.median(t), 1e-6))))
+        warm = cfg.warmup
+        if warm:
+            # one call first: at 224x224 and batch 16 an fp32 call takes seconds, and `warmup` of them
+            # would outlast the worker's deadline; warm up for about WARMUP_S at most
+            first = workers[n].ask(op="time", batch=batch, n=1)["times"][0]
+            warm = max(0, min(warm - 1, int(WARMUP_S / max(first, 1e-6))))
+        t = workers[n].ask(op="time", batch=batch, n=5, warmup=warm)["times"]
+        med = max(statistics.median(t), 1e-6)
+        # calls per round: about round_s of them, at least 5 where 5 take under SLOW_CALLS_S
+        chunk[n] = min(500, max(int(cfg.round_s / med), 5 if 5 * med < SLOW_CALLS_S else 1))
     probe = BusyProbe()
     done: set[str] = set()
     r = 0
