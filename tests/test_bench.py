@@ -74,13 +74,19 @@ def test_slow_calls_warm_up_briefly_and_rounds_shrink_to_fit_the_deadlines():
     asked = []
 
     class Slow:
-        def ask(self, op, batch, n, warmup=0):
+        load_timeout_s = 300.0  # the first call at a batch size may compile: it gets loading's deadline
+
+        def ask(self, op, batch, n, warmup=0, timeout_s=None):
             asked.append((n, warmup))
+            deadlines.append(timeout_s)
             return {"times": [2.0] * n}
+
+    deadlines = []
 
     cfg = B.BenchConfig(min_runs=3, timing_s=20.0, round_s=0.5, warmup=20)
     stats = B.measure_latency({"slow": Slow()}, cfg, batch=16)
-    assert asked[0] == (1, 0)  # one call: how long one takes
+    assert asked[0] == (1, 0) and deadlines[0] == 300.0  # one call: how long one takes
+    assert set(deadlines[1:]) == {None}  # then the usual call deadline
     assert asked[1][1] <= B.WARMUP_S / 2.0  # then a warm-up of about WARMUP_S, not 20 calls
     assert {n for n, _ in asked[2:]} == {1}  # rounds of one call: 5 would take 10 s
     assert sum(n * 2.0 for n, w in asked) + sum(w * 2.0 for n, w in asked) < 60

@@ -204,7 +204,9 @@ def measure_latency(workers: dict[str, Worker], cfg: BenchConfig, batch: int, pr
         if warm:
             # one call first: at 224x224 and batch 16 an fp32 call takes seconds, and `warmup` of them
             # would outlast the worker's deadline; warm up for about WARMUP_S at most
-            first = workers[n].ask(op="time", batch=batch, n=1)["times"][0]
+            # (the first call at a batch size may compile for it, as inductor's .pt2 do: as long as loading may take)
+            slow = getattr(workers[n], "load_timeout_s", None)
+            first = workers[n].ask(op="time", batch=batch, n=1, **({"timeout_s": slow} if slow else {}))["times"][0]
             warm = max(0, min(warm - 1, int(WARMUP_S / max(first, 1e-6))))
         t = workers[n].ask(op="time", batch=batch, n=5, warmup=warm)["times"]
         med = max(statistics.median(t), 1e-6)

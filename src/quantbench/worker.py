@@ -57,6 +57,7 @@ class Worker:
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and hasattr(os, "sched_setaffinity") else None
         self.path = path
         self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s  # also the first call at a new batch size (a compiler may compile again)
         self._buf = b""
         # stderr goes to a file: a chatty library must never block on a full pipe.
         self.stderr = tempfile.TemporaryFile(mode="w+")
