@@ -114,3 +114,25 @@ def test_predictions_kept_on_another_cpu_are_not_reused(tmp_path, monkeypatch, t
     monkeypatch.setattr(cpu, "has_vnni", lambda: vnni)
     monkeypatch.setattr(cpu, "cpu_model", lambda: "Another CPU @ 2.0GHz")
     assert PredictionMemo(path, data, q).get() is None
+
+
+def test_large_images_are_evaluated_in_fewer_per_batch_with_the_same_predictions(tiny_dataset, monkeypatch):
+    # at 224x224 the default 500 images a batch held 1.6 GB of ResNet-18's first activation alone
+    import torch
+
+    from quantbench import evaluate
+
+    seen = []
+
+    def model(x):
+        seen.append(len(x))
+        return x.float().mean(dim=(2, 3))  # the brightest channel: a prediction that depends on the image
+
+    assert evaluate.batch_for((3, 224, 224), 500) == 41 and evaluate.batch_for((3, 32, 32), 500) == 500
+    everything = evaluate.predict(model, tiny_dataset, batch_size=500, progress=False)
+    assert max(seen) == len(tiny_dataset.test)
+    seen.clear()
+    monkeypatch.setattr(evaluate, "EVAL_PIXELS", 7 * 32 * 32)  # 7 images of 32x32 a batch
+    bounded = evaluate.predict(model, tiny_dataset, batch_size=500, progress=False)
+    assert max(seen) == 7 and sum(seen) == len(tiny_dataset.test)
+    assert torch.equal(bounded[0], everything[0]) and torch.equal(bounded[1], everything[1])
