@@ -383,7 +383,9 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     _data_args(p)
     config_args(p, BenchConfig, ("eval_samples",))
     _model_args(p)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500,
+                   help="images per batch (default: 500, fewer for large images: at most 2**21 pixels, "
+                        "41 images at 224x224)")
     _common(p)
 
 
