@@ -166,13 +166,26 @@ class QuantizeConfig:
 CALIB_AUGMENT = {"test": "none", "train": "seed"}
 
 
+# Pixels per calibration batch at most: observers and the runtimes' calibrators (ONNX Runtime's,
+# NNCF's) hold every activation of a batch at once, which at 224x224 and 100 images is gigabytes.
+# The default 100 images stay 100 up to 102x102; at 224x224 a batch holds 20. The images and their
+# order do not change.
+CALIB_PIXELS = 2 ** 20
+
+
+def calib_batch_size(cfg: QuantizeConfig, input_shape) -> int:
+    """Images per calibration batch: --calib-batch-size, or fewer where images are large."""
+    h, w = int(input_shape[-2]), int(input_shape[-1])
+    return max(1, min(cfg.calib_batch_size, CALIB_PIXELS // max(1, h * w)))
+
+
 def calibration_batches(data: Dataset, cfg: QuantizeConfig, limit: int | None = None) -> Batches:
     """The calibration images of every file, torch flow or runtime alike: `cfg.calib_samples`
     (at most `limit`) training images, drawn by `cfg.seed`, clean ("test") or through the
-    original's training augmentation ("train")."""
+    original's training augmentation ("train"), in batches of calib_batch_size()."""
     samples = min(cfg.calib_samples, limit) if limit else cfg.calib_samples
-    return Batches(data.train, cfg.calib_batch_size, data.mean, data.std, augment=CALIB_AUGMENT[cfg.calib_transform],
-                   shuffle=True, seed=cfg.seed, limit=samples)
+    return Batches(data.train, calib_batch_size(cfg, data.input_shape), data.mean, data.std,
+                   augment=CALIB_AUGMENT[cfg.calib_transform], shuffle=True, seed=cfg.seed, limit=samples)
 
 
 @torch.no_grad()
@@ -207,7 +220,7 @@ def quantize_model(flow, model: nn.Module, cfg: QuantizeConfig, source, example:
     if cfg.method == "static":
         calibrate(prepared, data, cfg.calib_samples, cfg.calib_batch_size, cfg.seed, progress, cfg.calib_transform)
         made["calibration"] = {"samples": min(cfg.calib_samples, len(data.train)),
-                               "batch_size": cfg.calib_batch_size, "transform": cfg.calib_transform,
+                               "batch_size": calib_batch_size(cfg, data.input_shape), "transform": cfg.calib_transform,
                                "augmentation": CALIB_AUGMENT[cfg.calib_transform], "seed": cfg.seed}
         return flow.convert(prepared), made
     # qat: fine-tune with the trainer, freezing BN statistics, then the observers, on schedule
