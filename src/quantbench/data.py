@@ -384,6 +384,14 @@ def _decode_pool():
     return _POOL
 
 
+def images_per_batch(input_shape, most: int, pixels: int) -> int:
+    """`most` images a batch, or fewer where they are large: at most `pixels` pixels (H x W) a
+    batch, at least one image. What a pass holds at once (activations, a calibrator's outputs)
+    grows with H x W: the bound keeps it the same at 224x224 as at 32x32."""
+    h, w = int(input_shape[-2]), int(input_shape[-1])
+    return max(1, min(int(most), pixels // max(1, h * w)))
+
+
 def take(images, idx) -> torch.Tensor:
     """images[idx] as a uint8 tensor, from a tensor or from LazyImages (decoded now)."""
     return images.take(idx) if isinstance(images, LazyImages) else images[idx]

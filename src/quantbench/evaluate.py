@@ -38,8 +38,8 @@ EVAL_PIXELS = 2 ** 21
 
 def batch_for(input_shape, batch_size: int) -> int:
     """`batch_size`, or fewer images where they are large (EVAL_PIXELS)."""
-    h, w = int(input_shape[-2]), int(input_shape[-1])
-    return max(1, min(int(batch_size), EVAL_PIXELS // max(1, h * w)))
+    from .data import images_per_batch
+    return images_per_batch(input_shape, batch_size, EVAL_PIXELS)
 
 
 @torch.inference_mode()

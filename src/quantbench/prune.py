@@ -38,7 +38,8 @@ VERIFY_PIXELS = 2 ** 20
 
 def verify_batch(input_shape) -> int:
     """Inputs per verifying forward pass for this input shape (C, H, W)."""
-    return max(1, min(VERIFY_BATCH, VERIFY_PIXELS // max(1, int(input_shape[-1]) * int(input_shape[-2]))))
+    from .data import images_per_batch
+    return images_per_batch(input_shape, VERIFY_BATCH, VERIFY_PIXELS)
 
 
 @dataclass

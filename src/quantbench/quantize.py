@@ -175,8 +175,8 @@ CALIB_PIXELS = 2 ** 20
 
 def calib_batch_size(cfg: QuantizeConfig, input_shape) -> int:
     """Images per calibration batch: --calib-batch-size, or fewer where images are large."""
-    h, w = int(input_shape[-2]), int(input_shape[-1])
-    return max(1, min(cfg.calib_batch_size, CALIB_PIXELS // max(1, h * w)))
+    from .data import images_per_batch
+    return images_per_batch(input_shape, cfg.calib_batch_size, CALIB_PIXELS)
 
 
 def calibration_batches(data: Dataset, cfg: QuantizeConfig, limit: int | None = None) -> Batches:
