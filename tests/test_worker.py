@@ -176,3 +176,18 @@ def test_measuring_workers_share_the_decoded_image_cache(tmp_path, plugged, tiny
     # 24 test images: one shard, read by the second worker, not written again (same inode)
     assert len(shards) == 1 and {p: p.stat().st_ino for p in cache.glob("*.npy")} == shards
     assert answers[0] == answers[1] and answers[0]["n"] == 24
+
+
+def test_a_workers_peak_memory_is_its_own_not_its_parents():
+    # ru_maxrss is inherited through fork and kept by exec: a worker started by a 2.5 GB replicate
+    # reported 2.5 GB for every file
+    import subprocess
+    import sys
+    code = ("import subprocess, sys\n"
+            "b = bytearray(300 * 2**20)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\n"
+            "print(subprocess.run([sys.executable, '-c', 'from quantbench.worker import _rss_mb; print(_rss_mb())'],"
+            " capture_output=True, text=True, check=True).stdout)")
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.strip())
+    assert child_peak < 250  # its own imports only, not the parent's 300 MB
