@@ -162,7 +162,7 @@ def plan(cfg: ReplicateConfig, data, trained: bool = False) -> list[str]:
     if b.threads is None or b.batch_sizes is None:  # chosen by the files' input size, as bench will
         from .bench import timing_defaults
         b, _ = timing_defaults(b, [tuple(data.input_shape)])
-    threads = b.threads if isinstance(b.threads, (tuple, list)) else (b.threads,)
+    threads = b.thread_settings()
     settings = len(b.batch_sizes) * len(threads)
     bound_s = n_timed * settings * b.timing_s
     test_n = len(data.test) if b.eval_samples is None else min(b.eval_samples, len(data.test))
