@@ -98,7 +98,7 @@ def test_a_program_is_never_sent_a_batch_it_gets_wrong(monkeypatch):
     fake = types.SimpleNamespace(get=lambda: types.SimpleNamespace(
         load_program=lambda program: types.SimpleNamespace(load_method=lambda name: Method())))
     monkeypatch.setitem(sys.modules, "executorch.runtime", types.SimpleNamespace(Runtime=fake))
-    images = [torch.randn(10, 3, 4, 4), torch.randn(30, 3, 4, 4)]
+    images = torch.randn(40, 3, 4, 4)
     rec = et._verified_batch(b"program", images, "int8")
     assert rec["max_batch"] == 4 and rec["batch_checked"]
     assert "at batch 8 the int8 program gave outputs that differed" in rec["max_batch_why"]
@@ -107,7 +107,7 @@ def test_a_program_is_never_sent_a_batch_it_gets_wrong(monkeypatch):
     Method.execute = lambda self, inputs: [inputs[0].flatten(1)[:, :3]]  # right at every size
     assert et._verified_batch(b"program", images, "fp32") == {"max_batch": et.MAX_BATCH, "batch_checked": True}
     # fewer images than MAX_BATCH: the record claims only the batch it could check
-    rec = et._verified_batch(b"program", [torch.randn(12, 3, 4, 4)], "fp32")
+    rec = et._verified_batch(b"program", torch.randn(12, 3, 4, 4), "fp32")
     assert rec["max_batch"] == 8 and "only 12 calibration images" in rec["max_batch_why"]
 
     def refuses_big(self, inputs):  # a program exported for batch 1 only

@@ -105,6 +105,38 @@ def test_onnxrt_export_applies_the_scheme(tmp_path):
     assert side["qconfig"]["overrides"] == {"observer": "histogram", "weight_scheme": "per-tensor"}
 
 
+@needs_ort
+def test_onnxrt_min_max_calibration_fed_in_pieces_is_the_same_file(tmp_path, monkeypatch):
+    """Min/max calibration feeds each batch in pieces of at most FEED_PIXELS (the session's
+    memory grows with a feed): the ranges, so the int8 file, are those of whole batches, and the
+    sidecar says the feed size. A moving average depends on the grouping: it keeps whole batches."""
+    import onnx
+    from onnx import numpy_helper
+
+    def int8_file(name):
+        return export_paths(onnxrt, _model(), tmp_path / name, _calib(), {"note": 1})[1]
+
+    whole = int8_file("whole")
+    monkeypatch.setattr(onnxrt, "FEED_PIXELS", 3 * 32 * 32)  # 3 images of 32x32 a feed
+    pieces = int8_file("pieces")
+
+    def initializers(path):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    a, b = initializers(whole), initializers(pieces)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert _side(pieces)["calibration"]["feed_images"] == 3 and "feed_images" not in _side(whole)["calibration"]
+    from quantbench.export import calibration_arrays
+    calib = calibration_arrays(_calib())
+    assert onnxrt.feed_images(calib, onnxrt.int8_settings(None)) == 3
+    assert onnxrt.feed_images(calib, onnxrt.int8_settings(Scheme(observer="moving-average"))) is None
+    assert onnxrt.feed_images(calib, onnxrt.int8_settings(Scheme(observer="histogram"))) is None
+    reader = onnxrt._calibration_reader(calib, "input", 3)
+    sizes = []
+    while (feed := reader.get_next()) is not None:
+        sizes.append(len(feed["input"]))
+    assert sizes == [3, 3, 2] * 3 and len(reader) == 9  # 3 batches of 8, in order
+
+
 # ---------------------------------------------------------------- OpenVINO / NNCF
 @needs_ov
 def test_nncf_no_option_is_todays_settings():

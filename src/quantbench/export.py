@@ -118,16 +118,103 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     return read_record(path).to_dict() if _sidecar_path(path).is_file() else {}
 
 
-def calibration_arrays(calib_batches) -> list:
-    """Float32 numpy batches for other runtimes' calibrators; (x, y) pairs, as
-    quantbench.data.Batches yields them, are accepted."""
-    import numpy as np
+# Calibration images up to this many bytes stay in memory; more go to an unnamed temporary file
+# and are read back a batch at a time (1,000 images at 224x224 are 600 MB of float32).
+CALIB_IN_MEMORY_BYTES = 64 << 20
 
-    from .errors import QuantbenchError
-    out = []
-    for b in calib_batches:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        out.append(np.ascontiguousarray(torch.as_tensor(x).detach().cpu().float().numpy()))
-    if not out:
-        raise QuantbenchError("int8 export needs calibration images; got none")
-    return out
+
+class CalibrationArrays:
+    """The calibration batches as float32 numpy arrays, for other runtimes' calibrators: a
+    sequence (len, [i], [a:b], iteration, as often as a calibrator wants) that holds at most one
+    batch in memory once the images pass CALIB_IN_MEMORY_BYTES. Batches are decoded once, in
+    order, and spilled to a temporary file that is unlinked from the start, so no run, however it
+    ends, leaves it behind."""
+
+    def __init__(self, calib_batches, in_memory_bytes: int = CALIB_IN_MEMORY_BYTES):
+        import tempfile
+
+        import numpy as np
+        self._kept: list = []          # batches in memory (all of them, for small images)
+        self._spans: list = []         # (offset, shape) of each batch in the file
+        self._file = None
+        size = 0
+        for b in calib_batches:
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            a = np.ascontiguousarray(torch.as_tensor(x).detach().cpu().float().numpy())
+            if self._file is None and size + a.nbytes > in_memory_bytes:
+                self._file = tempfile.TemporaryFile(prefix="quantbench-calib-")
+                for kept in self._kept:  # what was kept so far goes first, in order
+                    self._spans.append((self._file.tell(), kept.shape))
+                    self._file.write(kept.data)
+                self._kept = []
+            if self._file is not None:
+                self._spans.append((self._file.tell(), a.shape))
+                self._file.write(a.data)
+            else:
+                self._kept.append(a)
+            size += a.nbytes
+        if self._file is not None:
+            self._file.flush()
+        if not len(self):
+            from .errors import QuantbenchError
+            raise QuantbenchError("int8 export needs calibration images; got none")
+        self.nbytes = size
+
+    def __len__(self) -> int:
+        return len(self._spans) if self._file is not None else len(self._kept)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self._file is None:
+            return self._kept[i]
+        import numpy as np
+        offset, shape = self._spans[i]
+        buf = bytearray(4 * int(np.prod(shape)))
+        if os.preadv(self._file.fileno(), [buf], offset) != len(buf):
+            raise OSError("calibration images: short read from the temporary file")
+        return np.frombuffer(buf, dtype=np.float32).reshape(shape)  # writable: it owns its bytearray
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> list[int]:
+        """Images in each batch."""
+        return [span[1][0] for span in self._spans] if self._file is not None else [len(a) for a in self._kept]
+
+    @property
+    def samples(self) -> int:
+        """Images in all batches."""
+        return sum(self.lengths)
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
+
+    def first(self, n: int):
+        """The first n images (fewer if there are fewer) as one array, reading only the batches needed."""
+        import numpy as np
+        out, have = [], 0
+        for a in self:
+            out.append(a[: n - have])
+            have += len(out[-1])
+            if have >= n:
+                break
+        return np.concatenate(out)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def calibration_arrays(calib_batches) -> CalibrationArrays:
+    """Float32 numpy batches for other runtimes' calibrators (see CalibrationArrays); (x, y)
+    pairs, as quantbench.data.Batches yields them, are accepted."""
+    return calib_batches if isinstance(calib_batches, CalibrationArrays) else CalibrationArrays(calib_batches)

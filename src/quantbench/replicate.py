@@ -19,6 +19,7 @@ from . import runtimes
 from .bench import BenchConfig, bench
 from .data import DataSource
 from .errors import FlowUnsupported, QuantbenchError
+from .apart import make_apart
 from .deploy import ORIGIN, Source, Target, files_of, is_flow, make, suffix
 from .fileio import sha256
 from .flows import METHODS, check_method
@@ -136,7 +137,7 @@ def replicate(cfg: ReplicateConfig, progress: bool = True) -> BenchResults:
     _check_data_identity(out, cfg, ckpt)
 
     # 2. deployment files: every target from the one fp32 model, read once
-    files, skipped = make_files(cfg, ckpt, data, models, progress=progress)
+    files, skipped = make_files(cfg, ckpt, data, models, progress=progress, apart=True)
 
     # 3. measure and report
     _log(f"benchmarking {len(files)} models")
@@ -184,10 +185,13 @@ def _duration(s: float) -> str:
 
 
 def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Target] | None = None,
-               progress: bool = True) -> tuple[list[Path], list[dict]]:
+               progress: bool = True, apart: bool = False) -> tuple[list[Path], list[dict]]:
     """Make (or, with --resume, reuse) every target's file(s) in `models`; returns (the files to
     measure, the rows skipped because a flow cannot take this model or a runtime does not make
-    them on this machine, e.g. bf16 rows on a CPU without bf16: each reason said once)."""
+    them on this machine, e.g. bf16 rows on a CPU without bf16: each reason said once).
+
+    `apart`: each runtime's files are made in a process of its own (deploy.make_apart) from `ckpt`
+    and cfg.data, which `data` must be the loaded form of; its libraries' memory ends with it."""
     source: Source | None = None
     source_sha = sha256(ckpt)
     files: list[Path] = []
@@ -209,7 +213,8 @@ def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Targ
                 source = Source.from_checkpoint(ckpt, data, model_spec=cfg.quantize.model, quiet=False)
             _log(f"{t.label}{' (plain)' if t.plain else ''} ({t.method}) -> {dest.name}")
             try:
-                made = make(source, t, dest, progress=progress)
+                made = (make_apart(ckpt, cfg.data, t, dest, model_spec=cfg.quantize.model, progress=progress)
+                        if apart and not is_flow(t.maker) else make(source, t, dest, progress=progress))
             except FlowUnsupported as e:  # this model, not this run: the other rows still mean something
                 _log(f"skipping {t.label}: {e}")
                 skipped.append({"row": t.label, "flow": t.maker, "method": t.method, "why": str(e)})

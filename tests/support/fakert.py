@@ -3,6 +3,8 @@ returns their records, counting its calls; FILES names them, as real runtime mod
 an option of its own (Options.knob), as a runtime plugged in by one module + one registry line
 would. The files hold what the sleepy runtime reads, so loading and op counts come from there."""
 import json
+import os
+import signal
 from dataclasses import dataclass, field
 
 from quantbench.errors import QuantbenchError
@@ -30,6 +32,8 @@ def available() -> bool:
 
 
 def export(model, out_dir, calib_batches, base, scheme=None, options=None):
+    if os.environ.get("QUANTBENCH_FAKE_CRASH"):  # a runtime's library that takes its process down
+        os.kill(os.getpid(), signal.SIGKILL)
     calls.append(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = options or Options()

@@ -43,7 +43,7 @@ INSTALL = "pip install -e '.[edge]'"
 # splits bigger batches (the accuracy pass) into pieces of at most the file's verified batch
 # (its sidecar's max_batch, see _verified_batch), never more than this.
 MAX_BATCH = 32
-MAX_CALIB_SAMPLES = 2000  # calibration inputs are held in memory as one list
+MAX_CALIB_SAMPLES = 2000  # calibration batches are read one at a time (export.CalibrationArrays)
 
 
 def files(path: Path) -> list[Path]:
@@ -158,8 +158,8 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     settings = int8_settings(scheme)  # a bad scheme fails before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    calib = [torch.from_numpy(a) for a in calibration_arrays(calib_batches)]
-    example = calib[0][:1].expand(MAX_BATCH, *calib[0].shape[1:]).contiguous()
+    calib = calibration_arrays(calib_batches)  # a batch in memory at a time, whatever their number
+    example = torch.from_numpy(calib[0][:1]).expand(MAX_BATCH, *calib[0].shape[1:]).contiguous()
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
     common = base.replace(flow=NAME, runtime=NAME, input_shape=list(calib[0].shape[1:]),
                           extra={**base.extra, "backend": "XNNPACK",
@@ -173,7 +173,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
             prepared = prepare_pt2e(_capture(model, example).module(), _quantizer(settings))
             applied = applied_observers(prepared)
             for x in calib:
-                prepared(x)
+                prepared(torch.from_numpy(x))
             int8 = _lower(_capture(convert_pt2e(prepared), example))
     except QuantbenchError:
         raise
@@ -182,8 +182,9 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     # each image's output must not depend on its batch-mates: find the largest batch for which
     # that holds (XNNPACK's int8 path has broken it for some models, see _verified_batch)
     try:
-        fp32_batch = _verified_batch(fp32, calib, "fp32")
-        int8_batch = _verified_batch(int8, calib, "int8")
+        images = torch.from_numpy(calib.first(MAX_BATCH))
+        fp32_batch = _verified_batch(fp32, images, "fp32")
+        int8_batch = _verified_batch(int8, images, "int8")
     except Exception as e:
         raise QuantbenchError(f"ExecuTorch export failed while checking batches: {cause(e)}") from e
     write_bytes(fp32_path, fp32)
@@ -194,12 +195,12 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                            weight_bytes=len(fp32), extra={**common.extra, **fp32_batch}),
             common.replace(file=INT8_FILE, label="executorch-int8", method="static", dtype="int8",
                            qconfig=describe_int8(settings, applied, scheme),
-                           calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
+                           calibration={"samples": calib.samples, "batches": len(calib),
                                         "method": settings["observer"]},
                            weight_bytes=len(int8), extra={**common.extra, **int8_batch})]
 
 
-def _verified_batch(program: bytes, calib: list[torch.Tensor], what: str) -> dict:
+def _verified_batch(program: bytes, images: torch.Tensor, what: str) -> dict:
     """The largest batch (MAX_BATCH, halved down to 1) whose outputs equal the same images run
     one at a time, twice in a row; the sidecar's max_batch, which load() splits batches by.
 
@@ -208,7 +209,7 @@ def _verified_batch(program: bytes, calib: list[torch.Tensor], what: str) -> dic
     at every size). Latency at batch 1 is unaffected; the accuracy pass, which runs batches,
     was not. A batch that fails here is never sent to the program."""
     from executorch.runtime import Runtime
-    images = torch.cat(calib)[:MAX_BATCH].contiguous()
+    images = images[:MAX_BATCH].contiguous()  # the first calibration images
     with stderr_silenced(), _experimental_ok():
         method = Runtime.get().load_program(program).load_method("forward")
 

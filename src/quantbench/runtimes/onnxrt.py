@@ -72,7 +72,7 @@ def export_fp32(model: torch.nn.Module, path: Path, example: torch.Tensor) -> No
 
 
 # ---------------------------------------------------------------- 2. int8: ONNX Runtime's quantizer
-MAX_CALIB_SAMPLES = 2000  # the calibrators keep every feed's outputs until they compute ranges
+MAX_CALIB_SAMPLES = 2000  # read a batch at a time (export.CalibrationArrays); histograms merge per batch
 
 
 @dataclass(frozen=True)
@@ -175,27 +175,57 @@ def describe_int8(settings: dict, scheme: Scheme | None = None) -> dict:
             else "VNNI/AMX/dot-product present: full range is exact"}
 
 
-def _calibration_reader(batches: list[np.ndarray], input_name: str):
-    """quantize_static pulls calibration inputs from a CalibrationDataReader, one feed at a time."""
+# ONNX Runtime calibrates by running a copy of the model that outputs each tensor's min and max;
+# its session's memory grows with the images in one feed (a batch of 20 at 224x224 took it past
+# a gigabyte). Min/max ranges merge exactly across feeds, so for min/max calibration each batch
+# is fed in pieces of at most this many pixels (5 images at 224x224; 32x32 batches stay whole).
+FEED_PIXELS = 2**18
+
+
+def feed_images(calib, settings: dict) -> int | None:
+    """Images per calibration feed: a piece of each batch where that changes nothing but memory
+    (min/max: the range of the pieces' ranges is the batch's), else None: whole batches (a
+    moving average or a histogram depends on how the images are grouped)."""
+    from ..data import images_per_batch
+    extra = settings.get("extra_options", {})
+    if settings["calibrate_method"].name != "MinMax" or extra.get("CalibMovingAverage"):
+        return None
+    feed = images_per_batch(calib[0].shape[1:], max(calib.lengths), FEED_PIXELS)
+    return feed if feed < max(calib.lengths) else None
+
+
+def _calibration_reader(batches, input_name: str, feed: int | None = None):
+    """quantize_static pulls calibration inputs from a CalibrationDataReader, one feed at a time
+    (`batches`: a sequence, e.g. export.CalibrationArrays, read a batch at a time; `feed`: images
+    per feed, None for whole batches)."""
     from onnxruntime.quantization import CalibrationDataReader
+    lengths = [len(b) for b in batches] if not hasattr(batches, "lengths") else batches.lengths
+    # (batch, first image) of each feed, in order
+    feeds = [(i, s) for i, n in enumerate(lengths) for s in (range(0, n, feed) if feed else (0,))]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter(batches)
+            self._held = (None, None)  # the batch its feeds are cut from, read once
+            self.set_range(0, len(feeds))
 
         def get_next(self):
-            x = next(self._it, None)
-            return None if x is None else {input_name: x}
+            i, start = next(self._it, (None, None))
+            if i is None:
+                return None
+            if self._held[0] != i:
+                self._held = (i, batches[i])
+            x = self._held[1]
+            return {input_name: x if not feed else np.ascontiguousarray(x[start:start + feed])}
 
         def rewind(self):
-            self._it = iter(batches)
+            self.set_range(0, len(feeds))
 
         # CalibStridedMinMax feeds the calibrator a slice at a time
         def __len__(self):
-            return len(batches)
+            return len(feeds)
 
         def set_range(self, start_index: int, end_index: int):
-            self._it = iter(batches[start_index:end_index])
+            self._it = iter(feeds[start_index:end_index])
 
     return Reader()
 
@@ -226,6 +256,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     example = torch.from_numpy(calib[0][:1])
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
     settings = int8_settings(scheme)
+    feed = feed_images(calib, settings)
     if options.quant_format == "qoperator":
         from onnxruntime.quantization import QuantFormat
         settings["quant_format"] = QuantFormat.QOperator
@@ -260,7 +291,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
             # the histogram calibrators print their progress on stdout: keep it out of logs
             # and what it logs (e.g. a 1-D weight it quantizes per tensor) goes to the sidecar
             with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), captured_root_log() as log:
-                quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT), **settings)
+                quantize_static(str(tmp_pre), str(tmp_int8), _calibration_reader(calib, INPUT, feed), **settings)
         except Exception as e:
             raise QuantbenchError(f"ONNX Runtime's quantize_static failed on this model: {cause(e)}") from e
         os.replace(tmp_fp32, fp32_path)
@@ -270,8 +301,9 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                            weight_bytes=initializer_bytes(fp32_path)),
             common.replace(file=INT8_FILE, label="onnxrt-int8", method="static", dtype="int8",
                            qconfig=describe_int8(settings, scheme),
-                           calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
-                                        "method": calibration_method(settings)},
+                           calibration={"samples": calib.samples, "batches": len(calib),
+                                        "method": calibration_method(settings),
+                                        **({"feed_images": feed} if feed else {})},
                            weight_bytes=initializer_bytes(int8_path),
                            extra={**common.extra, "quant_preprocess": preprocess, "quantizer_log": log})]
 

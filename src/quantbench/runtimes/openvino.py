@@ -46,7 +46,7 @@ INPUT, OUTPUT = "input", "logits"
 # statistics: NNCF's default), "full" (layer by layer, each corrected on the already quantized
 # model before it: slower), "none" (off)
 BiasCorrection = Literal["fast", "full", "none"]
-MAX_CALIB_SAMPLES = 2000  # NNCF holds every calibration input in memory
+MAX_CALIB_SAMPLES = 2000  # NNCF reads them a batch at a time (export.CalibrationArrays)
 
 
 def check_bias_correction(value: str) -> str:
@@ -259,8 +259,8 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
     _save(ov_fp32, fp32_path)
 
     settings = int8_settings(scheme, options.bias_correction)
-    # A list of model inputs is already what NNCF wants (one item = one inference); subset_size
-    # counts items, so all of them are used.
+    # A sequence of model inputs is already what NNCF wants (one item = one inference, read from
+    # disk as NNCF asks for it); subset_size counts items, so all of them are used.
     # NNCF draws its own progress bars on stdout for a few seconds of work: keep them out of logs
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         ov_int8 = nncf.quantize(ov.Core().read_model(str(fp32_path)), nncf.Dataset(calib),
@@ -271,7 +271,7 @@ def export(model: torch.nn.Module, out_dir: Path, calib_batches: Iterable[torch.
                            weight_bytes=fp32_path.with_suffix(".bin").stat().st_size),
             common.replace(file=INT8_FILE, label="openvino-int8", method="static", dtype="int8",
                            qconfig=describe_int8(settings, scheme),
-                           calibration={"samples": sum(len(x) for x in calib), "batches": len(calib),
+                           calibration={"samples": calib.samples, "batches": len(calib),
                                         "method": _calibration_method(scheme)},
                            weight_bytes=int8_path.with_suffix(".bin").stat().st_size)]
     if BF16_FILE not in skipped_files():
