@@ -53,3 +53,39 @@ def test_a_child_that_dies_is_one_line(fake_runtime, tiny_checkpoint, tiny_data_
     with pytest.raises(QuantbenchError, match=r"^making the fake files stopped: their process was killed by signal 9"):
         make_apart(tiny_checkpoint, DataSource(tiny_data_dir, image_cache=None), fake_runtime, tmp_path / "out")
     assert not (tmp_path / "out" / "fake-int8.fake").exists()
+
+
+class NeedsTwo(Exception):
+    """A library's exception that pickles but does not unpickle (its __init__ wants two arguments)."""
+
+    def __init__(self, what, code):
+        super().__init__(f"{what} (code {code})")
+
+
+def _run_child_here(monkeypatch, tmp_path, tiny_checkpoint, tiny_data_dir, target, fails_with):
+    """apart._main in this process (its parent watch off), with deploy.make raising `fails_with`;
+    returns what the parent would read back."""
+    import pickle
+
+    from quantbench import apart, deploy, worker
+
+    def failing_make(*args, **kwargs):
+        raise fails_with
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(deploy, "make", failing_make)
+    job, result = tmp_path / "job.pickle", tmp_path / "result.pickle"
+    job.write_bytes(pickle.dumps((str(tiny_checkpoint), DataSource(tiny_data_dir, image_cache=None), target,
+                                  str(tmp_path / "out"), None, False)))
+    assert apart._main(str(job), str(result)) == 0
+    return pickle.loads(result.read_bytes())
+
+
+def test_ctrl_c_in_the_child_prints_no_traceback(fake_runtime, tiny_checkpoint, tiny_data_dir, tmp_path,
+                                                 monkeypatch, capfd):
+    """Ctrl-C reaches the child too: it goes back as KeyboardInterrupt, without a traceback on
+    the terminal (only a bug's traceback is printed there)."""
+    ok, value = _run_child_here(monkeypatch, tmp_path, tiny_checkpoint, tiny_data_dir, fake_runtime,
+                                KeyboardInterrupt())
+    assert not ok and isinstance(value, KeyboardInterrupt)
+    assert "Traceback" not in capfd.readouterr().err
+

@@ -63,9 +63,9 @@ def _main(job: str, result: str) -> int:
             source = Source.from_checkpoint(checkpoint, data.load(train=True, progress=False), model_spec=model_spec)
             answer = (True, make(source, target, dest, progress=progress))
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-        if not isinstance(e, QuantbenchError):
+        if isinstance(e, Exception) and not isinstance(e, QuantbenchError):
             traceback.print_exc()  # a bug: its traceback, where the caller's --debug would show it
-        answer = (False, e)
+        answer = (False, e)  # Ctrl-C (KeyboardInterrupt) too, without a traceback: the caller raises it
     try:
         payload = pickle.dumps(answer)
     except Exception:  # an exception that does not pickle: its one line
