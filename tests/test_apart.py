@@ -89,3 +89,13 @@ def test_ctrl_c_in_the_child_prints_no_traceback(fake_runtime, tiny_checkpoint, 
     assert not ok and isinstance(value, KeyboardInterrupt)
     assert "Traceback" not in capfd.readouterr().err
 
+
+def test_an_error_that_does_not_unpickle_comes_back_as_one_line(fake_runtime, tiny_checkpoint, tiny_data_dir,
+                                                                tmp_path, monkeypatch, capfd):
+    """An exception pickle.dumps takes but pickle.loads cannot rebuild would fail in the parent
+    as an unrelated TypeError; it comes back as its one line instead."""
+    ok, value = _run_child_here(monkeypatch, tmp_path, tiny_checkpoint, tiny_data_dir, fake_runtime,
+                                NeedsTwo("the library broke", 7))
+    assert not ok and isinstance(value, QuantbenchError)
+    assert str(value) == "NeedsTwo: the library broke (code 7)"
+    assert "Traceback" in capfd.readouterr().err  # a bug: its traceback is still printed by the child

@@ -68,7 +68,8 @@ def _main(job: str, result: str) -> int:
         answer = (False, e)  # Ctrl-C (KeyboardInterrupt) too, without a traceback: the caller raises it
     try:
         payload = pickle.dumps(answer)
-    except Exception:  # an exception that does not pickle: its one line
+        pickle.loads(payload)  # as the caller will: an exception whose __init__ wants other arguments fails there
+    except Exception:  # an exception that does not pickle, or not back: its one line
         payload = pickle.dumps((False, QuantbenchError(cause(answer[1]))))
     tmp = Path(result).with_suffix(".part")
     tmp.write_bytes(payload)
