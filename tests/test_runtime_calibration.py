@@ -137,6 +137,28 @@ def test_onnxrt_min_max_calibration_fed_in_pieces_is_the_same_file(tmp_path, mon
     assert sizes == [3, 3, 2] * 3 and len(reader) == 9  # 3 batches of 8, in order
 
 
+
+@needs_ort
+def test_onnxrt_reader_does_not_keep_the_calibration_images_alive():
+    """The reader's class (a cycle, as every class) must not hold the calibration images: once
+    quantize_static is done with the reader, the images, and their temporary file on disk, go
+    at once, not at the next full garbage collection."""
+    import gc
+    import weakref
+
+    from quantbench.export import CalibrationArrays
+    calib = CalibrationArrays(_calib(), in_memory_bytes=1)  # on disk
+    reader = onnxrt._calibration_reader(calib, "input", 3)
+    assert reader.get_next()["input"].shape == (3, 3, 32, 32)
+    gone = weakref.ref(calib)
+    gc.disable()  # what refcounting frees, not the cycle collector
+    try:
+        del calib, reader
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------- OpenVINO / NNCF
 @needs_ov
 def test_nncf_no_option_is_todays_settings():

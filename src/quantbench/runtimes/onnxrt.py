@@ -203,8 +203,11 @@ def _calibration_reader(batches, input_name: str, feed: int | None = None):
     # (batch, first image) of each feed, in order
     feeds = [(i, s) for i, n in enumerate(lengths) for s in (range(0, n, feed) if feed else (0,))]
 
+    # the batches and feeds are the instance's, not the class's closure: a class is a reference
+    # cycle, which would keep the images (and their temporary file) until a full collection
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, batches, feeds):
+            self._batches, self._feeds = batches, feeds
             self._held = (None, None)  # the batch its feeds are cut from, read once
             self.set_range(0, len(feeds))
 
@@ -213,21 +216,21 @@ def _calibration_reader(batches, input_name: str, feed: int | None = None):
             if i is None:
                 return None
             if self._held[0] != i:
-                self._held = (i, batches[i])
+                self._held = (i, self._batches[i])
             x = self._held[1]
             return {input_name: x if not feed else np.ascontiguousarray(x[start:start + feed])}
 
         def rewind(self):
-            self.set_range(0, len(feeds))
+            self.set_range(0, len(self._feeds))
 
         # CalibStridedMinMax feeds the calibrator a slice at a time
         def __len__(self):
-            return len(feeds)
+            return len(self._feeds)
 
         def set_range(self, start_index: int, end_index: int):
-            self._it = iter(feeds[start_index:end_index])
+            self._it = iter(self._feeds[start_index:end_index])
 
-    return Reader()
+    return Reader(batches, feeds)
 
 
 def initializer_bytes(path: Path) -> int:
