@@ -2,5 +2,5 @@ import sys
 
 from .cli import main
 
-if __name__ == "__main__":  # not when a spawned child (deploy.make_apart) imports the main module
+if __name__ == "__main__":  # not when something imports this module (e.g. multiprocessing's spawn)
     sys.exit(main())

@@ -59,7 +59,7 @@ def _main(job: str, result: str) -> int:
     try:
         checkpoint, data, target, dest, model_spec, progress = pickle.loads(Path(job).read_bytes())
         from .deploy import Source, make
-        with summarized_deprecations(stream=open(os.devnull, "w")):  # the caller prints the one summary line
+        with summarized_deprecations(stream=open(os.devnull, "w")):  # dropped: the caller's summary is its own
             source = Source.from_checkpoint(checkpoint, data.load(train=True, progress=False), model_spec=model_spec)
             answer = (True, make(source, target, dest, progress=progress))
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller

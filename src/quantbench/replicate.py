@@ -190,7 +190,7 @@ def make_files(cfg: ReplicateConfig, ckpt, data, models: Path, wanted: list[Targ
     measure, the rows skipped because a flow cannot take this model or a runtime does not make
     them on this machine, e.g. bf16 rows on a CPU without bf16: each reason said once).
 
-    `apart`: each runtime's files are made in a process of its own (deploy.make_apart) from `ckpt`
+    `apart`: each runtime's files are made in a process of its own (apart.make_apart) from `ckpt`
     and cfg.data, which `data` must be the loaded form of; its libraries' memory ends with it."""
     source: Source | None = None
     source_sha = sha256(ckpt)
