@@ -11,8 +11,9 @@ accuracy column does), then, in a fresh process under resource accounting,
                          --plain openvino --eval-samples N --calib-samples C --timing-seconds S
                          --processes P
 
-(every installed runtime adds its rows; `--plain openvino` adds the int8 file `nncf.quantize` makes
-with its defaults: OpenVINO's own). Prints one Markdown table per model (each row's accuracy,
+(every installed runtime adds its rows; `--plain openvino` adds OpenVINO's int8 file without
+quantbench's additions: no pruning, NNCF's default preset and range estimator, with the overflow fix
+this CPU needs; see docs/imagenet.md). Prints one Markdown table per model (each row's accuracy,
 batch-1 median, file size) and one summary line: the wall time and peak RSS of the run, the pick,
 and the pick's time over openvino-int8-plain's, measured in the same interleaved rounds.
 FOLDER: an ImageFolder of JPEGs of mixed sizes (benchmarks/imagenet_like.py makes one).

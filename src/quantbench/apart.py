@@ -39,7 +39,9 @@ def make_apart(checkpoint: str | os.PathLike, data, target, dest: str | os.PathL
         # the parent's import path, so the child finds what the parent found (runtime plug-ins
         # named in QUANTBENCH_RUNTIMES, a source tree that is not installed)
         env = {**os.environ, _PARENT: str(os.getpid()),
-               "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+               "PYTHONPATH": os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)}
+        sys.stdout.flush()  # what this process said so far comes before what the child says
+        sys.stderr.flush()
         rc = subprocess.run([sys.executable, "-m", "quantbench.apart", str(job), str(result)], env=env).returncode
         if not result.is_file():
             how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
