@@ -2,6 +2,8 @@
 weights file here is made by the test (no network)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -272,9 +274,11 @@ def test_replicate_with_weights_quantizes_and_measures_without_training(tmp_path
     root = write_mixed_folder(tmp_path / "data", splits=splits, per_class=10)
     w = _small_checkpoint(tmp_path)
     out = tmp_path / "run"
+    # a val-only folder also makes ONNX Runtime's rows (in a process of their own: quantbench.apart)
+    ort = splits == ("val",) and all(importlib.util.find_spec(n) for n in ("onnx", "onnxruntime"))
     assert main(["replicate", "--arch", "resnet10", "--weights", str(w), "--data-dir", str(root), "--flows", "fx",
-                 "--methods", "static", "--runtimes", "none", "--timing-seconds", "0.1", "--min-runs", "2",
-                 "--processes", "1", "--output", str(out), "--no-progress"]) == 0
+                 "--methods", "static", "--runtimes", "onnxruntime" if ort else "none", "--timing-seconds", "0.1",
+                 "--min-runs", "2", "--processes", "1", "--output", str(out), "--no-progress"]) == 0
     assert not (out / "train").exists()
     results = json.loads((out / "results.json").read_text())
     assert {m["label"] for m in results["models"]} >= {"origin-fx", "ptq-s-fx"}
@@ -282,6 +286,11 @@ def test_replicate_with_weights_quantizes_and_measures_without_training(tmp_path
     rec = read_record(out / "models" / "ptq-s-fx.pt")
     assert rec.preprocess == SMALL_PRE.to_dict()
     assert ("held out" in rec.calibration["images_from"]) == (splits == ("val",))
+    if ort:  # the runtime's int8 row was calibrated on the same held-out images, and says so
+        onnx = read_record(out / "models" / "onnx-int8.onnx")
+        assert onnx.calibration["images_from"] == rec.calibration["images_from"]
+        assert onnx.calibration["samples"] == rec.calibration["samples"]
+        assert "onnxrt-int8" in {m["label"] for m in results["models"]}
 
 
 @pytest.mark.slow

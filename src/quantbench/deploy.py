@@ -295,18 +295,23 @@ def _make_runtime_files(source: Source, target: Target, out_dir: Path) -> list[F
                                         options=dataclasses.asdict(opts) if opts is not None else {})
     calib = (x for x, _ in calibration_batches(source.data, q, limit=calib_limit(q, target.maker)))
     scheme = None if target.plain else q.scheme
-    return write_runtime_files(rt, model.eval(), out_dir, calib, base, scheme, opts, plain=target.plain)
+    return write_runtime_files(rt, model.eval(), out_dir, calib, base, scheme, opts, plain=target.plain,
+                               images_from=source.data.info.get("calibration_images"))
 
 
 def write_runtime_files(rt, model: nn.Module, out_dir: Path, calib, base: FileRecord | dict | None = None,
-                        scheme=None, options=None, plain: bool = False) -> list[FileRecord]:
+                        scheme=None, options=None, plain: bool = False,
+                        images_from: str | None = None) -> list[FileRecord]:
     """A runtime's exporter, then the sidecars of what it wrote (records come back from the
-    exporter; they are written here, after the files they describe)."""
+    exporter; they are written here, after the files they describe). `images_from`: where the
+    calibration images came from when that is worth saying (a held-out part of val/)."""
     from .record import as_record
     out_dir = Path(out_dir)  # the exporter makes it, once it knows it can export
     made = rt.export(model, out_dir, calib, as_record(base), scheme=scheme, options=options)
     out = []
     for rec in made:
+        if images_from and isinstance(rec.calibration, dict) and rec.calibration:
+            rec = rec.replace(calibration={**rec.calibration, "images_from": images_from})
         if plain and rec.dtype == "int8":
             rec = rec.replace(label=rec.label + "-plain", plain=True,
                               why="the runtime alone: no pruning, its default calibration algorithm, on the "
