@@ -63,21 +63,18 @@ class NeedsTwo(Exception):
 
 
 def _run_child_here(monkeypatch, tmp_path, tiny_checkpoint, tiny_data_dir, target, fails_with):
-    """apart._main in this process (its parent watch off), with deploy.make raising `fails_with`;
+    """The child's work (apart._answer) in this process, with deploy.make raising `fails_with`;
     returns what the parent would read back."""
     import pickle
 
-    from quantbench import apart, deploy, worker
+    from quantbench import apart, deploy
 
     def failing_make(*args, **kwargs):
         raise fails_with
-    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
     monkeypatch.setattr(deploy, "make", failing_make)
-    job, result = tmp_path / "job.pickle", tmp_path / "result.pickle"
-    job.write_bytes(pickle.dumps((str(tiny_checkpoint), DataSource(tiny_data_dir, image_cache=None), target,
-                                  str(tmp_path / "out"), None, False)))
-    assert apart._main(str(job), str(result)) == 0
-    return pickle.loads(result.read_bytes())
+    job = pickle.dumps((str(tiny_checkpoint), DataSource(tiny_data_dir, image_cache=None), target,
+                        str(tmp_path / "out"), None, False))
+    return pickle.loads(apart._answer(job))
 
 
 def test_ctrl_c_in_the_child_prints_no_traceback(fake_runtime, tiny_checkpoint, tiny_data_dir, tmp_path,

@@ -7,12 +7,12 @@ at 224x224, and the allocator keeps most of it after they return: a run that mad
 runtime's files in one process held the sum of their peaks while it measured them. Made in a
 child that ends, that memory goes back to the system, and the caller's peak is its own.
 
-The child is `python -m quantbench.apart JOB RESULT`, a fresh interpreter (not a fork: a fork
+The child is `python -m quantbench.apart FD`, a fresh interpreter (not a fork: a fork
 shares, and counts in its RSS, the caller's memory, and copying a process whose library threads
 are running is unsafe; not multiprocessing's spawn, which runs the caller's main script again
 and so needs an `if __name__ == "__main__"` guard in every user's script). It reads its job
-(checkpoint, data, target, destination) from a pickle its parent wrote, rebuilds the Source the
-way the parent would, calls deploy.make, and pickles back the records or the exception.
+(checkpoint, data, target, destination) pickled on stdin, rebuilds the Source the way the parent
+would, calls deploy.make, and pickles back the records or the exception on the pipe FD.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -33,33 +32,50 @@ def make_apart(checkpoint: str | os.PathLike, data, target, dest: str | os.PathL
     fresh process; `data` is a quantbench.data.DataSource. Its errors are raised here, as the
     same exception; a child killed (out of memory, a crash in C++) is one QuantbenchError."""
     from .worker import _PARENT
-    with tempfile.TemporaryDirectory(prefix="quantbench-make-") as tmp:
-        job, result = Path(tmp) / "job.pickle", Path(tmp) / "result.pickle"
-        job.write_bytes(pickle.dumps((str(checkpoint), data, target, str(dest), model_spec, progress)))
-        # the parent's import path, so the child finds what the parent found (runtime plug-ins
-        # named in QUANTBENCH_RUNTIMES, a source tree that is not installed)
-        env = {**os.environ, _PARENT: str(os.getpid()),
-               "PYTHONPATH": os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)}
-        sys.stdout.flush()  # what this process said so far comes before what the child says
-        sys.stderr.flush()
-        rc = subprocess.run([sys.executable, "-m", "quantbench.apart", str(job), str(result)], env=env).returncode
-        if not result.is_file():
-            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-            raise QuantbenchError(f"making the {target.maker} files stopped: their process {how} without an answer "
-                                  "(out of memory, or a crash in the runtime's library)")
-        ok, value = pickle.loads(result.read_bytes())  # written by our own child, in our own folder
+    job = pickle.dumps((str(checkpoint), data, target, str(dest), model_spec, progress))
+    # the parent's import path, so the child finds what the parent found (runtime plug-ins
+    # named in QUANTBENCH_RUNTIMES, a source tree that is not installed)
+    env = {**os.environ, _PARENT: str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)}
+    sys.stdout.flush()  # what this process said so far comes before what the child says
+    sys.stderr.flush()
+    # the job goes in on stdin, the answer comes back on a pipe of its own (stdout is the
+    # libraries'): no file to leave behind, whatever ends either process
+    answer_r, answer_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "quantbench.apart", str(answer_w)], stdin=subprocess.PIPE,
+                                env=env, pass_fds=(answer_w,))
+    finally:
+        os.close(answer_w)
+    try:
+        with proc.stdin:
+            proc.stdin.write(job)
+        with os.fdopen(answer_r, "rb") as f:
+            answer_r = None
+            payload = f.read()  # until the child ends (or closes it)
+        rc = proc.wait()
+    except BaseException:  # Ctrl-C here: the child got it too; do not leave it running
+        if answer_r is not None:
+            os.close(answer_r)
+        proc.kill()
+        proc.wait()
+        raise
+    if not payload:
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        raise QuantbenchError(f"making the {target.maker} files stopped: their process {how} without an answer "
+                              "(out of memory, or a crash in the runtime's library)")
+    ok, value = pickle.loads(payload)  # from our own child, on our own pipe
     if ok:
         return value
     raise value
 
 
-def _main(job: str, result: str) -> int:
-    from .worker import _die_with_parent
-    _die_with_parent()  # an orphan must not go on exporting after its caller was killed
+def _answer(job: bytes) -> bytes:
+    """The child's work: the pickled job in, the pickled (True, records) or (False, exception) out."""
     from .warn import quiet_cpp_warnings, summarized_deprecations
     quiet_cpp_warnings()
     try:
-        checkpoint, data, target, dest, model_spec, progress = pickle.loads(Path(job).read_bytes())
+        checkpoint, data, target, dest, model_spec, progress = pickle.loads(job)
         from .deploy import Source, make
         with summarized_deprecations(stream=open(os.devnull, "w")):  # dropped: the caller's summary is its own
             source = Source.from_checkpoint(checkpoint, data.load(train=True, progress=False), model_spec=model_spec)
@@ -73,11 +89,19 @@ def _main(job: str, result: str) -> int:
         pickle.loads(payload)  # as the caller will: an exception whose __init__ wants other arguments fails there
     except Exception:  # an exception that does not pickle, or not back: its one line
         payload = pickle.dumps((False, QuantbenchError(cause(answer[1]))))
-    tmp = Path(result).with_suffix(".part")
-    tmp.write_bytes(payload)
-    os.replace(tmp, result)  # whole or absent: the parent never reads half an answer
+    return payload
+
+
+def _main(answer_fd: int) -> int:
+    from .worker import _die_with_parent
+    _die_with_parent()  # an orphan must not go on exporting after its caller was killed
+    os.set_inheritable(answer_fd, False)  # a library's own subprocess must not hold the answer open
+    job = sys.stdin.buffer.read()
+    payload = _answer(job)
+    with os.fdopen(answer_fd, "wb") as out:  # all of it, or (killed) nothing: the caller checks
+        out.write(payload)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main(*sys.argv[1:3]))
+    sys.exit(_main(int(sys.argv[1])))
