@@ -158,7 +158,6 @@ class CalibrationArrays:
         if not len(self):
             from .errors import QuantbenchError
             raise QuantbenchError("int8 export needs calibration images; got none")
-        self.nbytes = size
 
     def __len__(self) -> int:
         return len(self._spans) if self._file is not None else len(self._kept)
@@ -206,12 +205,6 @@ class CalibrationArrays:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def calibration_arrays(calib_batches) -> CalibrationArrays:
