@@ -21,7 +21,6 @@ import pickle
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 from .errors import QuantbenchError, cause
 
